@@ -1,0 +1,153 @@
+//! Random-access byte sources. Every layer representation (a local file, the
+//! payload of a tar wrapper, the decompressed view of a ZFile, later a
+//! registry blob behind a cache) is a [`ReadAt`], so the LSMT code above it
+//! never cares where the bytes come from.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{IoContext, Result};
+
+/// A sized, thread-safe source of bytes read at absolute offsets.
+pub trait ReadAt: Send + Sync {
+    /// Fill all of `buf` from `offset`. Reading past [`ReadAt::size`] is an
+    /// `UnexpectedEof` error, never a short read.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Number of readable bytes.
+    fn size(&self) -> u64;
+    /// What to call this source in error messages (usually a path).
+    fn name(&self) -> &str;
+}
+
+/// Shared handle to any source.
+pub type Source = Arc<dyn ReadAt>;
+
+/// A local file opened read-only.
+pub struct LocalFile {
+    file: File,
+    size: u64,
+    name: String,
+}
+
+impl LocalFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let file = File::open(path).context(|| name.clone())?;
+        Self::from_file(file, name)
+    }
+
+    pub fn from_file(file: File, name: String) -> Result<Self> {
+        let size = file.metadata().context(|| name.clone())?.len();
+        Ok(LocalFile { file, size, name })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl ReadAt for LocalFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_bounds(self, buf.len(), offset)?;
+        self.file.read_exact_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A window `[start, start + len)` of another source (e.g. a tar payload).
+pub struct Window {
+    inner: Source,
+    start: u64,
+    len: u64,
+    name: String,
+}
+
+impl Window {
+    /// Fails when the window does not fit inside `inner`.
+    pub fn new(inner: Source, start: u64, len: u64) -> io::Result<Self> {
+        let end = start.checked_add(len);
+        if end.is_none_or(|end| end > inner.size()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: window {start}+{len} lies outside the {} byte source",
+                    inner.name(),
+                    inner.size()
+                ),
+            ));
+        }
+        let name = inner.name().to_string();
+        Ok(Window {
+            inner,
+            start,
+            len,
+            name,
+        })
+    }
+}
+
+impl ReadAt for Window {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_bounds(self, buf.len(), offset)?;
+        self.inner.read_exact_at(buf, self.start + offset)
+    }
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// An in-memory source, for tests and small generated files.
+pub struct Bytes {
+    data: Vec<u8>,
+    name: String,
+}
+
+impl Bytes {
+    pub fn new(data: Vec<u8>, name: impl Into<String>) -> Self {
+        Bytes {
+            data,
+            name: name.into(),
+        }
+    }
+}
+
+impl ReadAt for Bytes {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_bounds(self, buf.len(), offset)?;
+        let start = offset as usize;
+        buf.copy_from_slice(&self.data[start..start + buf.len()]);
+        Ok(())
+    }
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// `Err(UnexpectedEof)` unless `[offset, offset + len)` lies inside `src`.
+pub fn check_bounds(src: &dyn ReadAt, len: usize, offset: u64) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= src.size() => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "{}: read of {len} bytes at {offset} passes the end ({} bytes)",
+                src.name(),
+                src.size()
+            ),
+        )),
+    }
+}

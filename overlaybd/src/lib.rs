@@ -1,0 +1,13 @@
+//! The overlaybd image engine.
+//!
+//! An overlaybd image is a stack of layer files (LSMT, optionally ZFile
+//! compressed, optionally tar-wrapped) merged into one virtual block device.
+//! Parsing is pure code over byte slices; the [`stack`] answers "which layer
+//! holds this range, at which file offset" as a plan, and executing the plan
+//! is a separate step so each front end can do the I/O its own way.
+
+pub mod crc;
+pub mod error;
+pub mod io;
+
+pub use error::{Error, Result};

@@ -8,6 +8,9 @@
 
 pub mod crc;
 pub mod error;
+pub mod index;
 pub mod io;
+pub mod lsmt;
+pub mod stack;
 
 pub use error::{Error, Result};

@@ -1,0 +1,247 @@
+//! The layer stack: up to 255 read-only layers, bottom → top, and an
+//! optional writable layer on top, merged into one virtual block device.
+//!
+//! The stack answers one question fast — for a logical range, which pieces
+//! come from which layer at which file offset, and which are zeros — as a
+//! [`Plan`]. Executing a plan is separate: [`Stack::read`] does it with
+//! synchronous reads, and front ends can do it on their own io_uring.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::index::{IntervalMap, Piece, SECTOR};
+use crate::lsmt::{ReadOnlyLayer, WritableLayer};
+
+/// At most this many read-only layers in one stack.
+pub const MAX_LAYERS: usize = 255;
+
+/// Where one piece of a read comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PieceSource {
+    /// Reads as zeros (unmapped, or discarded).
+    Zero,
+    /// Bytes of layer `layer` (0 = bottom; `lowers.len()` = the writable
+    /// top) at byte `position` of its layer file.
+    Layer { layer: usize, position: u64 },
+}
+
+/// One piece of a plan: `length` bytes from `source`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanPiece {
+    pub length: u64,
+    pub source: PieceSource,
+}
+
+/// The pieces that make up a logical range, in order.
+pub type Plan = Vec<PlanPiece>;
+
+pub struct Stack {
+    lowers: Vec<ReadOnlyLayer>,
+    /// All lower layers' indexes merged; each extent tagged with its layer.
+    lower_map: IntervalMap,
+    top: Option<Arc<WritableLayer>>,
+    virtual_size: u64,
+}
+
+impl Stack {
+    /// Merge `lowers` (bottom → top) under an optional writable `top`.
+    pub fn new(lowers: Vec<ReadOnlyLayer>, top: Option<Arc<WritableLayer>>) -> Result<Stack> {
+        if lowers.len() > MAX_LAYERS {
+            return Err(Error::Invalid(format!(
+                "{} layers given; a stack holds at most {MAX_LAYERS}",
+                lowers.len()
+            )));
+        }
+        if lowers.is_empty() && top.is_none() {
+            return Err(Error::Invalid("a stack needs at least one layer".into()));
+        }
+        let mut lower_map = IntervalMap::new();
+        for (i, layer) in lowers.iter().enumerate() {
+            for entry in &layer.entries {
+                lower_map.insert(
+                    entry.offset,
+                    crate::index::Extent {
+                        length: entry.length,
+                        moffset: entry.moffset,
+                        zeroed: entry.zeroed,
+                        layer: i as u8,
+                    },
+                );
+            }
+        }
+        // The topmost layer that states a size wins.
+        let lower_size = lowers
+            .iter()
+            .rev()
+            .map(|l| l.virtual_size())
+            .find(|&s| s != 0)
+            .unwrap_or(0);
+        let virtual_size = match &top {
+            Some(t) if t.virtual_size() != 0 => t.virtual_size(),
+            _ => lower_size,
+        };
+        if virtual_size == 0 {
+            return Err(Error::Invalid(
+                "no layer of the stack states a virtual size".into(),
+            ));
+        }
+        Ok(Stack {
+            lowers,
+            lower_map,
+            top,
+            virtual_size,
+        })
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    pub fn lowers(&self) -> &[ReadOnlyLayer] {
+        &self.lowers
+    }
+
+    pub fn top(&self) -> Option<&Arc<WritableLayer>> {
+        self.top.as_ref()
+    }
+
+    /// Number of extents in the merged lower index.
+    pub fn merged_extents(&self) -> usize {
+        self.lower_map.len()
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        if offset % SECTOR != 0 || length % SECTOR != 0 {
+            return Err(Error::Invalid(format!(
+                "I/O at {offset}+{length} is not 512-byte aligned"
+            )));
+        }
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.virtual_size)
+        {
+            return Err(Error::Invalid(format!(
+                "I/O at {offset}+{length} passes the end of the image ({} bytes)",
+                self.virtual_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The plan for `[offset, offset + length)` (512-aligned, inside the
+    /// image), appended to `out`. Adjacent zero pieces are merged.
+    pub fn plan(&self, offset: u64, length: u64, out: &mut Plan) -> Result<()> {
+        self.check_range(offset, length)?;
+        let sector = offset / SECTOR;
+        let sectors = length / SECTOR;
+        let mut pieces = Vec::new();
+        match &self.top {
+            Some(top) => {
+                let mut top_pieces = Vec::new();
+                top.lookup(sector, sectors, &mut top_pieces);
+                let top_index = self.lowers.len();
+                for piece in top_pieces {
+                    match piece.mapping {
+                        Some(_) => push_piece(out, &piece, Some(top_index)),
+                        None => {
+                            pieces.clear();
+                            self.lower_map
+                                .lookup(piece.offset, piece.length, &mut pieces);
+                            for p in &pieces {
+                                push_piece(out, p, None);
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                self.lower_map.lookup(sector, sectors, &mut pieces);
+                for p in &pieces {
+                    push_piece(out, p, None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` (both 512-aligned).
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut plan = Vec::new();
+        self.plan(offset, buf.len() as u64, &mut plan)?;
+        let mut done = 0usize;
+        for piece in plan {
+            let chunk = &mut buf[done..done + piece.length as usize];
+            self.read_piece(chunk, piece.source)?;
+            done += piece.length as usize;
+        }
+        Ok(())
+    }
+
+    /// Execute one plan piece synchronously.
+    pub fn read_piece(&self, buf: &mut [u8], source: PieceSource) -> Result<()> {
+        match source {
+            PieceSource::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            PieceSource::Layer { layer, position } => {
+                if let Some(lower) = self.lowers.get(layer) {
+                    let src = lower.source();
+                    src.read_exact_at(buf, position)
+                        .map_err(|e| Error::io(src.name().to_string(), e))
+                } else {
+                    let top = self.top.as_ref().ok_or_else(|| {
+                        Error::Invalid(format!("plan names layer {layer}, which does not exist"))
+                    })?;
+                    top.read_data(buf, position)
+                        .map_err(|e| Error::io(top.name().to_string(), e))
+                }
+            }
+        }
+    }
+
+    fn writable(&self) -> Result<&WritableLayer> {
+        self.top
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("the image is read-only (no writable layer)".into()))
+    }
+
+    /// Write to the writable top layer.
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.writable()?.write(buf, offset)
+    }
+
+    /// Discard (zero) a range in the writable top layer.
+    pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_range(offset, length)?;
+        self.writable()?.discard(offset, length)
+    }
+
+    /// Persist the writable top layer (no-op for a read-only image).
+    pub fn flush(&self) -> Result<()> {
+        match &self.top {
+            Some(top) => top.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Append a lookup piece as plan pieces; `layer` overrides the extent's own tag.
+fn push_piece(out: &mut Plan, piece: &Piece, layer: Option<usize>) {
+    let length = piece.length * SECTOR;
+    let source = match piece.mapping {
+        Some(m) if !m.zeroed => PieceSource::Layer {
+            layer: layer.unwrap_or(m.layer as usize),
+            position: m.moffset * SECTOR,
+        },
+        _ => PieceSource::Zero,
+    };
+    if let (Some(last), PieceSource::Zero) = (out.last_mut(), source) {
+        if last.source == PieceSource::Zero {
+            last.length += length;
+            return;
+        }
+    }
+    out.push(PlanPiece { length, source });
+}

@@ -6,11 +6,14 @@
 //! holds this range, at which file offset" as a plan, and executing the plan
 //! is a separate step so each front end can do the I/O its own way.
 
+pub mod config;
 pub mod crc;
+pub mod credentials;
 pub mod error;
 pub mod index;
 pub mod io;
 pub mod lsmt;
 pub mod stack;
+pub mod trace;
 
 pub use error::{Error, Result};

@@ -9,11 +9,14 @@
 pub mod config;
 pub mod crc;
 pub mod credentials;
+pub mod detect;
 pub mod error;
 pub mod index;
 pub mod io;
 pub mod lsmt;
 pub mod stack;
+pub mod tar;
 pub mod trace;
+pub mod zfile;
 
 pub use error::{Error, Result};

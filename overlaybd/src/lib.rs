@@ -11,6 +11,7 @@ pub mod crc;
 pub mod credentials;
 pub mod detect;
 pub mod error;
+pub mod image;
 pub mod index;
 pub mod io;
 pub mod lsmt;

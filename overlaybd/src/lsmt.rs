@@ -245,7 +245,7 @@ fn read_index(source: &dyn ReadAt, trailer: &Header, trailer_offset: u64) -> Res
     let index_bytes = count * ENTRY_SIZE as u64;
     let data_end = trailer.index_offset;
     if data_end < HEADER_SIZE
-        || data_end % SECTOR != 0
+        || !data_end.is_multiple_of(SECTOR)
         || data_end
             .checked_add(index_bytes)
             .is_none_or(|end| end > trailer_offset)
@@ -342,7 +342,7 @@ impl WritableLayer {
         options: &CreateOptions,
     ) -> Result<WritableLayer> {
         let name = data_path.display().to_string();
-        if options.virtual_size == 0 || options.virtual_size % SECTOR != 0 {
+        if options.virtual_size == 0 || !options.virtual_size.is_multiple_of(SECTOR) {
             return Err(Error::Invalid(format!(
                 "virtual size {} is not a positive multiple of 512 bytes",
                 options.virtual_size
@@ -555,7 +555,7 @@ impl WritableLayer {
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
-        if offset % SECTOR != 0 || length % SECTOR != 0 {
+        if !offset.is_multiple_of(SECTOR) || !length.is_multiple_of(SECTOR) {
             return Err(Error::Invalid(format!(
                 "{}: I/O at {offset}+{length} is not 512-byte aligned",
                 self.name

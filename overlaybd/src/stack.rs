@@ -111,7 +111,7 @@ impl Stack {
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
-        if offset % SECTOR != 0 || length % SECTOR != 0 {
+        if !offset.is_multiple_of(SECTOR) || !length.is_multiple_of(SECTOR) {
             return Err(Error::Invalid(format!(
                 "I/O at {offset}+{length} is not 512-byte aligned"
             )));

@@ -248,21 +248,30 @@ pub fn detect(src: &dyn ReadAt) -> Result<Option<TarPayload>> {
     )))
 }
 
-/// Wrap `payload` in a tar the way `overlaybd-commit -t` does: a pax header
-/// `overlaybd.pax` with a `size` record, a regular-file header
-/// `overlaybd.commit`, the payload padded to 512 bytes, two zero blocks.
+/// Wrap `payload` in a tar exactly as `overlaybd-commit -t` does: a pax
+/// header `overlaybd.pax` (type `x`, no mode/owner/time) holding a `size`
+/// record, a regular-file header `overlaybd.commit` (regular file 0644, root, size field
+/// 0: the pax record carries it), the payload padded to 512 bytes, then two
+/// zero blocks.
 pub fn wrap(payload: &dyn ReadAt, out: &mut dyn std::io::Write) -> Result<()> {
     let size = payload.size();
     let record = pax_record("size", &size.to_string());
     let out_err = |e| Error::io("tar output", e);
-    out.write_all(&tar_header("overlaybd.pax", b'x', record.len() as u64))
-        .map_err(out_err)?;
-    let mut pax_block = [0u8; BLOCK];
+    let mut pax_header = new_header("overlaybd.pax", b'x');
+    put_number(&mut pax_header[124..136], record.len() as u64);
+    out.write_all(&with_checksum(pax_header)).map_err(out_err)?;
+    let mut pax_block = vec![0u8; (record.len()).div_ceil(BLOCK) * BLOCK];
     pax_block[..record.len()].copy_from_slice(record.as_bytes());
     out.write_all(&pax_block).map_err(out_err)?;
-    // The ustar size field holds 11 octal digits; larger sizes rely on the pax record.
-    let ustar_size = if size < 8u64.pow(11) { size } else { 0 };
-    out.write_all(&tar_header("overlaybd.commit", b'0', ustar_size))
+    let mut file_header = new_header("overlaybd.commit", b'0');
+    put_number(&mut file_header[100..108], 0o100644);
+    put_number(&mut file_header[108..116], 0);
+    put_number(&mut file_header[116..124], 0);
+    put_number(&mut file_header[124..136], 0);
+    put_number(&mut file_header[136..148], 0);
+    file_header[265..269].copy_from_slice(b"root");
+    file_header[297..301].copy_from_slice(b"root");
+    out.write_all(&with_checksum(file_header))
         .map_err(out_err)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
@@ -290,27 +299,31 @@ fn pax_record(key: &str, value: &str) -> String {
     format!("{len}{body}")
 }
 
-/// A ustar header block for `name` of `typeflag` and `size`, mode 0644,
-/// owner 0, time 0.
-fn tar_header(name: &str, typeflag: u8, size: u64) -> [u8; BLOCK] {
+fn new_header(name: &str, typeflag: u8) -> [u8; BLOCK] {
     let mut block = [0u8; BLOCK];
     block[..name.len()].copy_from_slice(name.as_bytes());
-    let mut octal = |at: usize, width: usize, value: u64| {
-        let text = format!("{value:0w$o}\0", w = width - 1);
-        block[at..at + width].copy_from_slice(text.as_bytes());
-    };
-    octal(100, 8, 0o644);
-    octal(108, 8, 0);
-    octal(116, 8, 0);
-    octal(124, 12, size);
-    octal(136, 12, 0);
     block[156] = typeflag;
     block[257..263].copy_from_slice(b"ustar\0");
     block[263..265].copy_from_slice(b"00");
+    block
+}
+
+/// A numeric field as the reference writes it: octal, right-aligned with
+/// spaces, then a space (12-byte fields) or a space and a NUL (8-byte ones).
+fn put_number(field: &mut [u8], value: u64) {
+    let text = if field.len() == 12 {
+        format!("{value:>11o} ")
+    } else {
+        format!("{value:>w$o} \0", w = field.len() - 2)
+    };
+    field.copy_from_slice(text.as_bytes());
+}
+
+/// Fill in the checksum (computed with the field as spaces).
+fn with_checksum(mut block: [u8; BLOCK]) -> [u8; BLOCK] {
     block[148..156].fill(b' ');
-    let sum: u32 = block.iter().map(|&b| b as u32).sum();
-    let text = format!("{sum:06o}\0 ");
-    block[148..156].copy_from_slice(text.as_bytes());
+    let sum: u64 = block.iter().map(|&b| b as u64).sum();
+    put_number(&mut block[148..156], sum);
     block
 }
 

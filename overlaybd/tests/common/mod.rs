@@ -4,8 +4,15 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+/// `tests/fixtures` of the workspace, from either crate's tests.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let here = manifest.join("tests/fixtures");
+    if here.is_dir() {
+        here
+    } else {
+        manifest.join("../tests/fixtures")
+    }
 }
 
 /// The reference tools' three-layer vector set, unpacked into a temp dir.

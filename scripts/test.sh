@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every test of obd: formatting, lints, unit/integration/property tests.
+# Installs what it needs on a fresh Debian machine (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_debs=()
+for pkg in e2fsprogs xz-utils; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
+done
+if ((${#need_debs[@]})); then
+    echo "test.sh: installing ${need_debs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo is missing; install the Rust toolchain (rustup, Rust 1.95) first" >&2
+    exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo nextest"
+cargo nextest run --workspace --locked --no-fail-fast

@@ -1,0 +1,113 @@
+//! One module per subcommand: its arguments and what it does.
+
+pub mod commit;
+pub mod create;
+pub mod export;
+pub mod import;
+pub mod info;
+pub mod zfile;
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use overlaybd::zfile::{Algorithm, ZFileOptions};
+
+/// An output file written under a temporary name beside its final path and
+/// renamed into place only when complete: a failed or interrupted run
+/// leaves nothing half-written, and an existing file is never overwritten.
+pub struct Output {
+    temp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+impl Output {
+    pub fn create(path: &Path) -> Result<Output> {
+        if path.exists() {
+            bail!(
+                "{} already exists; refusing to overwrite it",
+                path.display()
+            );
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let temp = tempfile::Builder::new()
+            .prefix(".obd-partial-")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        Ok(Output {
+            temp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        self.temp.as_file()
+    }
+
+    pub fn file_mut(&mut self) -> &mut File {
+        self.temp.as_file_mut()
+    }
+
+    /// A buffered writer over the file.
+    pub fn writer(&mut self) -> BufWriter<&mut File> {
+        BufWriter::with_capacity(1 << 20, self.temp.as_file_mut())
+    }
+
+    /// Path of the partial file, for reading back what was written.
+    pub fn temp_path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    /// Flush to stable storage and move into place.
+    pub fn finish(self) -> Result<()> {
+        self.temp
+            .as_file()
+            .sync_all()
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.temp
+            .persist_noclobber(&self.path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot move the output into {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+/// ZFile compression options shared by `commit -z`, `zfile` and `import -z`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CompressArgs {
+    /// Compression algorithm.
+    #[arg(long, value_enum, default_value = "lz4")]
+    algorithm: AlgorithmArg,
+    /// Block size in KiB: 4, 8, 16, 32 or 64.
+    #[arg(long = "bs", value_name = "KB", default_value_t = 4)]
+    block_kib: u32,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum AlgorithmArg {
+    Lz4,
+    Zstd,
+}
+
+impl CompressArgs {
+    pub fn options(&self, flavor: overlaybd::zfile::Flavor) -> Result<ZFileOptions> {
+        if ![4, 8, 16, 32, 64].contains(&self.block_kib) {
+            bail!(
+                "--bs {} is not a ZFile block size; use 4, 8, 16, 32 or 64 (KiB)",
+                self.block_kib
+            );
+        }
+        Ok(ZFileOptions {
+            algorithm: match self.algorithm {
+                AlgorithmArg::Lz4 => Algorithm::Lz4,
+                AlgorithmArg::Zstd => Algorithm::Zstd,
+            },
+            block_size: self.block_kib * 1024,
+            flavor,
+        })
+    }
+}

@@ -1,0 +1,17 @@
+//! Progress bars for long work, drawn on stderr only when it is a terminal.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A byte-count bar for `total` bytes of work labelled `label`.
+pub fn bytes(total: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}

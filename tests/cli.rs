@@ -1,0 +1,452 @@
+//! End-to-end tests of the `obd` program on the reference tools' files.
+
+#[path = "../overlaybd/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixtures, sha256_hex, ReferenceVectors};
+
+fn obd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args(args)
+        .output()
+        .expect("run obd")
+}
+
+fn obd_ok(args: &[&str]) -> Output {
+    let out = obd(args);
+    assert!(
+        out.status.success(),
+        "obd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn obd_err(args: &[&str]) -> String {
+    let out = obd(args);
+    assert!(!out.status.success(), "obd {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_raw_matches(v: &ReferenceVectors, raw: &Path, n: usize) {
+    let data = std::fs::read(raw).unwrap();
+    for (mib, want) in v.stack_sha256_per_mib(n).iter().enumerate() {
+        let chunk = &data[mib << 20..(mib + 1) << 20];
+        assert_eq!(
+            &sha256_hex(chunk),
+            want,
+            "stack 0..={n} MiB {mib} of {}",
+            raw.display()
+        );
+    }
+}
+
+#[test]
+fn commit_matches_the_reference_byte_for_byte() {
+    let v = ReferenceVectors::unpack();
+    for n in 0..v.layers().len() {
+        let out = v.dir.path().join(format!("ours{n}.lsmt"));
+        let mut args = vec![
+            "commit".to_string(),
+            s(&v.path(&v.layer_str(n, "writable_data").unwrap())).to_string(),
+            s(&v.path(&v.layer_str(n, "writable_index").unwrap())).to_string(),
+            s(&out).to_string(),
+            "-m".into(),
+            format!("layer {n}"),
+            "--uuid".into(),
+            v.layer_str(n, "uuid").unwrap(),
+        ];
+        if let Some(parent) = v.layer_str(n, "parent_uuid") {
+            args.extend(["-p".to_string(), parent]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        obd_ok(&args);
+        let ours = std::fs::read(&out).unwrap();
+        let theirs = std::fs::read(v.path(&v.layer_str(n, "lsmt").unwrap())).unwrap();
+        assert!(
+            ours == theirs,
+            "layer {n}: commit output differs from the reference"
+        );
+    }
+}
+
+#[test]
+fn compressed_commit_and_zfile_match_the_reference_byte_for_byte() {
+    let v = ReferenceVectors::unpack();
+    for n in 0..v.layers().len() {
+        // e.g. layer1.zstd8k.zfile: overlaybd-commit -z --algorithm zstd --bs 8
+        let name = v.layer_str(n, "zfile_commit").unwrap();
+        let spec = name
+            .trim_start_matches(&format!("layer{n}."))
+            .trim_end_matches("k.zfile");
+        let algorithm = if spec.starts_with("lz4") { "lz4" } else { "zstd" };
+        let bs = &spec[algorithm.len()..];
+        let out = v.dir.path().join(format!("ours{n}.zfile"));
+        let mut args = vec![
+            "commit".to_string(),
+            s(&v.path(&v.layer_str(n, "writable_data").unwrap())).to_string(),
+            s(&v.path(&v.layer_str(n, "writable_index").unwrap())).to_string(),
+            s(&out).to_string(),
+            "-m".into(),
+            format!("layer {n}"),
+            "--uuid".into(),
+            v.layer_str(n, "uuid").unwrap(),
+            "-z".into(),
+            "--algorithm".into(),
+            algorithm.to_string(),
+            "--bs".into(),
+            bs.to_string(),
+        ];
+        if let Some(parent) = v.layer_str(n, "parent_uuid") {
+            args.extend(["-p".to_string(), parent]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        obd_ok(&args);
+        let theirs = std::fs::read(v.path(&name)).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == theirs,
+            "{name}: commit -z output differs"
+        );
+
+        let tool = v.dir.path().join(format!("tool{n}.zfile"));
+        obd_ok(&[
+            "zfile",
+            s(&v.path(&v.layer_str(n, "lsmt").unwrap())),
+            s(&tool),
+        ]);
+        let theirs = std::fs::read(v.path(&v.layer_str(n, "zfile_tool").unwrap())).unwrap();
+        assert!(
+            std::fs::read(&tool).unwrap() == theirs,
+            "layer {n}: zfile output differs"
+        );
+    }
+}
+
+#[test]
+fn export_of_every_prefix_plain_and_compressed_matches() {
+    let v = ReferenceVectors::unpack();
+    for kind in ["lsmt", "zfile_commit", "zfile_tool"] {
+        for n in 0..v.layers().len() {
+            let layers: Vec<PathBuf> = (0..=n)
+                .map(|i| v.path(&v.layer_str(i, kind).unwrap()))
+                .collect();
+            let raw = v.dir.path().join(format!("{kind}-{n}.raw"));
+            let mut args = vec!["export", "--output", s(&raw), "--length", "16777216"];
+            args.extend(layers.iter().map(|p| s(p)));
+            obd_ok(&args);
+            assert_raw_matches(&v, &raw, n);
+        }
+    }
+}
+
+#[test]
+fn export_with_a_writable_top_and_a_config() {
+    let v = ReferenceVectors::unpack();
+    // Layers 0..1 committed, layer 2 still writable: same view as all committed.
+    let raw = v.dir.path().join("mixed.raw");
+    let top = format!(
+        "{}:{}",
+        s(&v.path("layer2.data")),
+        s(&v.path("layer2.index"))
+    );
+    obd_ok(&[
+        "export",
+        "--output",
+        s(&raw),
+        "--length",
+        "16777216",
+        s(&v.path("layer0.lz44k.zfile")),
+        s(&v.path("layer1.zstd8k.zfile")),
+        &top,
+    ]);
+    assert_raw_matches(&v, &raw, 2);
+
+    let config = v.dir.path().join("config.v1.json");
+    let json = serde_json::json!({
+        "lowers": [
+            {"file": v.path("layer0.lsmt")},
+            {"file": v.path("layer1.lsmt.zfile")},
+        ],
+        "upper": {"data": v.path("layer2.data"), "index": v.path("layer2.index")},
+    });
+    std::fs::write(&config, json.to_string()).unwrap();
+    let raw = v.dir.path().join("config.raw");
+    obd_ok(&[
+        "export",
+        "--output",
+        s(&raw),
+        "--length",
+        "16777216",
+        "--config",
+        s(&config),
+    ]);
+    assert_raw_matches(&v, &raw, 2);
+}
+
+#[test]
+fn zfile_round_trip_and_verify() {
+    let v = ReferenceVectors::unpack();
+    let input = v.path("layer1.lsmt");
+    for (algorithm, bs) in [("lz4", "4"), ("zstd", "64"), ("lz4", "16")] {
+        let z = v.dir.path().join(format!("l1-{algorithm}-{bs}.zfile"));
+        obd_ok(&[
+            "zfile",
+            s(&input),
+            s(&z),
+            "--algorithm",
+            algorithm,
+            "--bs",
+            bs,
+        ]);
+        let verified = obd_ok(&["zfile", "--verify", s(&z)]);
+        assert!(String::from_utf8_lossy(&verified.stdout).contains("ok"));
+        let back = v.dir.path().join(format!("l1-{algorithm}-{bs}.back"));
+        obd_ok(&["zfile", "-x", s(&z), s(&back)]);
+        assert!(std::fs::read(&back).unwrap() == std::fs::read(&input).unwrap());
+    }
+    // The reference's own ZFiles verify too.
+    obd_ok(&["zfile", "--verify", s(&v.path("layer1.zstd8k.zfile"))]);
+}
+
+#[test]
+fn zfile_verify_reports_a_flipped_crc() {
+    let v = ReferenceVectors::unpack();
+    let z = v.path("layer0.lsmt.zfile");
+    let mut bytes = std::fs::read(&z).unwrap();
+    bytes[600] ^= 0x40; // inside the first compressed block
+    let bad = v.dir.path().join("bad.zfile");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = obd_err(&["zfile", "--verify", s(&bad)]);
+    assert!(err.contains("bad.zfile"), "error names the file: {err}");
+    assert!(
+        err.to_lowercase().contains("crc"),
+        "error names the problem: {err}"
+    );
+}
+
+#[test]
+fn commit_compressed_and_tar_wrapped_reads_back() {
+    let v = ReferenceVectors::unpack();
+    let out = v.dir.path().join("l0.tar.zfile");
+    obd_ok(&[
+        "commit",
+        s(&v.path("layer0.data")),
+        s(&v.path("layer0.index")),
+        s(&out),
+        "-z",
+        "--algorithm",
+        "zstd",
+        "--bs",
+        "32",
+        "-t",
+    ]);
+    let info = obd_ok(&["info", s(&out), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let wrapping = info["wrapping"].as_str().unwrap();
+    assert!(
+        wrapping.contains("tar") && wrapping.contains("zfile"),
+        "{wrapping}"
+    );
+    let raw = v.dir.path().join("l0.raw");
+    obd_ok(&[
+        "export",
+        "--output",
+        s(&raw),
+        "--length",
+        "16777216",
+        s(&out),
+    ]);
+    assert_raw_matches(&v, &raw, 0);
+}
+
+#[test]
+fn the_reference_convertor_image_exports_to_ext4() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("dev.raw");
+    let blobs = fixtures().join("real-dev-image");
+    obd_ok(&[
+        "export",
+        "--output",
+        s(&raw),
+        "--length",
+        "67108864",
+        s(&blobs.join("dev-layer0.blob")),
+        s(&blobs.join("dev-layer1.blob")),
+    ]);
+    let data = std::fs::read(&raw).unwrap();
+    assert_eq!(&data[0x438..0x43A], &[0x53, 0xEF], "ext4 superblock magic");
+}
+
+#[test]
+fn legacy_zfile_reads_with_the_recorded_hash() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let gz = std::fs::File::open(fixtures().join("legacy-ext4_64.zfile.gz")).unwrap();
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut bytes)
+        .unwrap();
+    assert_eq!(bytes.len(), 4_737_695);
+    let z = dir.path().join("legacy.zfile");
+    std::fs::write(&z, &bytes).unwrap();
+    let raw = dir.path().join("legacy.raw");
+    obd_ok(&["export", "--output", s(&raw), "--length", "67108864", s(&z)]);
+    assert_eq!(
+        sha256_hex(&std::fs::read(&raw).unwrap()),
+        "a7405d1545c7bdb63e3d5233a1ce3e34a2564eb8269bfb125202168fb1bdc596"
+    );
+    let info = obd_ok(&["info", s(&z), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["header"]["uuid"],
+        "C02FB491-B4D4-4904-8684-A014D032AF78"
+    );
+    assert_eq!(info["index"]["entries"], 8323);
+    assert_eq!(info["trailer"]["virtual_size"], 64u64 << 30);
+}
+
+#[test]
+fn import_of_a_real_ext4_image_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    for i in 0..50 {
+        std::fs::write(
+            tree.join(format!("sub/file{i}.txt")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .unwrap();
+    }
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(tree.join("sub/deeper/big.bin"), &big).unwrap();
+    let raw = dir.path().join("disk.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d", s(&tree), s(&raw)])
+        .status()
+        .expect("mkfs.ext4 (package e2fsprogs) is installed by scripts/test.sh");
+    assert!(mkfs.success());
+    for extra in [
+        &[][..],
+        &["-z", "--algorithm", "zstd"][..],
+        &["-z", "-t"][..],
+    ] {
+        let layer = dir.path().join(format!("layer{}.obd", extra.len()));
+        let mut args = vec!["import", s(&raw), s(&layer)];
+        args.extend_from_slice(extra);
+        obd_ok(&args);
+        let back = dir.path().join(format!("back{}.raw", extra.len()));
+        obd_ok(&["export", "--output", s(&back), s(&layer)]);
+        assert!(
+            std::fs::read(&back).unwrap() == std::fs::read(&raw).unwrap(),
+            "import {extra:?} then export differs from the raw image"
+        );
+    }
+}
+
+#[test]
+fn create_then_info_and_commit_an_empty_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("up.data");
+    let index = dir.path().join("up.index");
+    obd_ok(&[
+        "create",
+        s(&data),
+        s(&index),
+        "2",
+        "-u",
+        "00000001-0000-4000-8000-00000000000a",
+    ]);
+    let spec = format!("{}:{}", s(&data), s(&index));
+    let info = obd_ok(&["info", &spec, "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["header"]["virtual_size"], 2u64 << 30);
+    assert_eq!(
+        info["header"]["parent_uuid"],
+        "00000001-0000-4000-8000-00000000000A"
+    );
+    let out = dir.path().join("empty.lsmt");
+    obd_ok(&["commit", s(&data), s(&index), s(&out)]);
+    let info = obd_ok(&["info", s(&out), "--json"]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["index"]["mapped_bytes"], 0);
+
+    let sparse = dir.path().join("up.sparse");
+    obd_ok(&["create", "-s", s(&sparse), "1"]);
+    assert_eq!(std::fs::metadata(&sparse).unwrap().len(), 4096 + (1 << 30));
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_loses_nothing() {
+    let v = ReferenceVectors::unpack();
+    // Missing input.
+    let err = obd_err(&[
+        "export",
+        "--output",
+        "/tmp/never-written.raw",
+        "/nonexistent/layer.lsmt",
+    ]);
+    assert!(err.contains("/nonexistent/layer.lsmt"), "{err}");
+    assert!(!Path::new("/tmp/never-written.raw").exists());
+    // Existing output is never overwritten.
+    let existing = v.path("layer1.lsmt");
+    let before = std::fs::read(&existing).unwrap();
+    let err = obd_err(&[
+        "commit",
+        s(&v.path("layer0.data")),
+        s(&v.path("layer0.index")),
+        s(&existing),
+    ]);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(std::fs::read(&existing).unwrap() == before);
+    // Garbage is not a layer.
+    let junk = v.dir.path().join("junk.bin");
+    std::fs::write(&junk, vec![0x5Au8; 10000]).unwrap();
+    let err = obd_err(&["info", s(&junk)]);
+    assert!(err.contains("junk.bin"), "{err}");
+    // A writable data file without its index says how to name it.
+    let err = obd_err(&[
+        "export",
+        "--output",
+        s(&v.dir.path().join("x.raw")),
+        s(&v.path("layer0.data")),
+    ]);
+    assert!(err.contains("DATA:INDEX"), "{err}");
+    // Bad options.
+    let err = obd_err(&[
+        "zfile",
+        s(&v.path("layer0.lsmt")),
+        s(&v.dir.path().join("z")),
+        "--bs",
+        "5",
+    ]);
+    assert!(err.contains("--bs"), "{err}");
+    let err = obd_err(&[
+        "create",
+        s(&v.dir.path().join("d")),
+        s(&v.dir.path().join("i")),
+        "zero",
+    ]);
+    assert!(err.contains("VSIZE_GB"), "{err}");
+    let err = obd_err(&[
+        "export",
+        "--output",
+        s(&v.dir.path().join("y.raw")),
+        "--offset",
+        "100",
+        s(&v.path("layer0.lsmt")),
+    ]);
+    assert!(err.contains("512"), "{err}");
+}

@@ -48,26 +48,37 @@ fn assert_raw_matches(v: &ReferenceVectors, raw: &Path, n: usize) {
     }
 }
 
+/// `obd commit` of vector layer `n` with the manifest's uuid, parent and
+/// message, plus `extra` options.
+fn run_reference_commit(v: &ReferenceVectors, n: usize, out: &Path, extra: &[&str]) {
+    let data = v.path(&v.layer_str(n, "writable_data").unwrap());
+    let index = v.path(&v.layer_str(n, "writable_index").unwrap());
+    let message = format!("layer {n}");
+    let uuid = v.layer_str(n, "uuid").unwrap();
+    let parent = v.layer_str(n, "parent_uuid");
+    let mut args = vec![
+        "commit",
+        s(&data),
+        s(&index),
+        s(out),
+        "-m",
+        &message,
+        "--uuid",
+        &uuid,
+    ];
+    if let Some(parent) = &parent {
+        args.extend(["-p", parent]);
+    }
+    args.extend_from_slice(extra);
+    obd_ok(&args);
+}
+
 #[test]
 fn commit_matches_the_reference_byte_for_byte() {
     let v = ReferenceVectors::unpack();
     for n in 0..v.layers().len() {
         let out = v.dir.path().join(format!("ours{n}.lsmt"));
-        let mut args = vec![
-            "commit".to_string(),
-            s(&v.path(&v.layer_str(n, "writable_data").unwrap())).to_string(),
-            s(&v.path(&v.layer_str(n, "writable_index").unwrap())).to_string(),
-            s(&out).to_string(),
-            "-m".into(),
-            format!("layer {n}"),
-            "--uuid".into(),
-            v.layer_str(n, "uuid").unwrap(),
-        ];
-        if let Some(parent) = v.layer_str(n, "parent_uuid") {
-            args.extend(["-p".to_string(), parent]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        obd_ok(&args);
+        run_reference_commit(&v, n, &out, &[]);
         let ours = std::fs::read(&out).unwrap();
         let theirs = std::fs::read(v.path(&v.layer_str(n, "lsmt").unwrap())).unwrap();
         assert!(
@@ -86,29 +97,14 @@ fn compressed_commit_and_zfile_match_the_reference_byte_for_byte() {
         let spec = name
             .trim_start_matches(&format!("layer{n}."))
             .trim_end_matches("k.zfile");
-        let algorithm = if spec.starts_with("lz4") { "lz4" } else { "zstd" };
+        let algorithm = if spec.starts_with("lz4") {
+            "lz4"
+        } else {
+            "zstd"
+        };
         let bs = &spec[algorithm.len()..];
         let out = v.dir.path().join(format!("ours{n}.zfile"));
-        let mut args = vec![
-            "commit".to_string(),
-            s(&v.path(&v.layer_str(n, "writable_data").unwrap())).to_string(),
-            s(&v.path(&v.layer_str(n, "writable_index").unwrap())).to_string(),
-            s(&out).to_string(),
-            "-m".into(),
-            format!("layer {n}"),
-            "--uuid".into(),
-            v.layer_str(n, "uuid").unwrap(),
-            "-z".into(),
-            "--algorithm".into(),
-            algorithm.to_string(),
-            "--bs".into(),
-            bs.to_string(),
-        ];
-        if let Some(parent) = v.layer_str(n, "parent_uuid") {
-            args.extend(["-p".to_string(), parent]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        obd_ok(&args);
+        run_reference_commit(&v, n, &out, &["-z", "--algorithm", algorithm, "--bs", bs]);
         let theirs = std::fs::read(v.path(&name)).unwrap();
         assert!(
             std::fs::read(&out).unwrap() == theirs,

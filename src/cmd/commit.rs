@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use overlaybd::io::LocalFile;
-use overlaybd::lsmt::{CommitOptions, WritableLayer};
-use overlaybd::zfile::{self, Flavor};
 
-use super::{CompressArgs, Output};
+use overlaybd::lsmt::{CommitOptions, WritableLayer};
+
+use super::{LayerFormat, Output};
 use crate::progress;
 
 /// Commit a writable layer into a read-only layer (like overlaybd-commit).
@@ -37,14 +36,8 @@ pub struct Args {
     /// Write a sealed layer: the data file plus index and trailer.
     #[arg(long, conflicts_with_all = ["compress", "uuid", "message"])]
     seal: bool,
-    /// Compress the output as a ZFile.
-    #[arg(short = 'z', long = "compress")]
-    compress: bool,
     #[command(flatten)]
-    zfile: CompressArgs,
-    /// Wrap the output in a tar (with the overlaybd.pax header).
-    #[arg(short = 't', long = "tar")]
-    tar: bool,
+    format: LayerFormat,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -68,7 +61,7 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             // overlaybd-commit -z stores no message; do the same so the
             // output stays byte-identical to the reference's.
-            if args.compress && !args.message.is_empty() {
+            if args.format.compress && !args.message.is_empty() {
                 eprintln!(
                     "obd: note: with -z the commit message is not stored (as overlaybd-commit -z)"
                 );
@@ -76,7 +69,7 @@ pub fn run(args: Args) -> Result<()> {
             let options = CommitOptions {
                 uuid: args.uuid.clone(),
                 parent_uuid: args.parent_uuid.clone(),
-                message: if args.compress {
+                message: if args.format.compress {
                     String::new()
                 } else {
                     args.message.clone()
@@ -87,42 +80,5 @@ pub fn run(args: Args) -> Result<()> {
         std::io::Write::flush(&mut writer).context("writing the committed layer")?;
     }
     bar.finish_and_clear();
-    let result = finish_output(
-        plain,
-        out,
-        args.compress.then_some(&args.zfile),
-        args.tar,
-        Flavor::CommitOutput,
-    )?;
-    result.finish()
+    args.format.finish(plain, out)
 }
-
-/// Turn a finished plain layer into the final output: compressed and/or
-/// tar-wrapped as asked, each stage written under a temporary name.
-pub fn finish_output(
-    plain: Output,
-    out: &std::path::Path,
-    compress: Option<&CompressArgs>,
-    tar: bool,
-    flavor: Flavor,
-) -> Result<Output> {
-    let mut current = plain;
-    if let Some(compress) = compress {
-        let options = compress.options(flavor)?;
-        let input = LocalFile::open(current.temp_path())?;
-        let bar = progress::bytes(input.size(), "compress");
-        let mut zipped = Output::create(out)?;
-        zfile::compress(&input, zipped.file_mut(), &options, &mut |n| bar.inc(n))?;
-        bar.finish_and_clear();
-        current = zipped;
-    }
-    if tar {
-        let input = LocalFile::open(current.temp_path())?;
-        let mut wrapped = Output::create(out)?;
-        overlaybd::tar::wrap(&input, wrapped.file_mut())?;
-        current = wrapped;
-    }
-    Ok(current)
-}
-
-use overlaybd::io::ReadAt as _;

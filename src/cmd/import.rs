@@ -6,9 +6,8 @@ use anyhow::{Context, Result};
 use overlaybd::index::{Extent, IntervalMap, SECTOR};
 use overlaybd::io::{LocalFile, ReadAt};
 use overlaybd::lsmt::{self, CommitOptions, Header};
-use overlaybd::zfile::Flavor;
 
-use super::{commit::finish_output, CompressArgs, Output};
+use super::{LayerFormat, Output};
 use crate::progress;
 
 /// Turn a raw disk image (e.g. from `mkfs.ext4 -d DIR`) into a committed
@@ -28,20 +27,14 @@ pub struct Args {
     /// UUID of the new layer (default: all zeros).
     #[arg(long)]
     uuid: Option<String>,
-    /// Compress the output as a ZFile.
-    #[arg(short = 'z', long = "compress")]
-    compress: bool,
     #[command(flatten)]
-    zfile: CompressArgs,
-    /// Wrap the output in a tar (with the overlaybd.pax header).
-    #[arg(short = 't', long = "tar")]
-    tar: bool,
+    format: LayerFormat,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let raw = LocalFile::open(&args.raw)?;
     let size = raw.size();
-    if size == 0 || size % SECTOR != 0 {
+    if size == 0 || !size.is_multiple_of(SECTOR) {
         anyhow::bail!(
             "{}: {size} bytes is not a positive multiple of 512",
             args.raw.display()
@@ -71,14 +64,7 @@ pub fn run(args: Args) -> Result<()> {
         std::io::Write::flush(&mut writer).context("writing the layer")?;
     }
     bar.finish_and_clear();
-    finish_output(
-        plain,
-        &args.out,
-        args.compress.then_some(&args.zfile),
-        args.tar,
-        Flavor::CommitOutput,
-    )?
-    .finish()
+    args.format.finish(plain, &args.out)
 }
 
 /// Runs of non-zero sectors of `raw`, mapped to their own position in it.

@@ -12,7 +12,10 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use overlaybd::zfile::{Algorithm, ZFileOptions};
+use overlaybd::io::{LocalFile, ReadAt};
+use overlaybd::zfile::{Algorithm, Flavor, ZFileOptions};
+
+use crate::progress;
 
 /// An output file written under a temporary name beside its final path and
 /// renamed into place only when complete: a failed or interrupted run
@@ -73,6 +76,46 @@ impl Output {
             .map_err(|e| e.error)
             .with_context(|| format!("cannot move the output into {}", self.path.display()))?;
         Ok(())
+    }
+}
+
+/// How a new layer is stored: plain, ZFile-compressed (-z) and/or
+/// tar-wrapped (-t). Shared by `commit` and `import`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct LayerFormat {
+    /// Compress the output as a ZFile.
+    #[arg(short = 'z', long = "compress")]
+    pub compress: bool,
+    #[command(flatten)]
+    pub zfile: CompressArgs,
+    /// Wrap the output in a tar (with the overlaybd.pax header), as
+    /// registries store overlaybd layers.
+    #[arg(short = 't', long = "tar")]
+    pub tar: bool,
+}
+
+impl LayerFormat {
+    /// Turn a finished plain layer into the final output at `out`:
+    /// compressed and/or tar-wrapped as asked, each stage written under a
+    /// temporary name, then moved into place.
+    pub fn finish(&self, plain: Output, out: &Path) -> Result<()> {
+        let mut current = plain;
+        if self.compress {
+            let options = self.zfile.options(Flavor::CommitOutput)?;
+            let input = LocalFile::open(current.temp_path())?;
+            let bar = progress::bytes(input.size(), "compress");
+            let mut zipped = Output::create(out)?;
+            overlaybd::zfile::compress(&input, zipped.file_mut(), &options, &mut |n| bar.inc(n))?;
+            bar.finish_and_clear();
+            current = zipped;
+        }
+        if self.tar {
+            let input = LocalFile::open(current.temp_path())?;
+            let mut wrapped = Output::create(out)?;
+            overlaybd::tar::wrap(&input, wrapped.file_mut())?;
+            current = wrapped;
+        }
+        current.finish()
     }
 }
 

@@ -93,9 +93,35 @@ fn index_json(map: &IntervalMap, entries: usize) -> Value {
     })
 }
 
+/// Keys in the order a person reads them; the rest follow alphabetically.
+const TEXT_ORDER: [&str; 14] = [
+    "path",
+    "wrapping",
+    "kind",
+    "header",
+    "trailer",
+    "index",
+    "uuid",
+    "parent_uuid",
+    "message",
+    "virtual_size",
+    "flags",
+    "version",
+    "index_offset",
+    "index_size",
+];
+
 fn print_text(value: &Value, depth: usize) {
     let Value::Object(map) = value else { return };
-    for (key, v) in map {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by_key(|k| {
+        (
+            TEXT_ORDER.iter().position(|o| o == k).unwrap_or(usize::MAX),
+            *k,
+        )
+    });
+    for key in keys {
+        let v = &map[key];
         let pad = "  ".repeat(depth);
         match v {
             Value::Object(_) => {

@@ -6,7 +6,7 @@
 //! [`Plan`]. Executing a plan is separate: [`Stack::read`] does it with
 //! synchronous reads, and front ends can do it on their own io_uring.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::index::{IntervalMap, Piece, SECTOR};
@@ -35,12 +35,18 @@ pub struct PlanPiece {
 /// The pieces that make up a logical range, in order.
 pub type Plan = Vec<PlanPiece>;
 
+/// Called with the pieces of every plan the stack makes (see
+/// [`Stack::set_read_observer`]); it must be quick and must not block.
+pub type ReadObserver = Arc<dyn Fn(&[PlanPiece]) + Send + Sync>;
+
 pub struct Stack {
     lowers: Vec<ReadOnlyLayer>,
     /// All lower layers' indexes merged; each extent tagged with its layer.
     lower_map: IntervalMap,
     top: Option<Arc<WritableLayer>>,
     virtual_size: u64,
+    /// Set at most once; one atomic load per plan when unset.
+    observer: OnceLock<ReadObserver>,
 }
 
 impl Stack {
@@ -90,7 +96,19 @@ impl Stack {
             lower_map,
             top,
             virtual_size,
+            observer: OnceLock::new(),
         })
+    }
+
+    /// Have `observer` see the pieces of every plan made from now on — the
+    /// reads the stack serves, whichever front end executes them (trace
+    /// recording uses this). At most one observer per stack; a second call
+    /// is an error. An observer that stops caring should turn itself into a
+    /// cheap no-op.
+    pub fn set_read_observer(&self, observer: ReadObserver) -> Result<()> {
+        self.observer
+            .set(observer)
+            .map_err(|_| Error::Invalid("this stack already has a read observer".into()))
     }
 
     pub fn virtual_size(&self) -> u64 {
@@ -132,6 +150,7 @@ impl Stack {
     /// image), appended to `out`. Adjacent zero pieces are merged.
     pub fn plan(&self, offset: u64, length: u64, out: &mut Plan) -> Result<()> {
         self.check_range(offset, length)?;
+        let first = out.len();
         let sector = offset / SECTOR;
         let sectors = length / SECTOR;
         let mut pieces = Vec::new();
@@ -160,6 +179,10 @@ impl Stack {
                     push_piece(out, p, None);
                 }
             }
+        }
+        if let Some(observer) = self.observer.get() {
+            // A leading zero piece may have merged into the caller's last one.
+            observer(&out[first..]);
         }
         Ok(())
     }

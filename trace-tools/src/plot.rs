@@ -1,0 +1,1 @@
+//! Drawing traces (offset × time) with plotters.

@@ -1,0 +1,293 @@
+//! Replaying a trace as prefetch: read what the image will need, through
+//! its layers, so a remote layer's cache is warm before the reads come.
+//!
+//! Binary records name (layer, offset, count) in a layer file and are read
+//! straight from that layer; a text list names paths, resolved through the
+//! image's ext4 to device ranges and read through the whole stack. Either
+//! way the work is cut into reads of at most [`MAX_READ`] bytes shared by
+//! `concurrency` worker threads, in trace order. A failed read is a warning,
+//! not the end of the replay: prefetch is an optimisation.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use overlaybd::stack::{PieceSource, Stack};
+use overlaybd::trace::{PrefetchPath, TraceRecord};
+use overlaybd::{Error, Result};
+
+use crate::ext4::{Ext4, FileKind};
+use crate::{StackSource, Warn};
+
+/// Largest single prefetch read.
+pub const MAX_READ: u64 = 1 << 20;
+
+/// How to replay.
+#[derive(Clone)]
+pub struct ReplayOptions {
+    /// Worker threads (`prefetchConfig.concurrency`); at least 1 is used.
+    pub concurrency: usize,
+    pub warn: Warn,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Reads issued (after splitting into ≤ 1 MiB pieces).
+    pub reads: u64,
+    pub bytes: u64,
+    /// Records skipped because their layer is not in the image.
+    pub skipped_records: u64,
+    /// Layer indexes the trace names that the image does not have.
+    pub missing_layers: BTreeSet<u32>,
+    /// Paths of a text list that could not be resolved.
+    pub missing_paths: Vec<PathBuf>,
+    /// Reads that failed (each also reported as a warning).
+    pub failed_reads: u64,
+    /// Stopped before the end.
+    pub cancelled: bool,
+}
+
+/// One read of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// `len` bytes at `offset` of lower layer `layer`'s file.
+    Layer { layer: usize, offset: u64, len: u64 },
+    /// `len` bytes at `offset` of the image's virtual disk (512-aligned).
+    Device { offset: u64, len: u64 },
+}
+
+/// The reads that replay `records` on `stack`: records of missing layers
+/// are skipped (one warning naming them), each range is clipped to its
+/// layer file and cut into ≤ [`MAX_READ`] pieces.
+pub fn plan_records(
+    stack: &Stack,
+    records: &[TraceRecord],
+    report: &mut ReplayReport,
+    warn: &Warn,
+) -> Vec<Read> {
+    let lowers = stack.lowers();
+    let mut reads = Vec::new();
+    for record in records {
+        let Some(layer) = lowers.get(record.layer_index as usize) else {
+            report.skipped_records += 1;
+            report.missing_layers.insert(record.layer_index);
+            continue;
+        };
+        let size = layer.source().size();
+        let start = record.offset.max(0) as u64;
+        let end = start.saturating_add(record.count).min(size);
+        split(start, end, |offset, len| {
+            reads.push(Read::Layer {
+                layer: record.layer_index as usize,
+                offset,
+                len,
+            })
+        });
+    }
+    if report.skipped_records > 0 {
+        warn(&format!(
+            "trace replay: skipped {} records of layers {:?}, which this image ({} layers) does not have",
+            report.skipped_records,
+            report.missing_layers,
+            lowers.len()
+        ));
+    }
+    reads
+}
+
+/// The reads that prefetch the files of a text list, found in the ext4 on
+/// `stack`. A missing path is a warning; an image without a readable ext4
+/// is an error.
+pub fn plan_paths(
+    stack: &Arc<Stack>,
+    paths: &[PrefetchPath],
+    report: &mut ReplayReport,
+    warn: &Warn,
+) -> Result<Vec<Read>> {
+    let fs = Ext4::open(Arc::new(StackSource::new(Arc::clone(stack), "image")))?;
+    let mut reads = Vec::new();
+    for entry in paths {
+        let inode = match fs.lookup(&entry.path) {
+            Ok(inode) => inode,
+            Err(e) => {
+                warn(&format!("trace replay: {}: {e}", entry.path.display()));
+                report.missing_paths.push(entry.path.clone());
+                continue;
+            }
+        };
+        let files = match (inode.kind, entry.whole_dir) {
+            (FileKind::Directory, true) => fs.walk(&inode, &entry.path)?,
+            (FileKind::Directory, false) => {
+                warn(&format!(
+                    "trace replay: {} is a directory; end it with / or * to prefetch its files",
+                    entry.path.display()
+                ));
+                continue;
+            }
+            _ => vec![(entry.path.clone(), inode)],
+        };
+        for (_, inode) in files {
+            for (offset, len) in fs.data_ranges(&inode)? {
+                let end = (offset + len).min(stack.virtual_size());
+                split(offset, end, |offset, len| {
+                    reads.push(Read::Device { offset, len })
+                });
+            }
+        }
+    }
+    Ok(reads)
+}
+
+/// Call `push` for each ≤ [`MAX_READ`] piece of `[start, end)`.
+fn split(start: u64, end: u64, mut push: impl FnMut(u64, u64)) {
+    let mut at = start;
+    while at < end {
+        let len = (end - at).min(MAX_READ);
+        push(at, len);
+        at += len;
+    }
+}
+
+/// Execute `reads` with `concurrency` workers, in order, until done or
+/// `stop` is set; adds to `report`.
+pub fn run(
+    stack: &Stack,
+    reads: &[Read],
+    options: &ReplayOptions,
+    stop: &AtomicBool,
+    report: &mut ReplayReport,
+) {
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let workers = options.concurrency.clamp(1, 256).min(reads.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; MAX_READ as usize];
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(read) = reads.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    let outcome = match *read {
+                        Read::Layer { layer, offset, len } => stack.read_piece(
+                            &mut buf[..len as usize],
+                            PieceSource::Layer {
+                                layer,
+                                position: offset,
+                            },
+                        ),
+                        Read::Device { offset, len } => {
+                            stack.read(&mut buf[..len as usize], offset)
+                        }
+                    };
+                    match outcome {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(read_len(read), Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            (options.warn)(&format!("trace replay: {read:?}: {e}"));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    report.reads += done.into_inner();
+    report.bytes += bytes.into_inner();
+    report.failed_reads += failed.into_inner();
+    report.cancelled |= stop.load(Ordering::Relaxed) && next.into_inner() < reads.len();
+}
+
+fn read_len(read: &Read) -> u64 {
+    match *read {
+        Read::Layer { len, .. } | Read::Device { len, .. } => len,
+    }
+}
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub enum Job {
+    Records(Vec<TraceRecord>),
+    Paths(Vec<PrefetchPath>),
+}
+
+/// A replay running in the background; dropping it stops it (reads in
+/// flight finish) and waits.
+pub struct ReplayHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<ReplayReport>>>,
+    last: Arc<Mutex<Option<ReplayReport>>>,
+}
+
+impl ReplayHandle {
+    /// Start replaying `job` on `stack` in a background thread.
+    pub fn spawn(stack: Arc<Stack>, job: Job, options: ReplayOptions) -> Result<ReplayHandle> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(Mutex::new(None));
+        let (stop2, last2) = (Arc::clone(&stop), Arc::clone(&last));
+        let thread = std::thread::Builder::new()
+            .name("obd-prefetch".into())
+            .spawn(move || {
+                let report = replay(&stack, &job, &options, &stop2)?;
+                *last2.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+                Ok(report)
+            })
+            .map_err(|e| Error::io("spawning the prefetch thread", e))?;
+        Ok(ReplayHandle {
+            stop,
+            thread: Some(thread),
+            last,
+        })
+    }
+
+    /// Wait for the replay to end.
+    pub fn wait(mut self) -> Result<ReplayReport> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => Err(Error::Invalid("the prefetch thread panicked".into())),
+            None => Ok(self.finished().unwrap_or_default()),
+        }
+    }
+
+    /// The report, once the replay has ended.
+    pub fn finished(&self) -> Option<ReplayReport> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Ask the workers to stop after their current read.
+    pub fn cancel(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReplayHandle {
+    fn drop(&mut self) {
+        self.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Replay `job` on `stack` in the calling thread.
+pub fn replay(
+    stack: &Arc<Stack>,
+    job: &Job,
+    options: &ReplayOptions,
+    stop: &AtomicBool,
+) -> Result<ReplayReport> {
+    let mut report = ReplayReport::default();
+    let reads = match job {
+        Job::Records(records) => plan_records(stack, records, &mut report, &options.warn),
+        Job::Paths(paths) => plan_paths(stack, paths, &mut report, &options.warn)?,
+    };
+    run(stack, &reads, options, stop, &mut report);
+    Ok(report)
+}

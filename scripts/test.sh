@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_debs=()
-for pkg in e2fsprogs xz-utils; do
+# docker-registry, apache2-utils (htpasswd), openssl, python3-jwt and
+# python3-cryptography (a token issuer): the registry-blob tests.
+for pkg in e2fsprogs xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if ((${#need_debs[@]})); then

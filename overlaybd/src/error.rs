@@ -40,7 +40,7 @@ impl Error {
     /// The errno a block front end should complete a failed request with.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Io { source, .. } => crate::remote::errno_of(source),
             Error::Corrupt { .. } => libc::EIO,
             Error::Invalid(_) => libc::EINVAL,
         }

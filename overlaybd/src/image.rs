@@ -9,13 +9,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{ImageConfig, Lower};
+use crate::config::{GlobalConfig, ImageConfig, Lower};
 use crate::detect::open_layer_blob;
 use crate::error::{Error, IoContext, Result};
-use crate::io::{LocalFile, ReadAt};
+use crate::io::{LocalFile, ReadAt, Source};
 use crate::lsmt::{
     self, ReadOnlyLayer, WritableLayer, FLAG_DATA, FLAG_HEADER, FLAG_SEALED, FLAG_SPARSE,
 };
+use crate::remote::download::Switchable;
+use crate::remote::Remote;
 use crate::stack::Stack;
 
 /// A layer named on a command line.
@@ -132,10 +134,65 @@ pub fn open_stack(specs: &[LayerSpec], writable: bool) -> Result<Stack> {
     Stack::new(lowers, top)
 }
 
-/// Open the image an image config describes. Lowers are local files here;
-/// a registry blob without a local copy is a clear error until remote
-/// layers are supported.
+/// Open the image an image config describes, with the default global
+/// config (see [`open_config_global`]).
 pub fn open_config(config: &ImageConfig, writable: bool) -> Result<Stack> {
+    open_config_global(config, &GlobalConfig::default(), writable)
+}
+
+/// Open the image an image config describes. A lower is read from a local
+/// file when there is one (`file`, or `dir/overlaybd.commit`, `dir/.commit`,
+/// `dir/overlaybd.sealed`), else from `repoBlobUrl/<digest>` through the
+/// blob cache `global` describes (built only if some lower needs it).
+pub fn open_config_global(
+    config: &ImageConfig,
+    global: &GlobalConfig,
+    writable: bool,
+) -> Result<Stack> {
+    open_config_inner(
+        config,
+        writable,
+        RemoteSlot::Lazy {
+            global,
+            built: None,
+        },
+    )
+}
+
+/// As [`open_config_global`], with a [`Remote`] the caller built (its
+/// registry client and cache are shared with other images).
+pub fn open_config_remote(config: &ImageConfig, remote: &Remote, writable: bool) -> Result<Stack> {
+    open_config_inner(config, writable, RemoteSlot::Given(remote))
+}
+
+/// The registry side of opening an image, built only when a lower needs it.
+enum RemoteSlot<'a> {
+    Given(&'a Remote),
+    Lazy {
+        global: &'a GlobalConfig,
+        built: Option<Box<Remote>>,
+    },
+}
+
+impl RemoteSlot<'_> {
+    fn get(&mut self) -> Result<&Remote> {
+        match self {
+            RemoteSlot::Given(remote) => Ok(remote),
+            RemoteSlot::Lazy { global, built } => {
+                if built.is_none() {
+                    *built = Some(Box::new(Remote::new(global)?));
+                }
+                Ok(built.as_ref().expect("built above"))
+            }
+        }
+    }
+}
+
+fn open_config_inner(
+    config: &ImageConfig,
+    writable: bool,
+    mut remote: RemoteSlot<'_>,
+) -> Result<Stack> {
     let mut lowers = Vec::with_capacity(config.lowers.len());
     for lower in &config.lowers {
         let candidates = lower.local_candidates();
@@ -148,11 +205,9 @@ pub fn open_config(config: &ImageConfig, writable: bool) -> Result<Stack> {
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 ))
             }
-            (None, Lower::Blob { dir, digest, .. }) => {
-                return Err(Error::Invalid(format!(
-                    "layer {digest}: no local copy in {} (overlaybd.commit, .commit or overlaybd.sealed), and fetching registry blobs is not supported yet",
-                    dir.display()
-                )))
+            (None, Lower::Blob { dir, digest, size }) => {
+                let source = open_remote_lower(config, remote.get()?, dir, digest, *size)?;
+                lowers.push(ReadOnlyLayer::open(open_layer_blob(source)?)?);
             }
         }
     }
@@ -165,4 +220,23 @@ pub fn open_config(config: &ImageConfig, writable: bool) -> Result<Stack> {
         None => None,
     };
     Stack::new(lowers, top)
+}
+
+/// A registry lower: the cached blob, behind a switchable source when a
+/// background download will replace it with `dir/overlaybd.commit`.
+fn open_remote_lower(
+    config: &ImageConfig,
+    remote: &Remote,
+    dir: &Path,
+    digest: &str,
+    size: u64,
+) -> Result<Source> {
+    let blob = remote.open_blob(config, digest, size)?;
+    let download = config.effective_download(&remote.global().download);
+    if !download.enable {
+        return Ok(blob);
+    }
+    let switchable = Arc::new(Switchable::new(blob.clone()));
+    remote.start_download(download, blob, digest, dir, &switchable);
+    Ok(switchable)
 }

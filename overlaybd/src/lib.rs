@@ -15,6 +15,7 @@ pub mod image;
 pub mod index;
 pub mod io;
 pub mod lsmt;
+pub mod remote;
 pub mod stack;
 pub mod tar;
 pub mod trace;

@@ -1,0 +1,282 @@
+//! Background download (`download` in the global and image configs): some
+//! minutes after an image opens, fetch each registry layer whole, at a
+//! bounded rate, check it against its digest, install it as
+//! `dir/overlaybd.commit`, and switch reads to that file, so a long-lived
+//! container stops depending on the registry and the cache.
+//!
+//! Chunks already in the cache are copied from it instead of fetched. A blob
+//! whose sha256 does not match its digest is discarded, with a message
+//! saying so; reads then go on through the cache as before.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{DownloadConfig, LOCAL_LAYER_NAMES};
+use crate::io::{LocalFile, ReadAt, Source};
+
+use super::cache::CachedBlob;
+
+/// A source whose backing can be replaced while it is in use (the cached
+/// registry blob, then the downloaded file holding the same bytes).
+pub struct Switchable {
+    current: RwLock<Source>,
+    size: u64,
+    name: String,
+    switched: AtomicBool,
+}
+
+impl Switchable {
+    pub fn new(source: Source) -> Self {
+        Switchable {
+            size: source.size(),
+            name: source.name().to_string(),
+            current: RwLock::new(source),
+            switched: AtomicBool::new(false),
+        }
+    }
+
+    /// Read from `source` from now on; it must have the same size (and
+    /// bytes).
+    pub fn switch_to(&self, source: Source) -> io::Result<()> {
+        if source.size() != self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: has {} bytes, the blob {}",
+                    source.name(),
+                    source.size(),
+                    self.size
+                ),
+            ));
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = source;
+        self.switched.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether reads go to a switched-to source.
+    pub fn switched(&self) -> bool {
+        self.switched.load(Ordering::Relaxed)
+    }
+
+    fn current(&self) -> Source {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ReadAt for Switchable {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Clone the handle so no lock is held during the read.
+        self.current().read_exact_at(buf, offset)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Why a download did not install a file.
+#[derive(Debug)]
+pub enum DownloadError {
+    /// The bytes fetched do not hash to the digest: nothing was installed.
+    Mismatch {
+        expected: String,
+        actual: String,
+    },
+    Io(io::Error),
+    Cancelled,
+}
+
+impl std::fmt::Display for DownloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownloadError::Mismatch { expected, actual } => write!(
+                f,
+                "the downloaded blob hashes to {actual}, not {expected}: discarded"
+            ),
+            DownloadError::Io(e) => write!(f, "{e}"),
+            DownloadError::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+impl std::error::Error for DownloadError {}
+
+impl From<io::Error> for DownloadError {
+    fn from(e: io::Error) -> Self {
+        DownloadError::Io(e)
+    }
+}
+
+/// Fetch `blob` whole into `dir/overlaybd.commit`: present chunks from the
+/// cache, the rest from the origin in `block_size` pieces at no more than
+/// `max_mbps` MB/s (0: unlimited). Checks the sha256 against `digest`
+/// (`sha256:<hex>`) before installing. Returns the installed path.
+pub fn download_blob(
+    blob: &CachedBlob,
+    digest: &str,
+    dir: &Path,
+    block_size: u64,
+    max_mbps: u64,
+    cancel: &AtomicBool,
+) -> Result<PathBuf, DownloadError> {
+    let expected = digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            DownloadError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{digest}: only sha256 digests can be checked"),
+            ))
+        })?
+        .to_ascii_lowercase();
+    fs::create_dir_all(dir)?;
+    let target = dir.join(LOCAL_LAYER_NAMES[0]);
+    let tmp = dir.join(".overlaybd.commit.download");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    let result = fill(blob, &mut file, block_size.max(4096), max_mbps, cancel);
+    let actual = match result {
+        Ok(hash) => hash,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    if actual != expected {
+        let _ = fs::remove_file(&tmp);
+        return Err(DownloadError::Mismatch {
+            expected: digest.to_string(),
+            actual: format!("sha256:{actual}"),
+        });
+    }
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, &target)?;
+    Ok(target)
+}
+
+fn fill(
+    blob: &CachedBlob,
+    file: &mut File,
+    block: u64,
+    max_mbps: u64,
+    cancel: &AtomicBool,
+) -> Result<String, DownloadError> {
+    let size = blob.size();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; block as usize];
+    let started = Instant::now();
+    let mut fetched = 0u64;
+    let mut offset = 0;
+    while offset < size {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(DownloadError::Cancelled);
+        }
+        let n = block.min(size - offset);
+        let piece = &mut buf[..n as usize];
+        if blob.is_present(offset, n) {
+            blob.read_exact_at(piece, offset)?;
+        } else {
+            blob.origin().read_exact_at(piece, offset)?;
+            fetched += n;
+            if max_mbps > 0 {
+                // Sleep until the average rate is back under the limit.
+                let due = Duration::from_secs_f64(fetched as f64 / (max_mbps as f64 * 1e6));
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        hasher.update(&*piece);
+        file.write_all(piece)?;
+        offset += n;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// A random number of whole seconds below `extra` (0 when `extra` is 0).
+fn random_below(extra: u64) -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    if extra == 0 {
+        return 0;
+    }
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() % extra
+}
+
+/// Start the background download of one layer: after `delay` +
+/// rand(`delayExtra`) seconds, up to `tryCnt` attempts; on success reads of
+/// `target` switch to the installed file. The thread gives up when the
+/// image is closed (`target` dropped). Messages go to stderr.
+pub fn spawn(
+    settings: DownloadConfig,
+    blob: Arc<CachedBlob>,
+    digest: String,
+    dir: PathBuf,
+    target: Weak<Switchable>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let delay = settings.delay + random_below(settings.delay_extra);
+        let until = Instant::now() + Duration::from_secs(delay);
+        while Instant::now() < until {
+            if target.strong_count() == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+        }
+        let cancel = AtomicBool::new(false);
+        for attempt in 1..=settings.try_cnt.max(1) {
+            if target.strong_count() == 0 {
+                return;
+            }
+            match download_blob(
+                &blob,
+                &digest,
+                &dir,
+                settings.block_size,
+                settings.max_mbps,
+                &cancel,
+            ) {
+                Ok(path) => {
+                    let switched = LocalFile::open(&path).map_err(io::Error::from).and_then(
+                        |file| match target.upgrade() {
+                            Some(t) => t.switch_to(Arc::new(file)),
+                            None => Ok(()),
+                        },
+                    );
+                    if let Err(e) = switched {
+                        eprintln!(
+                            "obd: layer {digest}: downloaded to {} but cannot read it: {e}",
+                            path.display()
+                        );
+                    }
+                    return;
+                }
+                Err(e @ DownloadError::Mismatch { .. }) => {
+                    eprintln!("obd: layer {digest}: background download: {e}");
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("obd: layer {digest}: background download, attempt {attempt}: {e}")
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,508 @@
+//! Registry blobs against the real `docker-registry`: anonymous, Basic and
+//! token auth serving the reference stacks; faults injected by a proxy;
+//! the blob cache (eviction, restart, single flight); background download.
+
+mod common;
+mod remote_support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{sha256_hex, ReferenceVectors};
+use overlaybd::config::{GlobalConfig, ImageConfig};
+use overlaybd::image::open_config_remote;
+use overlaybd::io::ReadAt;
+use overlaybd::remote::auth::{Anonymous, CredentialSource};
+use overlaybd::remote::cache::CacheOptions;
+use overlaybd::remote::registry::{Registry as Client, RegistryOptions};
+use overlaybd::remote::{errno_of, Remote};
+use overlaybd::stack::Stack;
+use remote_support::{Auth, Fault, Proxy, Registry, PASSWORD, USER};
+
+const REPO: &str = "obd/ref";
+
+/// The layer files pushed: plain LSMT, zstd ZFile, lz4 ZFile.
+fn layer_files(v: &ReferenceVectors) -> Vec<PathBuf> {
+    ["layer0.lsmt", "layer1.zstd8k.zfile", "layer2.lz416k.zfile"]
+        .iter()
+        .map(|n| v.path(n))
+        .collect()
+}
+
+fn credentials_for(port: u16) -> overlaybd::credentials::Credentials {
+    overlaybd::credentials::Credentials::from_json(
+        &format!(
+            r#"{{"auths":{{"127.0.0.1:{port}":{{"username":"{USER}","password":"{PASSWORD}"}}}}}}"#
+        ),
+        "test",
+    )
+    .unwrap()
+}
+
+/// Push the reference layers; (digest, size) per layer.
+fn push(registry: &Registry, v: &ReferenceVectors) -> Vec<(String, u64)> {
+    let credentials: Box<dyn CredentialSource> = Box::new(credentials_for(registry.port));
+    let client = Client::with_credentials(RegistryOptions::default(), credentials);
+    let repo_url = format!("{}/v2/{REPO}", registry.base());
+    layer_files(v)
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).unwrap();
+            let digest = format!("sha256:{}", sha256_hex(&bytes));
+            if !client.blob_exists(&repo_url, &digest).unwrap() {
+                client.upload_blob(&repo_url, &digest, path).unwrap();
+            }
+            assert!(client.blob_exists(&repo_url, &digest).unwrap());
+            (digest, bytes.len() as u64)
+        })
+        .collect()
+}
+
+/// An image config for layers `0..=top`, read from `base` (a registry or
+/// a proxy); each lower's `dir` is under `work`.
+fn image(base: &str, layers: &[(String, u64)], top: usize, work: &Path) -> ImageConfig {
+    let lowers: Vec<serde_json::Value> = layers[..=top]
+        .iter()
+        .map(|(digest, size)| {
+            serde_json::json!({
+                "dir": work.join(digest.replace(':', "_")),
+                "digest": digest,
+                "size": size,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "repoBlobUrl": format!("{base}/v2/{REPO}/blobs"),
+        "lowers": lowers,
+    });
+    ImageConfig::from_json(&json.to_string(), "test config").unwrap()
+}
+
+fn fast_options() -> RegistryOptions {
+    RegistryOptions {
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(1),
+        tries: 6,
+        backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(100),
+        deadline: Duration::from_secs(15),
+        ..RegistryOptions::default()
+    }
+}
+
+fn global_with(credentials: Option<&Path>) -> GlobalConfig {
+    let mut global = GlobalConfig::default();
+    global.credential_config.path = credentials.map(|p| p.display().to_string());
+    global
+}
+
+fn make_remote(global: &GlobalConfig, cache: &Path, capacity: u64, refill: u64) -> Remote {
+    Remote::with_options(
+        global,
+        fast_options(),
+        CacheOptions {
+            dir: cache.to_path_buf(),
+            capacity,
+            refill_size: refill,
+        },
+    )
+    .unwrap()
+}
+
+fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("cred.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{}"}}}}}}"#,
+            overlaybd::remote::auth::base64_encode(format!("{USER}:{PASSWORD}").as_bytes())
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn assert_stack_matches(v: &ReferenceVectors, stack: &Stack, n: usize) {
+    let expected = v.stack_sha256_per_mib(n);
+    let mut buf = vec![0u8; 1 << 20];
+    for (mib, want) in expected.iter().enumerate() {
+        stack.read(&mut buf, (mib as u64) << 20).unwrap();
+        assert_eq!(&sha256_hex(&buf), want, "stack 0..={n}, MiB {mib}");
+    }
+}
+
+/// Every stack of the reference vectors through `remote`, from `base`.
+fn serve_all_stacks(v: &ReferenceVectors, remote: &Remote, base: &str, layers: &[(String, u64)]) {
+    let work = tempfile::tempdir().unwrap();
+    for n in 0..layers.len() {
+        let config = image(base, layers, n, work.path());
+        let stack = open_config_remote(&config, remote, false).unwrap();
+        assert_eq!(stack.virtual_size(), 1 << 30);
+        assert_stack_matches(v, &stack, n);
+    }
+}
+
+#[test]
+fn anonymous_registry_serves_reference_stacks_lazily() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let layers = push(&registry, &v);
+    let cache = tempfile::tempdir().unwrap();
+    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 64 << 10);
+    // Opening the image fetches headers and indexes only.
+    let work = tempfile::tempdir().unwrap();
+    let config = image(&registry.base(), &layers, 2, work.path());
+    let stack = open_config_remote(&config, &remote, false).unwrap();
+    let total: u64 = layers.iter().map(|(_, s)| s).sum();
+    let fetched = remote.cache().unwrap().fetched();
+    assert!(
+        fetched * 4 < total,
+        "opening fetched {fetched} of {total} bytes: not lazy"
+    );
+    // The first MiB needs a little more, still not everything.
+    let mut buf = vec![0u8; 1 << 20];
+    stack.read(&mut buf, 0).unwrap();
+    assert_eq!(sha256_hex(&buf), v.stack_sha256_per_mib(2)[0]);
+    assert!(remote.cache().unwrap().fetched() < total);
+    drop(stack);
+    serve_all_stacks(&v, &remote, &registry.base(), &layers);
+}
+
+#[test]
+fn basic_auth_registry_serves_reference_stacks() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Basic);
+    let layers = push(&registry, &v);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = write_credential_file(dir.path(), registry.port);
+    let remote1 = make_remote(
+        &global_with(Some(&creds)),
+        &dir.path().join("c1"),
+        1 << 30,
+        256 << 10,
+    );
+    serve_all_stacks(&v, &remote1, &registry.base(), &layers);
+
+    // Without credentials: EPERM, at once, naming the URL and no secret.
+    let remote2 = make_remote(
+        &global_with(None),
+        &dir.path().join("c2"),
+        1 << 30,
+        256 << 10,
+    );
+    let started = Instant::now();
+    let config = image(&registry.base(), &layers, 0, dir.path());
+    let err = open_config_remote(&config, &remote2, false)
+        .err()
+        .expect("must fail");
+    assert_eq!(err.errno(), libc::EPERM, "{err}");
+    assert!(
+        err.to_string().contains("/v2/obd/ref/blobs/sha256:"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn token_auth_registry_serves_reference_stacks() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Token);
+    let layers = push(&registry, &v);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = write_credential_file(dir.path(), registry.port);
+    let remote1 = make_remote(
+        &global_with(Some(&creds)),
+        &dir.path().join("c1"),
+        1 << 30,
+        256 << 10,
+    );
+    serve_all_stacks(&v, &remote1, &registry.base(), &layers);
+
+    let remote2 = make_remote(
+        &global_with(None),
+        &dir.path().join("c2"),
+        1 << 30,
+        256 << 10,
+    );
+    let config = image(&registry.base(), &layers, 0, dir.path());
+    let err = open_config_remote(&config, &remote2, false)
+        .err()
+        .expect("must fail");
+    assert_eq!(err.errno(), libc::EPERM, "{err}");
+    assert!(!err.to_string().contains(PASSWORD));
+}
+
+#[test]
+fn missing_blob_is_enoent() {
+    let registry = Registry::start(Auth::Anonymous);
+    let client = Arc::new(Client::with_credentials(
+        fast_options(),
+        Box::new(Anonymous),
+    ));
+    let url = format!(
+        "{}/v2/{REPO}/blobs/sha256:{}",
+        registry.base(),
+        "0".repeat(64)
+    );
+    let blob = overlaybd::remote::registry::RegistryBlob::new(client, &url, 100, None);
+    let err = blob.read_exact_at(&mut [0u8; 10], 0).unwrap_err();
+    assert_eq!(errno_of(&err), libc::ENOENT, "{err}");
+}
+
+fn proxied(auth: Auth) -> (ReferenceVectors, Registry, Vec<(String, u64)>, Proxy) {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(auth);
+    let layers = push(&registry, &v);
+    let proxy = Proxy::start(registry.port);
+    (v, registry, layers, proxy)
+}
+
+#[test]
+fn injected_faults_are_retried_and_never_give_wrong_bytes() {
+    let (v, _registry, layers, proxy) = proxied(Auth::Anonymous);
+    {
+        let mut plan = proxy.plan();
+        plan.queue.extend([
+            Fault::Status(503),
+            Fault::Reset,
+            Fault::Truncate,
+            Fault::Stall(Duration::from_secs(3)),
+            Fault::Status(500),
+            Fault::Status(429),
+        ]);
+        plan.every = Some((3, Fault::Truncate));
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 64 << 10);
+    serve_all_stacks(&v, &remote, &proxy.base(), &layers);
+    assert!(
+        proxy
+            .stats
+            .faults
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 6
+    );
+}
+
+#[test]
+fn persistent_failures_fail_clearly_in_bounded_time() {
+    let (_v, _registry, layers, proxy) = proxied(Auth::Anonymous);
+    let cases = [
+        (Fault::Status(503), libc::EIO, "HTTP 503"),
+        (Fault::Status(429), libc::EBUSY, "429"),
+        (
+            Fault::Stall(Duration::from_secs(30)),
+            libc::ETIMEDOUT,
+            "timed out",
+        ),
+        (Fault::Truncate, libc::EIO, "body"),
+        (Fault::Status(403), libc::EPERM, "403"),
+    ];
+    for (fault, errno, text) in cases {
+        proxy.plan().always = Some(fault);
+        let cache = tempfile::tempdir().unwrap();
+        let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 64 << 10);
+        let work = tempfile::tempdir().unwrap();
+        let config = image(&proxy.base(), &layers, 0, work.path());
+        let started = Instant::now();
+        let err = open_config_remote(&config, &remote, false)
+            .err()
+            .expect("must fail");
+        let took = started.elapsed();
+        assert_eq!(err.errno(), errno, "{fault:?}: {err}");
+        assert!(err.to_string().contains(text), "{fault:?}: {err}");
+        assert!(took < Duration::from_secs(20), "{fault:?} took {took:?}");
+    }
+}
+
+#[test]
+fn throttled_link_with_latency_reads_correctly() {
+    let (v, _registry, layers, proxy) = proxied(Auth::Anonymous);
+    {
+        let mut plan = proxy.plan();
+        plan.latency = Duration::from_millis(20);
+        plan.rate = 20 << 20;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 256 << 10);
+    serve_all_stacks(&v, &remote, &proxy.base(), &layers[..1]);
+}
+
+#[test]
+fn token_auth_through_faulty_proxy() {
+    let (v, registry, layers, proxy) = proxied(Auth::Token);
+    proxy.plan().every = Some((4, Fault::Status(502)));
+    let dir = tempfile::tempdir().unwrap();
+    let creds = write_credential_file(dir.path(), proxy.port);
+    let remote = make_remote(
+        &global_with(Some(&creds)),
+        &dir.path().join("c"),
+        1 << 30,
+        256 << 10,
+    );
+    serve_all_stacks(&v, &remote, &proxy.base(), &layers);
+    // One probe per repository, then tokens are reused: few non-blob requests.
+    let total = proxy
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(total >= proxy.blob_gets());
+    drop(registry);
+}
+
+#[test]
+fn eviction_keeps_usage_under_capacity() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let layers = push(&registry, &v);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let capacity = 3 << 20;
+    let remote = make_remote(
+        &GlobalConfig::default(),
+        cache_dir.path(),
+        capacity,
+        64 << 10,
+    );
+    let work = tempfile::tempdir().unwrap();
+    let cache = remote.cache().unwrap();
+    for n in 0..layers.len() {
+        let config = image(&registry.base(), &layers, n, work.path());
+        let stack = open_config_remote(&config, &remote, false).unwrap();
+        let expected = v.stack_sha256_per_mib(n);
+        let mut buf = vec![0u8; 1 << 20];
+        for (mib, want) in expected.iter().enumerate() {
+            stack.read(&mut buf, (mib as u64) << 20).unwrap();
+            assert_eq!(&sha256_hex(&buf), want, "stack 0..={n}, MiB {mib}");
+            assert!(cache.used() <= capacity, "{} > {capacity}", cache.used());
+        }
+    }
+    assert!(
+        cache.evictions() > 0,
+        "the test should have needed eviction"
+    );
+    // What the directory holds agrees with the accounting.
+    let on_disk: u64 = std::fs::read_dir(cache_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "data"))
+        .map(|p| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).unwrap().blocks() * 512
+        })
+        .sum();
+    assert!(on_disk <= capacity + (1 << 20), "{on_disk} bytes on disk");
+}
+
+#[test]
+fn restart_reuses_cached_chunks() {
+    let (v, _registry, layers, proxy) = proxied(Auth::Anonymous);
+    let cache = tempfile::tempdir().unwrap();
+    {
+        let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 128 << 10);
+        serve_all_stacks(&v, &remote, &proxy.base(), &layers);
+    }
+    let before = proxy.blob_gets();
+    assert!(before > 0);
+    // Files are private to the daemon.
+    for entry in std::fs::read_dir(cache.path()).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.unwrap().metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 128 << 10);
+    serve_all_stacks(&v, &remote, &proxy.base(), &layers);
+    assert_eq!(proxy.blob_gets(), before, "a restart fetched again");
+
+    // A damaged cached chunk is noticed (CRC) and fetched again.
+    drop(remote);
+    let data = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[0x5a; 4096], 0).unwrap();
+    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 128 << 10);
+    serve_all_stacks(&v, &remote, &proxy.base(), &layers);
+    assert!(proxy.blob_gets() > before);
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_fetch_it_once() {
+    let (_v, _registry, layers, proxy) = proxied(Auth::Anonymous);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let remote = make_remote(&GlobalConfig::default(), cache_dir.path(), 1 << 30, 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let config = image(&proxy.base(), &layers, 0, work.path());
+    let (digest, size) = &layers[0];
+    let blob = remote.open_blob(&config, digest, *size).unwrap();
+    // Warm up (probe) on another chunk, then slow the link down.
+    blob.read_exact_at(&mut [0u8; 16], 0).unwrap();
+    proxy.plan().latency = Duration::from_millis(300);
+    let before = proxy.blob_gets();
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let blob = blob.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                blob.read_exact_at(&mut buf, (3 << 20) + i * 8192).unwrap();
+                buf
+            })
+        })
+        .collect();
+    let results: Vec<Vec<u8>> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_eq!(proxy.blob_gets() - before, 1, "one chunk, one fetch");
+    let local = std::fs::read(ReferenceVectors::unpack().path("layer0.lsmt")).unwrap();
+    for (i, got) in results.iter().enumerate() {
+        let at = (3 << 20) + i * 8192;
+        assert_eq!(got[..], local[at..at + 4096]);
+    }
+}
+
+#[test]
+fn background_download_installs_the_layer_and_switches_reads() {
+    let v = ReferenceVectors::unpack();
+    let mut registry = Registry::start(Auth::Anonymous);
+    let layers = push(&registry, &v);
+    let mut global = GlobalConfig::default();
+    global.download.enable = true;
+    global.download.delay = 0;
+    global.download.delay_extra = 0;
+    global.download.max_mbps = 50;
+    let cache = tempfile::tempdir().unwrap();
+    let remote = make_remote(&global, cache.path(), 1 << 30, 256 << 10);
+    let work = tempfile::tempdir().unwrap();
+    let config = image(&registry.base(), &layers, 2, work.path());
+    let stack = open_config_remote(&config, &remote, false).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while remote.download_status().1 < 3 {
+        assert!(Instant::now() < deadline, "downloads did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (digest, _) in &layers {
+        let path = work
+            .path()
+            .join(digest.replace(':', "_"))
+            .join("overlaybd.commit");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(format!("sha256:{}", sha256_hex(&bytes)), *digest);
+    }
+    // With the registry gone, every byte still reads (from the files).
+    registry.stop();
+    assert_stack_matches(&v, &stack, 2);
+}
+
+#[test]
+fn p2p_peer_failure_falls_back_to_the_registry() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let layers = push(&registry, &v);
+    let mut global = GlobalConfig::default();
+    global.p2p_config.enable = true;
+    global.p2p_config.address = Some(format!("http://127.0.0.1:{}", remote_support::free_port()));
+    let cache = tempfile::tempdir().unwrap();
+    let remote = make_remote(&global, cache.path(), 1 << 30, 256 << 10);
+    serve_all_stacks(&v, &remote, &registry.base(), &layers[..1]);
+}

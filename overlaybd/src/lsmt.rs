@@ -629,15 +629,23 @@ impl WritableLayer {
         if self.index.is_none() {
             punch_hole(&self.data, HEADER_SIZE + offset, length).context(|| self.name.clone())?;
             let mut state = self.state.lock().expect("writable layer lock");
-            state.map.insert(
-                offset / SECTOR,
-                Extent {
-                    length: length / SECTOR,
-                    moffset: (HEADER_SIZE + offset) / SECTOR,
-                    zeroed: true,
-                    layer: 0,
-                },
-            );
+            // Like the reference, record the discard in pieces one index
+            // entry can hold: `commit` writes each zeroed extent as one entry.
+            let mut sector = offset / SECTOR;
+            let end = (offset + length) / SECTOR;
+            while sector < end {
+                let n = (end - sector).min(MAX_ENTRY_SECTORS);
+                state.map.insert(
+                    sector,
+                    Extent {
+                        length: n,
+                        moffset: sector + HEADER_SIZE / SECTOR,
+                        zeroed: true,
+                        layer: 0,
+                    },
+                );
+                sector += n;
+            }
             return Ok(());
         }
         let mut sector = offset / SECTOR;

@@ -14,7 +14,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
-use crate::index::{Entry, Extent, IntervalMap, Piece, ENTRY_SIZE, MAX_ENTRY_SECTORS, SECTOR};
+use crate::index::{
+    Entry, Extent, IntervalMap, Piece, ENTRY_SIZE, MAX_ENTRY_SECTORS, PADDING_OFFSET, SECTOR,
+};
 use crate::io::{ReadAt, Source};
 
 /// Size of the header and trailer blocks.
@@ -208,10 +210,10 @@ impl ReadOnlyLayer {
                 "no LSMT trailer at the end: not a committed or sealed layer (a writable data file needs its index file)",
             )
         })?;
-        if trailer.has(FLAG_HEADER) || !trailer.has(FLAG_SEALED) {
+        if trailer.has(FLAG_HEADER) || !trailer.has(FLAG_DATA) || !trailer.has(FLAG_SEALED) {
             return Err(Error::corrupt(
                 &name,
-                "the last block is not a sealed trailer",
+                "the last block is not a sealed data-file trailer",
             ));
         }
         let entries = read_index(source.as_ref(), &trailer, trailer_offset)?;
@@ -244,8 +246,13 @@ fn read_index(source: &dyn ReadAt, trailer: &Header, trailer_offset: u64) -> Res
     }
     let index_bytes = count * ENTRY_SIZE as u64;
     let data_end = trailer.index_offset;
+    if !data_end.is_multiple_of(SECTOR) {
+        return Err(Error::corrupt(
+            name,
+            format!("index_offset {data_end} is not a multiple of 512 bytes"),
+        ));
+    }
     if data_end < HEADER_SIZE
-        || !data_end.is_multiple_of(SECTOR)
         || data_end
             .checked_add(index_bytes)
             .is_none_or(|end| end > trailer_offset)
@@ -511,10 +518,29 @@ impl WritableLayer {
                 if entry.is_padding() || entry.length == 0 {
                     continue;
                 }
-                if !entry.zeroed
-                    && (entry.moffset < HEADER_SIZE / SECTOR
-                        || entry.moffset + entry.length > data_end_sector)
-                {
+                if entry.end() > PADDING_OFFSET {
+                    return Err(Error::corrupt(
+                        &index_name,
+                        format!(
+                            "entry {} covers sectors {}..{}, past the last sector an index entry can address",
+                            done + i as u64,
+                            entry.offset,
+                            entry.end()
+                        ),
+                    ));
+                }
+                if !entry.zeroed && entry.moffset < HEADER_SIZE / SECTOR {
+                    return Err(Error::corrupt(
+                        &index_name,
+                        format!(
+                            "entry {} points at sectors {}..{}, inside the data file's header",
+                            done + i as u64,
+                            entry.moffset,
+                            entry.moffset + entry.length
+                        ),
+                    ));
+                }
+                if !entry.zeroed && entry.moffset + entry.length > data_end_sector {
                     return Err(Error::corrupt(
                         &index_name,
                         format!(

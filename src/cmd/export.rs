@@ -1,9 +1,10 @@
 //! `obd export`: the merged view of a stack of layers as a raw disk image.
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use overlaybd::config::{GlobalConfig, GLOBAL_CONFIG_PATH};
 use overlaybd::image::{open_stack, LayerSpec};
 use overlaybd::stack::{PieceSource, Stack};
 
@@ -18,7 +19,7 @@ use crate::progress;
 /// left as holes, so the output is sparse.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  obd export --output disk.raw base.lsmt app.zfile upper.data:upper.index\n  obd export --output disk.raw --config config.v1.json\n  obd export --output first-mib.raw --length 1048576 layer.lsmt"
+    after_help = "Examples:\n  obd export --output disk.raw base.lsmt app.zfile upper.data:upper.index\n  obd export --output disk.raw --config config.v1.json\n  obd export --output disk.raw --config config.v1.json --global-config overlaybd.json\n  obd export --output first-mib.raw --length 1048576 layer.lsmt"
 )]
 pub struct Args {
     /// Raw image to write (must not exist).
@@ -33,6 +34,10 @@ pub struct Args {
     /// An image config (config.v1.json) instead of a list of layers.
     #[arg(long, conflicts_with = "layers")]
     config: Option<PathBuf>,
+    /// Global config (cache, credentials, download, p2p) for registry
+    /// layers [default: /etc/overlaybd/overlaybd.json if it exists].
+    #[arg(long, value_name = "PATH", requires = "config")]
+    global_config: Option<PathBuf>,
     /// Layers, bottom → top.
     #[arg(value_name = "LAYER", required_unless_present = "config")]
     layers: Vec<String>,
@@ -42,7 +47,8 @@ pub fn run(args: Args) -> Result<()> {
     let stack = match &args.config {
         Some(config) => {
             let config = overlaybd::config::ImageConfig::load(config)?;
-            overlaybd::image::open_config(&config, false)?
+            let global = load_global_config(args.global_config.as_deref())?;
+            overlaybd::image::open_config_global(&config, &global, false)?
         }
         None => {
             let specs: Vec<LayerSpec> = args.layers.iter().map(|l| LayerSpec::parse(l)).collect();
@@ -63,6 +69,18 @@ pub fn run(args: Args) -> Result<()> {
     let output = Output::create(&args.output)?;
     export_range(&stack, output.file(), args.offset, length)?;
     output.finish()
+}
+
+/// The global config at `path`, else /etc/overlaybd/overlaybd.json if it
+/// exists, else the defaults.
+pub fn load_global_config(path: Option<&Path>) -> Result<GlobalConfig> {
+    match path {
+        Some(path) => Ok(GlobalConfig::load(path)?),
+        None if Path::new(GLOBAL_CONFIG_PATH).exists() => {
+            Ok(GlobalConfig::load(GLOBAL_CONFIG_PATH)?)
+        }
+        None => Ok(GlobalConfig::default()),
+    }
 }
 
 /// Copy `[offset, offset + length)` of the stack into `file` at position 0,

@@ -5,6 +5,7 @@ pub mod create;
 pub mod export;
 pub mod import;
 pub mod info;
+pub mod push;
 pub mod zfile;
 
 use std::fs::File;

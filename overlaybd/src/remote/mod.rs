@@ -100,6 +100,27 @@ pub fn redact_url(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
 }
 
+/// (`sha256:<hex>`, size) of a file: the digest a registry stores it under.
+pub fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(hasher.finalize())), size))
+}
+
 /// Everything an image needs to read registry blobs: one client (token and
 /// redirect caches shared by all layers), the blob cache, p2p settings.
 /// Built from the global config; the cache directory is created only when a

@@ -1,0 +1,177 @@
+//! `obd push` into a real registry, then `obd export --config` of the
+//! pushed image: the same bytes as exporting the local layers.
+
+#[path = "../overlaybd/tests/common/mod.rs"]
+mod common;
+#[path = "../overlaybd/tests/remote_support/mod.rs"]
+mod remote_support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::ReferenceVectors;
+use remote_support::{Auth, Registry, PASSWORD, USER};
+
+fn obd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args(args)
+        .output()
+        .expect("run obd")
+}
+
+fn obd_ok(args: &[&str]) -> Output {
+    let out = obd(args);
+    assert!(
+        out.status.success(),
+        "obd {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn global_config(dir: &Path, port: u16) -> std::path::PathBuf {
+    let creds = dir.join("cred.json");
+    std::fs::write(
+        &creds,
+        format!(
+            r#"{{"auths":{{"127.0.0.1:{port}":{{"username":"{USER}","password":"{PASSWORD}"}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let global = dir.join("overlaybd.json");
+    std::fs::write(
+        &global,
+        serde_json::json!({
+            "cacheConfig": {"cacheDir": dir.join("cache"), "cacheSizeGB": 1, "refillSize": 262144},
+            "credentialConfig": {"mode": "file", "path": creds},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    global
+}
+
+fn push_then_export(auth: Auth) {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(auth);
+    let dir = tempfile::tempdir().unwrap();
+    let global = global_config(dir.path(), registry.port);
+    let layers = [
+        v.path("layer0.lsmt"),
+        v.path("layer1.zstd8k.zfile"),
+        v.path("layer2.lz416k.zfile"),
+    ];
+    let config = dir.path().join("config.v1.json");
+    let repo = format!("{}/v2/team/ref", registry.base());
+    let mut args = vec![
+        "push",
+        "--repo",
+        &repo,
+        "--global-config",
+        s(&global),
+        "-o",
+        s(&config),
+    ];
+    args.extend(layers.iter().map(|p| s(p)));
+    let out = obd_ok(&args);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("pushed")
+            .count(),
+        3
+    );
+    // Pushing again uploads nothing.
+    let again = dir.path().join("again.json");
+    args[6] = s(&again);
+    let out = obd_ok(&args);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("already")
+            .count(),
+        3
+    );
+
+    // The span the reference layers write (the rest of the 1 GiB is holes).
+    let span = v.span_bytes().to_string();
+    let remote_raw = dir.path().join("remote.raw");
+    obd_ok(&[
+        "export",
+        "--length",
+        &span,
+        "--output",
+        s(&remote_raw),
+        "--config",
+        s(&config),
+        "--global-config",
+        s(&global),
+    ]);
+    let local_raw = dir.path().join("local.raw");
+    let mut args = vec!["export", "--length", &span, "--output", s(&local_raw)];
+    args.extend(layers.iter().map(|p| s(p)));
+    obd_ok(&args);
+    assert!(
+        std::fs::read(&remote_raw).unwrap() == std::fs::read(&local_raw).unwrap(),
+        "the remote image exports differently from its local layers"
+    );
+}
+
+#[test]
+fn push_then_export_anonymous() {
+    push_then_export(Auth::Anonymous);
+}
+
+#[test]
+fn push_then_export_with_basic_auth() {
+    push_then_export(Auth::Basic);
+}
+
+#[test]
+fn push_then_export_with_token_auth() {
+    push_then_export(Auth::Token);
+}
+
+#[test]
+fn export_without_credentials_says_access_denied() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Basic);
+    let dir = tempfile::tempdir().unwrap();
+    let global = global_config(dir.path(), registry.port);
+    let config = dir.path().join("config.v1.json");
+    let repo = format!("{}/v2/team/ref", registry.base());
+    obd_ok(&[
+        "push",
+        "--repo",
+        &repo,
+        "--global-config",
+        s(&global),
+        "-o",
+        s(&config),
+        s(&v.path("layer0.lsmt")),
+    ]);
+    let empty = dir.path().join("empty.json");
+    std::fs::write(
+        &empty,
+        serde_json::json!({"cacheConfig": {"cacheDir": dir.path().join("cache2")}}).to_string(),
+    )
+    .unwrap();
+    let out = obd(&[
+        "export",
+        "--output",
+        s(&dir.path().join("x.raw")),
+        "--config",
+        s(&config),
+        "--global-config",
+        s(&empty),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("access denied") || err.contains("Basic"),
+        "{err}"
+    );
+    assert!(!err.contains(PASSWORD));
+}

@@ -35,6 +35,7 @@ enum Command {
     Export(cmd::export::Args),
     Import(cmd::import::Args),
     Info(cmd::info::Args),
+    Trace(cmd::trace::Args),
     Push(cmd::push::Args),
 }
 
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         Command::Export(args) => cmd::export::run(args),
         Command::Import(args) => cmd::import::run(args),
         Command::Info(args) => cmd::info::run(args),
+        Command::Trace(args) => cmd::trace::run(args),
         Command::Push(args) => cmd::push::run(args),
     };
     match result {

@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 need_debs=()
 # docker-registry, apache2-utils (htpasswd), openssl, python3-jwt and
 # python3-cryptography (a token issuer): the registry-blob tests.
-for pkg in e2fsprogs xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography; do
+# clang-16 and libbpf-dev build the eBPF probes (ebpf/build.rs); mount
+# (losetup, mount) and util-linux (setpriv) run the eBPF tests, which need
+# root; fonts-dejavu-core labels `obd trace plot` images.
+for pkg in e2fsprogs xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography \
+    clang-16 libbpf-dev mount util-linux fonts-dejavu-core; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if ((${#need_debs[@]})); then

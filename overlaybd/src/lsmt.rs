@@ -37,7 +37,9 @@ pub const NIL_UUID: &str = "00000000-0000-0000-0000-000000000000";
 pub const MAX_COMMITTED_ENTRIES: u64 = 1_000_000;
 /// A writable layer's index file may hold at most this many entries.
 pub const MAX_WRITABLE_ENTRIES: u64 = 128_000_000;
-/// Writes and discards are recorded in entries of at most this many sectors.
+/// Writes are recorded in entries of at most this many sectors (4 MiB, the
+/// reference's largest write); discards in entries of at most
+/// [`MAX_ENTRY_SECTORS`].
 pub const MAX_WRITE_SECTORS: u64 = 8192;
 /// `commit` copies data in pieces of this many bytes, one entry each.
 const COMMIT_PIECE: u64 = 32 * 1024;
@@ -652,15 +654,18 @@ impl WritableLayer {
     /// out, so after reopening the range reads through to lower layers.
     pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
         self.check_range(offset, length)?;
-        if self.index.is_none() {
+        if self.is_sparse() {
             punch_hole(&self.data, HEADER_SIZE + offset, length).context(|| self.name.clone())?;
-            let mut state = self.state.lock().expect("writable layer lock");
-            // Like the reference, record the discard in pieces one index
-            // entry can hold: `commit` writes each zeroed extent as one entry.
-            let mut sector = offset / SECTOR;
-            let end = (offset + length) / SECTOR;
-            while sector < end {
-                let n = (end - sector).min(MAX_ENTRY_SECTORS);
+        }
+        // Like the reference, record the discard in pieces one index entry
+        // can hold (16383 sectors): `commit` writes each zeroed extent as
+        // one entry.
+        let mut sector = offset / SECTOR;
+        let end = (offset + length) / SECTOR;
+        while sector < end {
+            let n = (end - sector).min(MAX_ENTRY_SECTORS);
+            if self.is_sparse() {
+                let mut state = self.state.lock().expect("writable layer lock");
                 state.map.insert(
                     sector,
                     Extent {
@@ -670,21 +675,15 @@ impl WritableLayer {
                         layer: 0,
                     },
                 );
-                sector += n;
+            } else {
+                let moffset = self.state.lock().expect("writable layer lock").data_end / SECTOR;
+                self.append_entry(Entry {
+                    offset: sector,
+                    length: n,
+                    moffset,
+                    zeroed: true,
+                })?;
             }
-            return Ok(());
-        }
-        let mut sector = offset / SECTOR;
-        let end = (offset + length) / SECTOR;
-        while sector < end {
-            let n = (end - sector).min(MAX_WRITE_SECTORS);
-            let moffset = self.state.lock().expect("writable layer lock").data_end / SECTOR;
-            self.append_entry(Entry {
-                offset: sector,
-                length: n,
-                moffset,
-                zeroed: true,
-            })?;
             sector += n;
         }
         Ok(())
@@ -724,6 +723,18 @@ impl WritableLayer {
     /// A copy of the current index.
     pub fn snapshot(&self) -> IntervalMap {
         self.state.lock().expect("writable layer lock").map.clone()
+    }
+
+    /// The data file: a plan position in this layer is a byte offset in it.
+    /// Front ends with their own I/O engine read (and sync) it directly.
+    pub fn data_file(&self) -> &File {
+        &self.data
+    }
+
+    /// The index file (none when sparse). To make writes durable without
+    /// [`WritableLayer::flush`], sync the data file first, then this.
+    pub fn index_file(&self) -> Option<&File> {
+        self.index.as_ref()
     }
 
     /// Read bytes of the data file.

@@ -822,10 +822,15 @@ fn a_9_mib_discard_commits_to_entries_within_the_length_limit() {
         let zeroed: u64 = entries.iter().filter(|e| e.3).map(|e| e.1).sum();
         assert_eq!(zeroed, 18432, "sparse: {sparse}: {entries:?}");
         assert!(entries.iter().filter(|e| e.3).all(|e| e.1 <= 16383));
-        if sparse {
-            // The reference splits a sparse discard at the entry limit.
+        // The reference splits discards at the entry limit (16383 sectors).
+        assert_eq!(
+            entries[1..],
+            [(2048, 16383, 16, true), (2048 + 16383, 2049, 16, true)]
+        );
+        if !sparse {
+            let index = std::fs::read(dir.path().join("w.index")).unwrap();
             assert_eq!(
-                entries[1..],
+                decode_index_file(&index)[1..],
                 [(2048, 16383, 16, true), (2048 + 16383, 2049, 16, true)]
             );
         }

@@ -21,7 +21,8 @@
 //!
 //! Capacity: when the bytes held pass the capacity, whole blobs are evicted,
 //! least recently used first, down to max(90 % of capacity, capacity − 50
-//! GiB). The blob being filled goes last; an open blob is emptied in place.
+//! GiB), and by a further tenth whenever the disk has less than 1 GiB free.
+//! The blob being filled goes last; an open blob is emptied in place.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -42,6 +43,8 @@ const MAGIC: &[u8; 8] = b"OBDCACH1";
 const HEADER: u64 = 32;
 const ENTRY: u64 = 8;
 const PRESENT: u32 = 1;
+/// Below this much free disk, blobs are evicted whatever the capacity.
+const MIN_FREE_DISK: u64 = 1 << 30;
 /// Longest run of missing chunks fetched with one request.
 const MAX_RUN: u64 = 8 << 20;
 /// Rounds of "fetch, then read the file" before a read gives up because
@@ -224,10 +227,16 @@ impl BlobCache {
     /// until the cache is at its eviction target.
     fn evict_if_needed(&self, current: Option<&str>) {
         let mut catalog = self.catalog();
-        if catalog.used <= self.options.capacity {
+        let low_disk = free_disk(&self.options.dir).is_some_and(|free| free < MIN_FREE_DISK);
+        if catalog.used <= self.options.capacity && !low_disk {
             return;
         }
-        let target = self.options.eviction_target();
+        // Low on disk: give back an extra tenth of what the cache holds.
+        let target = if low_disk {
+            self.options.eviction_target().min(catalog.used / 10 * 9)
+        } else {
+            self.options.eviction_target()
+        };
         let mut order: Vec<(bool, u64, String)> = catalog
             .blobs
             .iter()
@@ -258,6 +267,18 @@ impl BlobCache {
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Free bytes for unprivileged users on the file system holding `dir`.
+fn free_disk(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// A file name for a cache key: `sha256:abc` → `sha256_abc`; anything

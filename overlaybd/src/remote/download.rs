@@ -280,3 +280,49 @@ pub fn spawn(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Bytes;
+    use crate::remote::cache::{BlobCache, CacheOptions};
+
+    fn blob(data: &[u8], dir: &Path) -> Arc<CachedBlob> {
+        let cache = BlobCache::open(CacheOptions {
+            dir: dir.join("cache"),
+            capacity: 1 << 20,
+            refill_size: 4096,
+        })
+        .unwrap();
+        let origin: Source = Arc::new(Bytes::new(data.to_vec(), "blob"));
+        cache.blob("sha256:test", origin).unwrap()
+    }
+
+    #[test]
+    fn a_matching_blob_is_installed_using_cached_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let blob = blob(&data, dir.path());
+        blob.read_exact_at(&mut [0u8; 100], 5000).unwrap();
+        let layer_dir = dir.path().join("layer");
+        let path =
+            download_blob(&blob, &digest, &layer_dir, 4096, 0, &AtomicBool::new(false)).unwrap();
+        assert_eq!(path, layer_dir.join("overlaybd.commit"));
+        assert_eq!(fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn a_mismatching_blob_is_discarded_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; 10_000];
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let blob = blob(&data, dir.path());
+        let layer_dir = dir.path().join("layer");
+        let err = download_blob(&blob, &digest, &layer_dir, 4096, 0, &AtomicBool::new(false))
+            .unwrap_err();
+        assert!(matches!(err, DownloadError::Mismatch { .. }));
+        assert!(err.to_string().contains("discarded"), "{err}");
+        assert_eq!(fs::read_dir(&layer_dir).unwrap().count(), 0);
+    }
+}

@@ -506,3 +506,41 @@ fn p2p_peer_failure_falls_back_to_the_registry() {
     let remote = make_remote(&global, cache.path(), 1 << 30, 256 << 10);
     serve_all_stacks(&v, &remote, &registry.base(), &layers[..1]);
 }
+
+#[test]
+fn redirects_to_storage_are_cached_and_followed_without_credentials() {
+    let (v, _registry, layers, proxy) = proxied(Auth::Basic);
+    proxy.plan().redirect = true;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = write_credential_file(dir.path(), proxy.port);
+    let remote = make_remote(
+        &global_with(Some(&creds)),
+        &dir.path().join("c"),
+        1 << 30,
+        64 << 10,
+    );
+    serve_all_stacks(&v, &remote, &proxy.base(), &layers);
+    let redirects = proxy
+        .stats
+        .redirects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let storage = proxy
+        .stats
+        .storage_gets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // One redirect per blob (the probe's, or the first read's), then the
+    // cached location serves every read.
+    assert!(
+        redirects <= layers.len() as u64 * 2,
+        "{redirects} redirects"
+    );
+    assert!(storage > redirects * 3, "{storage} storage reads");
+    assert_eq!(
+        proxy
+            .stats
+            .storage_with_auth
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "credentials were sent to blob storage"
+    );
+}

@@ -264,6 +264,9 @@ pub struct Plan {
     pub latency: Duration,
     /// Bytes per second for bodies (0: unlimited).
     pub rate: u64,
+    /// Answer blob GETs with a 307 to `/storage/<path>` on this proxy,
+    /// which serves the blob (like a registry in front of blob storage).
+    pub redirect: bool,
 }
 
 #[derive(Default)]
@@ -272,6 +275,11 @@ pub struct Stats {
     pub blob_gets: AtomicU64,
     pub body_bytes: AtomicU64,
     pub faults: AtomicU64,
+    /// Redirects sent, storage GETs served, and storage GETs that carried
+    /// an `Authorization` header.
+    pub redirects: AtomicU64,
+    pub storage_gets: AtomicU64,
+    pub storage_with_auth: AtomicU64,
     /// `Range` headers of the blob GETs, in order.
     pub ranges: Mutex<Vec<String>>,
 }
@@ -378,6 +386,12 @@ fn reset(stream: &TcpStream) {
     }
 }
 
+fn stats_is_storage(head: &[String]) -> bool {
+    head.first()
+        .and_then(|l| l.split(' ').nth(1))
+        .is_some_and(|p| p.starts_with("/storage/"))
+}
+
 fn serve(
     client: TcpStream,
     upstream_port: u16,
@@ -390,10 +404,29 @@ fn serve(
         return Ok(());
     };
     stats.requests.fetch_add(1, Ordering::Relaxed);
-    let request_line = head.first().cloned().unwrap_or_default();
+    let mut request_line = head.first().cloned().unwrap_or_default();
     let mut parts = request_line.split(' ');
     let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
+    let mut path = parts.next().unwrap_or("").to_string();
+    if let Some(rest) = path.strip_prefix("/storage") {
+        stats.storage_gets.fetch_add(1, Ordering::Relaxed);
+        if header(&head, "authorization").is_some() {
+            stats.storage_with_auth.fetch_add(1, Ordering::Relaxed);
+        }
+        path = rest.to_string();
+        request_line = format!("{method} {path} HTTP/1.1");
+    } else if method == "GET"
+        && path.contains("/blobs/sha256:")
+        && header(&head, "authorization").is_some()
+        && plan.lock().unwrap().redirect
+    {
+        stats.redirects.fetch_add(1, Ordering::Relaxed);
+        let answer = format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: /storage{path}?sig=x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        client.write_all(answer.as_bytes())?;
+        return client.shutdown(Shutdown::Both);
+    }
     let body_len: usize = header(&head, "content-length")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
@@ -456,6 +489,14 @@ fn serve(
         }
         out.push_str(line);
         out.push_str("\r\n");
+    }
+    if stats_is_storage(&head) {
+        // Blob storage trusts its signed URL; the registry behind this
+        // proxy wants credentials, so the proxy adds them.
+        out.push_str(&format!(
+            "Authorization: Basic {}\r\n",
+            overlaybd::remote::auth::base64_encode(format!("{USER}:{PASSWORD}").as_bytes())
+        ));
     }
     out.push_str("Connection: close\r\n\r\n");
     upstream.write_all(out.as_bytes())?;

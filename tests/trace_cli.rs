@@ -64,6 +64,7 @@ fn write_events(stack: &Arc<Stack>, files: &[&str], path: &Path) {
         size: stack.virtual_size(),
         page_size: 4096,
         start_unix_ns: 0,
+        disk_offset: 0,
     };
     let mut w = EventWriter::create(path, &header).unwrap();
     let mut t = 1_000_000;

@@ -153,6 +153,7 @@ fn record(args: RecordArgs) -> Result<()> {
         size: target.size,
         page_size,
         start_unix_ns: start_unix,
+        disk_offset: target.start,
     };
     let mut writer = EventWriter::create(&args.output, &header)?;
     eprintln!(
@@ -267,7 +268,7 @@ fn name_inodes(
         size: target.size,
         name: device.display().to_string(),
     };
-    let fs = trace_tools::ext4::Ext4::open(Arc::new(dev))?;
+    let fs = trace_tools::ext4::Ext4::open_disk(Arc::new(dev))?;
     let paths = fs.inode_paths()?;
     Ok(inodes
         .iter()

@@ -167,15 +167,26 @@ pub fn convert(stack: &Arc<Stack>, events: &EventFile, warn: &Warn) -> Result<Co
     let mut plan = Vec::new();
     let mut reads: Vec<_> = events.blocks().filter(|b| b.is_read()).collect();
     reads.sort_by_key(|b| b.t);
+    // A recorded partition of an image holding the whole disk: shift.
+    let base = if events.header.size == stack.virtual_size() {
+        0
+    } else {
+        events.header.disk_offset
+    };
     for read in &reads {
         out.device_bytes += read.length;
-        out.unmapped_bytes +=
-            map_device_read(stack, &mut builder, read.offset, read.length, &mut plan)?;
+        out.unmapped_bytes += map_device_read(
+            stack,
+            &mut builder,
+            read.offset.saturating_add(base),
+            read.length,
+            &mut plan,
+        )?;
     }
     let mut pages: Vec<_> = events.pages().collect();
     pages.sort_by_key(|p| p.t);
     if !pages.is_empty() {
-        let fs = match Ext4::open(Arc::new(StackSource::new(Arc::clone(stack), "image"))) {
+        let fs = match Ext4::open_disk(Arc::new(StackSource::new(Arc::clone(stack), "image"))) {
             Ok(fs) => Some(fs),
             Err(e) => {
                 warn(&format!("page events not mapped to files: {e}"));
@@ -237,7 +248,7 @@ fn file_to_device(fs: &Ext4, ino: u64, at: u64, len: u64) -> Result<Vec<(u64, u6
         let (fs_start, fs_end) = (e.logical * bs, (e.logical + e.len) * bs);
         let (s, t) = (at.max(fs_start), end.min(fs_end));
         if s < t {
-            out.push((e.physical * bs + (s - fs_start), t - s));
+            out.push((fs.base() + e.physical * bs + (s - fs_start), t - s));
         }
     }
     Ok(out)

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! The first line is the header: format version, the device recorded, its
-//! size in bytes, and when recording started. `block` is one request issued
+//! size in bytes, and when recording started (and, for a partition,
+//! `disk_offset`: its start on the disk, in bytes). `block` is one request issued
 //! to the device (`offset`/`length` in bytes, `rwbs` as the kernel spells it:
 //! `R` read, `W` write, `D` discard, `F` flush, with `S`/`M`/`A`... flags);
 //! `page` is a page-cache miss of a file on that device (`index` in pages of
@@ -42,6 +43,14 @@ pub struct Header {
     pub size: u64,
     pub page_size: u64,
     pub start_unix_ns: u64,
+    /// Where the device starts on its disk, in bytes: a partition's start
+    /// (block offsets are relative to the device itself). Absent = 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_offset: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use overlaybd::io::Source;
+use std::sync::Arc;
+
+use overlaybd::io::{ReadAt, Source, Window};
 use overlaybd::{Error, Result};
 
 const SUPERBLOCK_OFFSET: u64 = 1024;
@@ -83,6 +85,9 @@ pub struct Ext4 {
     inode_size: u64,
     /// Device block of each group's inode table.
     inode_tables: Vec<u64>,
+    /// Where the filesystem starts on the disk it was found on (its
+    /// partition's start; 0 for a bare filesystem).
+    base: u64,
 }
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -208,7 +213,34 @@ impl Ext4 {
             inodes_per_group,
             inode_size,
             inode_tables,
+            base: 0,
         })
+    }
+
+    /// Find the ext4 on a disk: the whole device, else the first primary
+    /// MBR or GPT partition that holds one (VM images are partitioned).
+    /// Byte ranges from [`Ext4::data_ranges`] are then offsets on `disk`.
+    pub fn open_disk(disk: Source) -> Result<Ext4> {
+        let whole = match Ext4::open(Arc::clone(&disk)) {
+            Ok(fs) => return Ok(fs),
+            Err(e) => e,
+        };
+        for (start, len) in partitions(&*disk) {
+            let Ok(window) = Window::new(Arc::clone(&disk), start, len) else {
+                continue;
+            };
+            if let Ok(mut fs) = Ext4::open(Arc::new(window)) {
+                fs.base = start;
+                fs.name = disk.name().to_string();
+                return Ok(fs);
+            }
+        }
+        Err(whole)
+    }
+
+    /// Byte offset of the filesystem on the disk it was opened from.
+    pub fn base(&self) -> u64 {
+        self.base
     }
 
     pub fn block_size(&self) -> u64 {
@@ -411,8 +443,8 @@ impl Ext4 {
         Ok(())
     }
 
-    /// Device byte ranges `(offset, length)` holding `inode`'s data, in file
-    /// order, the last one cut at the file size rounded up to 512 bytes.
+    /// Byte ranges `(offset, length)` of the disk holding `inode`'s data, in
+    /// file order, the last one cut at the file size rounded up to 512 bytes.
     pub fn data_ranges(&self, inode: &Inode) -> Result<Vec<(u64, u64)>> {
         let bs = self.block_size;
         let end = inode.size.div_ceil(512) * 512;
@@ -422,7 +454,7 @@ impl Ext4 {
             .filter_map(|e| {
                 let start = e.logical * bs;
                 let len = (e.len * bs).min(end.saturating_sub(start));
-                (len > 0).then_some((e.physical * bs, len))
+                (len > 0).then_some((self.base + e.physical * bs, len))
             })
             .collect())
     }
@@ -574,6 +606,52 @@ impl Ext4 {
         }
         Ok(paths)
     }
+}
+
+/// Partitions `(start, length)` in bytes from an MBR (primary entries) or
+/// a GPT (512-byte sectors; entries bounded), in table order. Garbage
+/// yields nothing.
+fn partitions(disk: &dyn ReadAt) -> Vec<(u64, u64)> {
+    let mut sector = [0u8; 512];
+    if disk.read_exact_at(&mut sector, 0).is_err() || sector[510..512] != [0x55, 0xAA] {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut header = [0u8; 512];
+    if disk.read_exact_at(&mut header, 512).is_ok() && &header[..8] == b"EFI PART" {
+        let entries_at = u64::from_le_bytes(header[72..80].try_into().unwrap_or_default());
+        let count = le32(&header, 80).min(1024) as usize;
+        let size = le32(&header, 84) as usize;
+        if (128..=4096).contains(&size) {
+            let mut table = vec![0u8; count * size];
+            if entries_at
+                .checked_mul(512)
+                .is_some_and(|at| disk.read_exact_at(&mut table, at).is_ok())
+            {
+                for entry in table.chunks_exact(size) {
+                    let first = u64::from_le_bytes(entry[32..40].try_into().unwrap_or_default());
+                    let last = u64::from_le_bytes(entry[40..48].try_into().unwrap_or_default());
+                    if entry[..16].iter().any(|&b| b != 0) && first > 0 && last >= first {
+                        if let (Some(start), Some(len)) =
+                            (first.checked_mul(512), (last - first + 1).checked_mul(512))
+                        {
+                            out.push((start, len));
+                        }
+                    }
+                }
+            }
+        }
+        return out;
+    }
+    for entry in sector[446..510].chunks_exact(16) {
+        let kind = entry[4];
+        let start = u64::from(le32(entry, 8)) * 512;
+        let len = u64::from(le32(entry, 12)) * 512;
+        if kind != 0 && !matches!(kind, 0x05 | 0x0F | 0x85 | 0xEE) && start > 0 && len > 0 {
+            out.push((start, len));
+        }
+    }
+    out
 }
 
 /// The normal components of `path` as bytes (`.` dropped, `..` kept).

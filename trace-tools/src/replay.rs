@@ -107,7 +107,7 @@ pub fn plan_paths(
     report: &mut ReplayReport,
     warn: &Warn,
 ) -> Result<Vec<Read>> {
-    let fs = Ext4::open(Arc::new(StackSource::new(Arc::clone(stack), "image")))?;
+    let fs = Ext4::open_disk(Arc::new(StackSource::new(Arc::clone(stack), "image")))?;
     let mut reads = Vec::new();
     for entry in paths {
         let inode = match fs.lookup(&entry.path) {

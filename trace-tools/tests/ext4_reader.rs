@@ -324,3 +324,63 @@ fn random_damage_to_metadata_never_panics() {
         }
     }
 }
+
+/// A disk image with the filesystem at 1 MiB behind an MBR or a GPT.
+fn partitioned(fs: &[u8], gpt: bool) -> Vec<u8> {
+    let start = 1u64 << 20;
+    let sectors = fs.len() as u64 / 512;
+    let mut disk = vec![0u8; (start as usize) + fs.len() + (1 << 20)];
+    disk[start as usize..start as usize + fs.len()].copy_from_slice(fs);
+    let mbr = &mut disk[446..462];
+    mbr[4] = if gpt { 0xEE } else { 0x83 };
+    mbr[8..12].copy_from_slice(&(if gpt { 1u32 } else { 2048 }).to_le_bytes());
+    mbr[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
+    disk[510] = 0x55;
+    disk[511] = 0xAA;
+    if gpt {
+        let header = &mut disk[512..1024];
+        header[..8].copy_from_slice(b"EFI PART");
+        header[72..80].copy_from_slice(&2u64.to_le_bytes());
+        header[80..84].copy_from_slice(&128u32.to_le_bytes());
+        header[84..88].copy_from_slice(&128u32.to_le_bytes());
+        // Entry 0 unused; entry 1 the filesystem.
+        let entry = &mut disk[1024 + 128..1024 + 256];
+        entry[..16].copy_from_slice(&[0xAF; 16]);
+        entry[32..40].copy_from_slice(&2048u64.to_le_bytes());
+        entry[40..48].copy_from_slice(&(2048 + sectors - 1).to_le_bytes());
+    }
+    disk
+}
+
+#[test]
+fn the_filesystem_is_found_in_an_mbr_or_gpt_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let files = make_tree(&root);
+    let image = dir.path().join("fs.img");
+    mkfs_sized("ext4", &root, &image, &[], "24M");
+    let fs_bytes = std::fs::read(&image).unwrap();
+    for gpt in [false, true] {
+        let disk = Arc::new(Mem(partitioned(&fs_bytes, gpt)));
+        assert!(Ext4::open(disk.clone()).is_err(), "no filesystem at 0");
+        let fs = Ext4::open_disk(disk.clone()).unwrap();
+        assert_eq!(fs.base(), 1 << 20);
+        let want = &files[Path::new("/usr/lib/deep/er/still/file.so")];
+        let inode = fs.lookup(Path::new("/lib/er/still/file.so")).unwrap();
+        assert_eq!(&fs.read_file(&inode, 1 << 20).unwrap(), want);
+        // Ranges are offsets on the disk.
+        let mut got = Vec::new();
+        for (offset, len) in fs.data_ranges(&inode).unwrap() {
+            let mut buf = vec![0u8; len as usize];
+            disk.read_exact_at(&mut buf, offset).unwrap();
+            got.extend_from_slice(&buf);
+        }
+        got.truncate(want.len());
+        assert_eq!(&got, want, "gpt: {gpt}");
+    }
+    // Neither a filesystem nor a partition table: the whole-disk error.
+    let err = Ext4::open_disk(Arc::new(Mem(vec![0u8; 4 << 20])))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("no ext2/3/4 superblock"), "{err}");
+}

@@ -19,6 +19,7 @@ fn header() -> Header {
         size: 64 << 20,
         page_size: 4096,
         start_unix_ns: 1_763_790_000_000_000_000,
+        disk_offset: 0,
     }
 }
 

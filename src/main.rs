@@ -37,6 +37,7 @@ enum Command {
     Info(cmd::info::Args),
     Trace(cmd::trace::Args),
     Push(cmd::push::Args),
+    Tcmu(cmd::tcmu::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Command::Info(args) => cmd::info::run(args),
         Command::Trace(args) => cmd::trace::run(args),
         Command::Push(args) => cmd::push::run(args),
+        Command::Tcmu(args) => cmd::tcmu::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

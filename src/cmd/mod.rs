@@ -6,6 +6,7 @@ pub mod export;
 pub mod import;
 pub mod info;
 pub mod push;
+pub mod tcmu;
 pub mod trace;
 pub mod zfile;
 

@@ -1,0 +1,22 @@
+//! The kernel front ends other than ublk.
+//!
+//! Hosts running the containerd overlaybd snapshotter create their devices
+//! through configfs (target_core_user + tcm_loop) and expect a daemon that
+//! serves the TCMU ring. This crate is that daemon's machinery, built on the
+//! same engine (`overlaybd::stack::Stack`) as every other front end:
+//!
+//! - [`scsi`]: CDB parsing and response/sense building, pure functions over
+//!   byte slices;
+//! - [`exec`]: one SCSI command run against a [`exec::Backend`] (a stack);
+//! - [`ring`]: the target_core_user mailbox and command ring, over any
+//!   [`ring::SharedMem`] (the uio mapping, or a buffer in tests);
+//! - [`uio`]: finding TCMU devices under /sys/class/uio and mapping them;
+//! - [`service`]: one thread per device, rescanning for new ones;
+//! - [`probe`]: which kernel front ends this host offers.
+
+pub mod exec;
+pub mod probe;
+pub mod ring;
+pub mod scsi;
+pub mod service;
+pub mod uio;

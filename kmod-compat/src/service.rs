@@ -1,0 +1,254 @@
+//! The TCMU service: every `overlaybd/<config>` TCMU device on this host,
+//! one thread each.
+//!
+//! Devices are found by rescanning /sys/class/uio on a short timer (uio
+//! nodes appear without any event we could wait on short of netlink or
+//! udev, and a scan is a handful of small reads). A device seen for the
+//! first time — created while we run, or left by a previous daemon — gets
+//! a thread that opens its image with the engine, writes `resultFile`,
+//! and serves the ring until the uio node goes away. A previous daemon's
+//! unfinished commands are still in the ring past `cmd_tail`, so a restart
+//! simply picks them up.
+//!
+//! Netlink: target_core_user announces devices on a generic-netlink
+//! multicast group and waits for a reply only after a daemon has
+//! registered for replies (TCMU_CMD_SET_FEATURES) and the device's
+//! `nl_reply_supported` attribute is positive. This daemon never does
+//! either, so the kernel never waits on it and no netlink code is needed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use overlaybd::config::{GlobalConfig, ImageConfig};
+
+use crate::exec::{Backend, Disk};
+use crate::ring::{self, Mailbox};
+use crate::scsi::DiskInfo;
+use crate::uio::{self, Mapping, TcmuName, UioEntry};
+
+/// The dev_config prefix the snapshotter writes.
+pub const SUBTYPE: &str = "overlaybd";
+
+/// Service settings.
+pub struct Options {
+    pub global: GlobalConfig,
+    /// /sys/class/uio.
+    pub sys_class_uio: PathBuf,
+    /// /dev, where uioN nodes are.
+    pub dev: PathBuf,
+    pub rescan: Duration,
+}
+
+impl Options {
+    pub fn new(global: GlobalConfig) -> Options {
+        Options {
+            global,
+            sys_class_uio: PathBuf::from(uio::SYS_CLASS_UIO),
+            dev: PathBuf::from("/dev"),
+            rescan: Duration::from_millis(500),
+        }
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("obd tcmu: {msg}");
+}
+
+/// Serve devices until `stop` is set (never, for the daemon).
+pub fn run(options: Options, stop: &AtomicBool) {
+    let global = Arc::new(options.global);
+    let mut active: HashMap<(String, String), (JoinHandle<()>, Arc<AtomicBool>)> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        active.retain(|_, (handle, _)| !handle.is_finished());
+        for (entry, name) in uio::scan(&options.sys_class_uio) {
+            if name.subtype != SUBTYPE {
+                continue;
+            }
+            let key = (entry.node.clone(), entry.name.clone());
+            if active.contains_key(&key) {
+                continue;
+            }
+            let quit = Arc::new(AtomicBool::new(false));
+            let (global, dev, sys, quit2) = (
+                global.clone(),
+                options.dev.clone(),
+                options.sys_class_uio.clone(),
+                quit.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("tcmu-{}", entry.node))
+                .spawn(move || serve_device(&entry, &name, &global, &dev, &sys, &quit2));
+            match spawned {
+                Ok(handle) => {
+                    active.insert(key, (handle, quit));
+                }
+                Err(e) => log(&format!("cannot start a thread for {}: {e}", key.0)),
+            }
+        }
+        std::thread::sleep(options.rescan);
+    }
+    for (_, (handle, quit)) in active {
+        quit.store(true, Ordering::Relaxed);
+        let _ = handle.join();
+    }
+}
+
+/// A stable 64-bit FNV-1a hash, for serial numbers and identifiers.
+fn fnv64(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// What the disk reports about itself, derived from its config path so it
+/// stays the same across daemon restarts.
+pub fn disk_info(config: &Path) -> DiskInfo {
+    let key = config.as_os_str().as_encoded_bytes();
+    let (a, b) = (fnv64(0, key), fnv64(1, key));
+    let mut id = [0u8; 12];
+    id[..8].copy_from_slice(&a.to_be_bytes());
+    id[8..].copy_from_slice(&b.to_be_bytes()[..4]);
+    DiskInfo {
+        block_size: 512,
+        blocks: 0,
+        writable: false,
+        serial: format!("{a:016x}"),
+        id,
+        max_transfer_blocks: 2048,
+        max_unmap_blocks: 1 << 22,
+        max_unmap_descriptors: 64,
+    }
+}
+
+/// Open the image a device's config names and report the outcome in its
+/// resultFile. `Err` carries the reason.
+pub fn open_image(config_path: &Path, global: &GlobalConfig) -> Result<Arc<dyn Backend>, String> {
+    let config = ImageConfig::load(config_path).map_err(|e| e.to_string())?;
+    let writable = config.upper.is_some();
+    let opened = overlaybd::image::open_config_global(&config, global, writable);
+    let outcome = match &opened {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = config.write_result(outcome) {
+        log(&format!(
+            "{}: cannot write resultFile: {e}",
+            config_path.display()
+        ));
+    }
+    opened
+        .map(|s| Arc::new(s) as Arc<dyn Backend>)
+        .map_err(|e| e.to_string())
+}
+
+fn serve_device(
+    entry: &UioEntry,
+    name: &TcmuName,
+    global: &GlobalConfig,
+    dev: &Path,
+    sys: &Path,
+    quit: &AtomicBool,
+) {
+    let config_path = name.config_path();
+    let label = format!(
+        "{} ({}, {})",
+        entry.node,
+        name.device,
+        config_path.display()
+    );
+    let backend = match open_image(&config_path, global) {
+        Ok(b) => {
+            log(&format!(
+                "{label}: serving {} bytes{}",
+                b.size(),
+                if b.writable() { ", writable" } else { "" }
+            ));
+            Some(b)
+        }
+        Err(reason) => {
+            // Still serve the ring, answering NOT READY, so the kernel
+            // never waits on a command nobody completes.
+            log(&format!("{label}: failed: {reason}"));
+            None
+        }
+    };
+    let mut disk = Disk::new(disk_info(&config_path), backend.clone());
+    let mapping = match Mapping::open(&dev.join(&entry.node), entry.map_size) {
+        Ok(m) => m,
+        Err(e) => {
+            log(&format!("{label}: cannot map /dev/{}: {e}", entry.node));
+            return;
+        }
+    };
+    let mailbox = match Mailbox::read(&mapping) {
+        Ok(mb) => mb,
+        Err(e) => {
+            log(&format!("{label}: {e}"));
+            return;
+        }
+    };
+    let say = |m: &str| log(&format!("{label}: {m}"));
+    let name_file = sys.join(&entry.node).join("name");
+    while !quit.load(Ordering::Relaxed) {
+        match ring::process(&mapping, &mailbox, &mut disk, &say) {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Err(e) = mapping.kick() {
+                    say(&format!("cannot notify the kernel: {e}"));
+                    break;
+                }
+            }
+            Err(e) => {
+                say(&format!("stopping: {e}"));
+                break;
+            }
+        }
+        match mapping.wait(1000) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Quiet for a second: check the device still exists.
+                let still = std::fs::read_to_string(&name_file)
+                    .is_ok_and(|n| n.trim_end_matches('\n') == entry.name);
+                if !still {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(b) = &backend {
+        if let Err(e) = b.flush() {
+            say(&format!("flushing the writable layer: {e}"));
+        }
+    }
+    say("device removed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_identity_is_stable_per_config() {
+        let a = disk_info(Path::new("/a/config.v1.json"));
+        assert_eq!(a, disk_info(Path::new("/a/config.v1.json")));
+        assert_ne!(a.id, disk_info(Path::new("/b/config.v1.json")).id);
+        assert_eq!(a.serial.len(), 16);
+    }
+
+    #[test]
+    fn a_missing_config_fails_with_a_reason() {
+        let err = match open_image(
+            Path::new("/nonexistent/config.v1.json"),
+            &GlobalConfig::default(),
+        ) {
+            Err(e) => e,
+            Ok(_) => panic!("opened a missing config"),
+        };
+        assert!(err.contains("/nonexistent/config.v1.json"), "{err}");
+    }
+}

@@ -1,0 +1,301 @@
+//! TCMU devices as uio devices: finding them under /sys/class/uio, and the
+//! mapped ring with its interrupt fd.
+//!
+//! target_core_user names each device's uio node
+//! `tcm-user/<hba>/<device>/<dev_config>`, where `dev_config` is what was
+//! written to configfs (`overlaybd/<config path>` for the snapshotter).
+//! Reading the uio fd waits for the kernel's "new commands" interrupt;
+//! writing to it tells the kernel that `cmd_tail` moved.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::ring::SharedMem;
+
+/// Where uio devices are listed.
+pub const SYS_CLASS_UIO: &str = "/sys/class/uio";
+
+/// A uio device's name, split into its TCMU parts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcmuName {
+    pub hba: String,
+    pub device: String,
+    /// The handler name before the first `/` of dev_config (`overlaybd`).
+    pub subtype: String,
+    /// The rest of dev_config: for overlaybd, the image config's path.
+    pub config: String,
+}
+
+impl TcmuName {
+    /// Parse `tcm-user/<hba>/<device>/<subtype>/<config>`; `None` for any
+    /// other uio device.
+    pub fn parse(name: &str) -> Option<TcmuName> {
+        let rest = name.trim_end_matches('\n').strip_prefix("tcm-user/")?;
+        let (hba, rest) = rest.split_once('/')?;
+        let (device, dev_config) = rest.split_once('/')?;
+        let (subtype, config) = dev_config.split_once('/')?;
+        if hba.is_empty() || device.is_empty() || subtype.is_empty() || config.is_empty() {
+            return None;
+        }
+        Some(TcmuName {
+            hba: hba.into(),
+            device: device.into(),
+            subtype: subtype.into(),
+            config: config.into(),
+        })
+    }
+
+    /// The config path: dev_config holds it after `overlaybd/`, absolute
+    /// (`overlaybd//var/...`) or, as some tools write it, without the
+    /// leading slash.
+    pub fn config_path(&self) -> PathBuf {
+        if self.config.starts_with('/') {
+            PathBuf::from(&self.config)
+        } else {
+            Path::new("/").join(&self.config)
+        }
+    }
+}
+
+/// One uio device as listed in sysfs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UioEntry {
+    /// `uioN`.
+    pub node: String,
+    pub name: String,
+    /// Size of map0, from `maps/map0/size`.
+    pub map_size: usize,
+}
+
+/// Every uio device under `sys_class_uio` whose name is a TCMU one.
+pub fn scan(sys_class_uio: &Path) -> Vec<(UioEntry, TcmuName)> {
+    let Ok(dir) = fs::read_dir(sys_class_uio) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in dir.flatten() {
+        let node = entry.file_name().to_string_lossy().into_owned();
+        let base = entry.path();
+        let Ok(name) = fs::read_to_string(base.join("name")) else {
+            continue;
+        };
+        let name = name.trim_end_matches('\n').to_string();
+        let Some(tcmu) = TcmuName::parse(&name) else {
+            continue;
+        };
+        let map_size = fs::read_to_string(base.join("maps/map0/size"))
+            .ok()
+            .and_then(|s| parse_size(&s))
+            .unwrap_or(0);
+        found.push((
+            UioEntry {
+                node,
+                name,
+                map_size,
+            },
+            tcmu,
+        ));
+    }
+    found.sort_by(|a, b| a.0.node.cmp(&b.0.node));
+    found
+}
+
+/// Parse a sysfs size (`0x...` hex, as uio prints it, or decimal).
+pub fn parse_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    match t.strip_prefix("0x") {
+        Some(hex) => usize::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// An open, mapped TCMU uio device.
+pub struct Mapping {
+    file: File,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// The mapping is used by one device thread at a time.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// Open `/dev/<node>` and map `len` bytes of map0.
+    pub fn open(dev: &Path, len: usize) -> io::Result<Mapping> {
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "uio map0 has size 0",
+            ));
+        }
+        let file = OpenOptions::new().read(true).write(true).open(dev)?;
+        // SAFETY: a fresh shared mapping of the uio fd; the kernel checks
+        // the length against the device's map and we own the result.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            file,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Wait up to `timeout_ms` for the kernel's interrupt. `Ok(true)` when
+    /// it came, `Ok(false)` on timeout, an error when the device is gone.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the uio device went away",
+            ));
+        }
+        let mut count = [0u8; 4];
+        // SAFETY: reading 4 bytes into a 4-byte buffer.
+        let r = unsafe { libc::read(self.file.as_raw_fd(), count.as_mut_ptr().cast(), 4) };
+        if r != 4 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(true)
+    }
+
+    /// Tell the kernel completions are ready.
+    pub fn kick(&self) -> io::Result<()> {
+        let one = 1u32.to_ne_bytes();
+        // SAFETY: writing 4 bytes from a 4-byte buffer.
+        let r = unsafe { libc::write(self.file.as_raw_fd(), one.as_ptr().cast(), 4) };
+        if r != 4 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn in_range(&self, offset: usize, len: usize) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+}
+
+impl SharedMem for Mapping {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn read(&self, offset: usize, out: &mut [u8]) -> bool {
+        if !self.in_range(offset, out.len()) {
+            return false;
+        }
+        // SAFETY: in range of our mapping; the kernel does not change a
+        // queued entry or its data until we complete it.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), out.len()) };
+        true
+    }
+    fn write(&self, offset: usize, data: &[u8]) -> bool {
+        if !self.in_range(offset, data.len()) {
+            return false;
+        }
+        // SAFETY: in range of our mapping; see `read`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) };
+        true
+    }
+    fn load_acquire(&self, offset: usize) -> Option<u32> {
+        if !offset.is_multiple_of(4) || !self.in_range(offset, 4) {
+            return None;
+        }
+        // SAFETY: aligned, in range, and only accessed atomically by the
+        // kernel and us.
+        let a = unsafe { &*(self.ptr.add(offset) as *const AtomicU32) };
+        Some(a.load(Ordering::Acquire))
+    }
+    fn store_release(&self, offset: usize, value: u32) -> bool {
+        if !offset.is_multiple_of(4) || !self.in_range(offset, 4) {
+            return false;
+        }
+        // SAFETY: as in `load_acquire`.
+        let a = unsafe { &*(self.ptr.add(offset) as *const AtomicU32) };
+        a.store(value, Ordering::Release);
+        true
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `open` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let n = TcmuName::parse("tcm-user/1/vol1/overlaybd//var/lib/obd/config.v1.json\n").unwrap();
+        assert_eq!(n.hba, "1");
+        assert_eq!(n.device, "vol1");
+        assert_eq!(n.subtype, "overlaybd");
+        assert_eq!(
+            n.config_path(),
+            PathBuf::from("/var/lib/obd/config.v1.json")
+        );
+        let rel = TcmuName::parse("tcm-user/3/d/overlaybd/run/x.json").unwrap();
+        assert_eq!(rel.config_path(), PathBuf::from("/run/x.json"));
+        assert!(TcmuName::parse("uio_pdrv_genirq").is_none());
+        assert!(TcmuName::parse("tcm-user/1/vol1/").is_none());
+        assert!(TcmuName::parse("tcm-user/1/vol1/overlaybd/").is_none());
+    }
+
+    #[test]
+    fn sizes_and_scan() {
+        assert_eq!(parse_size("0x40800000\n"), Some(0x4080_0000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("zz"), None);
+        let dir = std::env::temp_dir().join(format!("obd-uio-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for (node, name) in [
+            ("uio0", "tcm-user/1/a/overlaybd//c.json"),
+            ("uio1", "other"),
+        ] {
+            fs::create_dir_all(dir.join(node).join("maps/map0")).unwrap();
+            fs::write(dir.join(node).join("name"), format!("{name}\n")).unwrap();
+            fs::write(dir.join(node).join("maps/map0/size"), "0x1000\n").unwrap();
+        }
+        let found = scan(&dir);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0.node, "uio0");
+        assert_eq!(found[0].0.map_size, 4096);
+        assert_eq!(found[0].1.device, "a");
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(scan(&dir).is_empty());
+    }
+}

@@ -1,0 +1,73 @@
+//! `obd tcmu`: the TCMU backstore daemon, in place of `overlaybd-tcmu`.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{bail, Result};
+use kmod_compat::probe;
+use kmod_compat::service::{self, Options};
+
+use super::export::load_global_config;
+
+/// Serve overlaybd images as TCMU (target_core_user) devices, for the
+/// containerd overlaybd snapshotter and anything else that creates devices
+/// through configfs.
+///
+/// Runs until stopped. Every TCMU device whose dev_config is
+/// `overlaybd/<config path>` is served: its image config is opened (local
+/// and registry lowers, optional writable upper), `success` or
+/// `failed:<reason>` is written to the config's resultFile, and SCSI
+/// commands are answered from the image. Devices created or removed while
+/// it runs are picked up within a second; devices that exist when it
+/// starts (after a restart) are served again.
+///
+/// ublk (`obd add`) stays the default way to serve an image; use this
+/// where the snapshotter is configured for TCMU.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  # Is TCMU (and ublk) usable on this kernel?
+  obd tcmu --check
+
+  # Run the daemon (systemd: kmod-compat/obd-tcmu.service)
+  obd tcmu --global-config /etc/overlaybd/overlaybd.json
+
+  # Make a device by hand, as the snapshotter does (as root):
+  C=/sys/kernel/config/target
+  mkdir -p $C/core/user_1/vol1
+  echo -n dev_config=overlaybd//var/lib/obd/config.v1.json > $C/core/user_1/vol1/control
+  echo -n dev_size=$((64<<30)) > $C/core/user_1/vol1/control
+  echo 1 > $C/core/user_1/vol1/enable
+  mkdir -p $C/loopback/naa.600140500000000a/tpgt_1/lun/lun_0
+  echo naa.600140500000000b > $C/loopback/naa.600140500000000a/tpgt_1/nexus
+  ln -s $C/core/user_1/vol1 $C/loopback/naa.600140500000000a/tpgt_1/lun/lun_0/
+  cat /var/lib/obd/result   # success, or failed:<reason>; the disk is a new /dev/sdX")]
+pub struct Args {
+    /// Global config (cache, credentials, download, p2p) for registry
+    /// layers [default: /etc/overlaybd/overlaybd.json if it exists].
+    #[arg(long, value_name = "PATH")]
+    global_config: Option<PathBuf>,
+    /// Report which kernel front ends (ublk, TCMU, tcm_loop, configfs)
+    /// this host has, then exit: 0 when TCMU works, 1 when not.
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let found = probe::probe();
+    if args.check {
+        for line in found.report() {
+            println!("{line}");
+        }
+        return match found.tcmu_problem() {
+            Some(_) => bail!("TCMU is not usable here"),
+            None => Ok(()),
+        };
+    }
+    if let Some(problem) = found.tcmu_problem() {
+        bail!("{problem}");
+    }
+    let global = load_global_config(args.global_config.as_deref())?;
+    eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
+    service::run(Options::new(global), &AtomicBool::new(false));
+    Ok(())
+}

@@ -5,13 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_debs=()
+# libclang-dev: bindgen in libublk-rs-sys generates the ublk UAPI bindings.
 # docker-registry, apache2-utils (htpasswd), openssl, python3-jwt and
 # python3-cryptography (a token issuer): the registry-blob tests.
 # clang-16 and libbpf-dev build the eBPF probes (ebpf/build.rs); mount
 # (losetup, mount) and util-linux (setpriv) run the eBPF tests, which need
 # root; fonts-dejavu-core labels `obd trace plot` images.
 for pkg in e2fsprogs xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography \
-    clang-16 libbpf-dev mount util-linux fonts-dejavu-core; do
+    clang-16 libbpf-dev mount util-linux fonts-dejavu-core libclang-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
 done
 if ((${#need_debs[@]})); then
@@ -33,3 +34,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo nextest"
 cargo nextest run --workspace --locked --no-fail-fast
+echo "== VM tests: ublk (qemu, Debian 6.12 kernel)"
+cargo build --release --locked -p obd
+OBD_BIN=target/release/obd tests/vm/run.sh --timeout 1500 --env OBD_BIN -- bash tests/vm/ublk/all.sh

@@ -38,6 +38,10 @@ enum Command {
     Trace(cmd::trace::Args),
     Push(cmd::push::Args),
     Tcmu(cmd::tcmu::Args),
+    Add(cmd::add::Args),
+    List(cmd::list::Args),
+    Del(cmd::del::Args),
+    Recover(cmd::recover::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,10 @@ fn main() -> ExitCode {
         Command::Trace(args) => cmd::trace::run(args),
         Command::Push(args) => cmd::push::run(args),
         Command::Tcmu(args) => cmd::tcmu::run(args),
+        Command::Add(args) => cmd::add::run(args),
+        Command::List(args) => cmd::list::run(args),
+        Command::Del(args) => cmd::del::run(args),
+        Command::Recover(args) => cmd::recover::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

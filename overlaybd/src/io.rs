@@ -5,11 +5,13 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{IoContext, Result};
+use crate::zfile::ZFileReader;
 
 /// A sized, thread-safe source of bytes read at absolute offsets.
 pub trait ReadAt: Send + Sync {
@@ -20,6 +22,18 @@ pub trait ReadAt: Send + Sync {
     fn size(&self) -> u64;
     /// What to call this source in error messages (usually a path).
     fn name(&self) -> &str;
+    /// When byte X of this source is byte `base + X` of a local file: that
+    /// file and `base`. Front ends with their own I/O engine (io_uring) read
+    /// such sources directly instead of calling [`ReadAt::read_exact_at`].
+    fn local_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        None
+    }
+    /// When this source is the decompressed view of a ZFile: the reader, so
+    /// a front end can fetch the compressed bytes itself and decode them with
+    /// [`ZFileReader::stored_span`] and [`ZFileReader::decode_range`].
+    fn zfile(&self) -> Option<&ZFileReader> {
+        None
+    }
 }
 
 /// Shared handle to any source.
@@ -59,6 +73,9 @@ impl ReadAt for LocalFile {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+    fn local_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        Some((self.file.as_fd(), 0))
     }
 }
 
@@ -104,6 +121,11 @@ impl ReadAt for Window {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+    fn local_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        self.inner
+            .local_file()
+            .map(|(fd, base)| (fd, base + self.start))
     }
 }
 

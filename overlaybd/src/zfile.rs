@@ -663,6 +663,72 @@ impl ZFileReader {
     }
 }
 
+/// Sans-I/O decoding, for front ends that fetch the stored bytes with their
+/// own I/O engine: [`ZFileReader::stored_span`] says which bytes of
+/// [`ZFileReader::source`] a decompressed range needs, and
+/// [`ZFileReader::decode_range`] checks and decodes them. Every block's CRC
+/// is checked (when the file has CRCs); a bad block is an `InvalidData`
+/// error, never data. There are no re-reads here: the caller owns the I/O.
+impl ZFileReader {
+    /// The stored bytes `(offset in source, length)` that hold decompressed
+    /// `[offset, offset + len)`. `len` must be at least 1 and the range must
+    /// lie inside the file.
+    pub fn stored_span(&self, offset: u64, len: usize) -> io::Result<(u64, u64)> {
+        check_bounds(self, len, offset)?;
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty ZFile range",
+            ));
+        }
+        let bs = u64::from(self.info.block_size);
+        let first = (offset / bs) as usize;
+        let last = ((offset + len as u64 - 1) / bs) as usize;
+        let start = self.offsets[first];
+        Ok((start, self.offsets[last + 1] - start))
+    }
+
+    /// Fill `buf` with decompressed `[offset, offset + buf.len())` from
+    /// `stored`, the bytes [`ZFileReader::stored_span`] named for that range.
+    pub fn decode_range(&self, stored: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let (start, len) = self.stored_span(offset, buf.len())?;
+        if stored.len() as u64 != len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: {} stored bytes given for a span of {len}",
+                    self.src.name(),
+                    stored.len()
+                ),
+            ));
+        }
+        let bs = u64::from(self.info.block_size);
+        let last = (offset + buf.len() as u64 - 1) / bs;
+        let mut scratch = Vec::new();
+        let mut done = 0usize;
+        for b in offset / bs..=last {
+            let begin = (offset + done as u64 - b * bs) as usize;
+            let block_len = self.block_len(b);
+            let take = (block_len - begin).min(buf.len() - done);
+            let (off, slen) = self.block_span(b);
+            let rel = (off - start) as usize;
+            let block = &stored[rel..rel + slen as usize];
+            let dst = &mut buf[done..done + take];
+            if take == block_len {
+                self.check_and_decompress(block, dst)
+                    .map_err(|p| self.invalid(b, p))?;
+            } else {
+                scratch.resize(block_len, 0);
+                self.check_and_decompress(block, &mut scratch)
+                    .map_err(|p| self.invalid(b, p))?;
+                dst.copy_from_slice(&scratch[begin..begin + take]);
+            }
+            done += take;
+        }
+        Ok(())
+    }
+}
+
 impl ReadAt for ZFileReader {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_bounds(self, buf.len(), offset)?;
@@ -673,6 +739,9 @@ impl ReadAt for ZFileReader {
     }
     fn name(&self) -> &str {
         self.src.name()
+    }
+    fn zfile(&self) -> Option<&ZFileReader> {
+        Some(self)
     }
 }
 
@@ -989,6 +1058,47 @@ mod tests {
             block_size,
             flavor,
         }
+    }
+
+    #[test]
+    fn sans_io_decode_matches_read_at() {
+        let data = sample(50_000, 7);
+        for algorithm in [Algorithm::Lz4, Algorithm::Zstd] {
+            let z = zfile_of(&data, &opts(algorithm, 4096, Flavor::CommitOutput));
+            let r = open_bytes(z.clone()).unwrap();
+            assert!(ReadAt::zfile(&r).is_some());
+            for (off, len) in [
+                (0u64, 1usize),
+                (0, 4096),
+                (100, 9000),
+                (4096, 8192),
+                (45_000, 5000),
+            ] {
+                let (start, slen) = r.stored_span(off, len).unwrap();
+                let stored = &z[start as usize..(start + slen) as usize];
+                let mut got = vec![0u8; len];
+                r.decode_range(stored, off, &mut got).unwrap();
+                assert_eq!(got, &data[off as usize..off as usize + len], "{off}+{len}");
+            }
+            assert!(r.stored_span(49_999, 2).is_err());
+            assert!(r.stored_span(0, 0).is_err());
+        }
+    }
+
+    #[test]
+    fn sans_io_decode_rejects_a_bad_crc_and_a_wrong_span() {
+        let data = sample(20_000, 3);
+        let mut z = zfile_of(&data, &opts(Algorithm::Lz4, 4096, Flavor::CommitOutput));
+        let r = open_bytes(z.clone()).unwrap();
+        let (start, slen) = r.stored_span(5000, 100).unwrap();
+        let mut buf = vec![0u8; 100];
+        let short = &z[start as usize..(start + slen - 1) as usize];
+        assert!(r.decode_range(short, 5000, &mut buf).is_err());
+        z[start as usize + 3] ^= 0x40;
+        let stored = &z[start as usize..(start + slen) as usize];
+        let err = r.decode_range(stored, 5000, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("CRC"), "{err}");
     }
 
     fn u64_at(f: &[u8], at: usize) -> u64 {

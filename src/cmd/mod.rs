@@ -1,13 +1,18 @@
 //! One module per subcommand: its arguments and what it does.
 
+pub mod add;
 pub mod commit;
 pub mod create;
+pub mod del;
 pub mod export;
 pub mod import;
 pub mod info;
+pub mod list;
 pub mod push;
+pub mod recover;
 pub mod tcmu;
 pub mod trace;
+pub mod ublk;
 pub mod zfile;
 
 use std::fs::File;

@@ -1,0 +1,75 @@
+//! `obd recover`: serve a ublk device again after its daemon died.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use ublk_target::state::DeviceRecord;
+use ublk_target::Start;
+
+use super::ublk::{check_dev_id, launch, open_image, require_ublk, LoadedConfig, QueueArgs};
+
+/// Bring back a device whose daemon died (killed, crashed).
+///
+/// The kernel keeps /dev/ublkbN and holds its I/O while no daemon serves
+/// it; requests the dead daemon had taken are sent again to the new one,
+/// so a filesystem mounted on the device sees a pause, not errors. The
+/// image config and queue layout come from the device's record (written by
+/// `obd add`) unless given here.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  obd recover -n 0\n  obd recover -n 3 --config /var/lib/overlaybd/img/config.v1.json --queues 2 --depth 128"
+)]
+pub struct Args {
+    /// Device number N of /dev/ublkbN.
+    #[arg(short = 'n', long = "number", allow_negative_numbers = true)]
+    number: i64,
+    /// The image config (default: the one the device was added with).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Hardware queues (default: as added).
+    #[arg(long)]
+    queues: Option<u16>,
+    /// Requests in flight per queue (default: as added).
+    #[arg(long)]
+    depth: Option<u16>,
+    /// Serve from this process instead of a background daemon.
+    #[arg(long)]
+    foreground: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let id = check_dev_id(args.number)?;
+    let record = DeviceRecord::load(id);
+    if let Some(r) = &record {
+        if r.daemon_alive() {
+            bail!(
+                "device {id} is still served by process {}; nothing to recover",
+                r.pid
+            );
+        }
+    }
+    let Some(config) = args
+        .config
+        .clone()
+        .or(record.as_ref().map(|r| r.config.clone()))
+    else {
+        bail!("there is no record of device {id}; name its image config with --config");
+    };
+    let (loaded, problem) = LoadedConfig::load(&config);
+    if let Some(problem) = problem {
+        return Err(loaded.fail(format!("cannot load the image config: {problem}")));
+    }
+    require_ublk(&loaded)?;
+    let stack = open_image(&loaded)?;
+    let queues = QueueArgs {
+        queues: args
+            .queues
+            .or(record.as_ref().map(|r| r.queues))
+            .unwrap_or(1),
+        depth: args
+            .depth
+            .or(record.as_ref().map(|r| r.depth))
+            .unwrap_or(64),
+    };
+    launch(&loaded, stack, queues, Start::Recover(id), args.foreground)
+}

@@ -1,0 +1,323 @@
+//! What `obd add` and `obd recover` share: opening the image, starting the
+//! daemon that serves it (in the background unless asked not to), and
+//! telling the caller — and the config's `resultFile` — how that went.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use overlaybd::config::ImageConfig;
+use overlaybd::stack::Stack;
+use ublk_target::state::DeviceRecord;
+use ublk_target::{Options, Start};
+
+/// Queue options shared by `add` and `recover`.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct QueueArgs {
+    /// Hardware queues (one serving thread each).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    pub depth: u16,
+}
+
+/// An image config as far as it could be read. A config that does not
+/// parse may still name its `resultFile`, which must hear about the failure.
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub config: Option<ImageConfig>,
+    result_file: Option<PathBuf>,
+}
+
+impl LoadedConfig {
+    pub fn load(path: &Path) -> (LoadedConfig, Option<String>) {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        match ImageConfig::load(&abs) {
+            Ok(config) => (
+                LoadedConfig {
+                    path: abs,
+                    result_file: config.result_file.clone(),
+                    config: Some(config),
+                },
+                None,
+            ),
+            Err(e) => (
+                LoadedConfig {
+                    result_file: salvage_result_file(&abs),
+                    path: abs,
+                    config: None,
+                },
+                Some(e.to_string()),
+            ),
+        }
+    }
+
+    /// Write `success` or `failed:<reason>` to the resultFile, if any. A
+    /// failure to write it is reported but does not change the outcome.
+    pub fn report(&self, outcome: std::result::Result<(), &str>) {
+        let Some(path) = &self.result_file else {
+            return;
+        };
+        let text = match outcome {
+            Ok(()) => "success".to_string(),
+            Err(reason) => format!("failed:{reason}"),
+        };
+        let written = match &self.config {
+            Some(config) => config
+                .write_result(outcome.map_err(str::to_string))
+                .map_err(|e| e.to_string()),
+            None => std::fs::write(path, text).map_err(|e| e.to_string()),
+        };
+        if let Err(e) = written {
+            eprintln!("obd: cannot write the result to {}: {e}", path.display());
+        }
+    }
+
+    /// Fail with `reason`: record it in the resultFile and return it as the error.
+    pub fn fail(&self, reason: impl Into<String>) -> anyhow::Error {
+        let reason = reason.into();
+        self.report(Err(&reason));
+        anyhow!(reason)
+    }
+}
+
+/// `resultFile` from a config that does not parse as a whole, when the text
+/// still holds a plain `"resultFile": "<path>"` pair.
+fn salvage_result_file(config: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let at = text.find("\"resultFile\"")? + "\"resultFile\"".len();
+    let rest = text[at..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let value = &rest[..rest.find('"')?];
+    if value.is_empty() || value.contains('\\') {
+        return None;
+    }
+    let path = PathBuf::from(value);
+    Some(if path.is_relative() {
+        config.parent().unwrap_or(Path::new("/")).join(path)
+    } else {
+        path
+    })
+}
+
+/// Open the image of a loaded config for serving (writable when it has an upper).
+pub fn open_image(loaded: &LoadedConfig) -> Result<Arc<Stack>> {
+    let config = loaded
+        .config
+        .as_ref()
+        .ok_or_else(|| anyhow!("the config was not loaded"))?;
+    let writable = config.upper.is_some();
+    overlaybd::image::open_config(config, writable)
+        .map(Arc::new)
+        .map_err(|e| loaded.fail(format!("cannot open the image: {e}")))
+}
+
+/// Serve `stack` as a ublk device (`start` says new or recovered). In the
+/// foreground this returns when the device is deleted; otherwise when the
+/// background daemon reports the device live (or failed).
+pub fn launch(
+    loaded: &LoadedConfig,
+    stack: Arc<Stack>,
+    queues: QueueArgs,
+    start: Start,
+    foreground: bool,
+) -> Result<()> {
+    let options = Options {
+        queues: queues.queues,
+        depth: queues.depth,
+    };
+    options.check().map_err(|e| loaded.fail(e))?;
+    let record = DeviceRecord {
+        dev_id: 0,
+        pid: 0,
+        config: loaded.path.clone(),
+        queues: options.queues,
+        depth: options.depth,
+        writable: stack.top().is_some(),
+        size: stack.virtual_size(),
+    };
+    if foreground {
+        return serve_foreground(loaded, stack, options, start, record);
+    }
+    let log = log_path();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(loaded.fail(format!(
+            "cannot create a pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: both fds were just created and are owned here only.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet in this process, so the child may
+    // run arbitrary code after fork.
+    match unsafe { libc::fork() } {
+        -1 => Err(loaded.fail(format!(
+            "cannot start the daemon: {}",
+            std::io::Error::last_os_error()
+        ))),
+        0 => {
+            drop(read_end);
+            let code = daemon_main(stack, options, start, record, File::from(write_end), &log);
+            std::process::exit(code);
+        }
+        _child => {
+            drop(write_end);
+            let mut line = String::new();
+            let _ = BufReader::new(File::from(read_end)).read_line(&mut line);
+            let line = line.trim_end();
+            if let Some(id) = line.strip_prefix("ok ") {
+                println!("/dev/ublkb{id}");
+                loaded.report(Ok(()));
+                Ok(())
+            } else if let Some(reason) = line.strip_prefix("err ") {
+                Err(loaded.fail(reason))
+            } else {
+                Err(loaded.fail(format!(
+                    "the daemon exited before the device was ready; its log is {}",
+                    log.display()
+                )))
+            }
+        }
+    }
+}
+
+fn log_path() -> PathBuf {
+    ublk_target::state::dir().join(format!("daemon-{}.log", std::process::id()))
+}
+
+fn serve_foreground(
+    loaded: &LoadedConfig,
+    stack: Arc<Stack>,
+    options: Options,
+    start: Start,
+    record: DeviceRecord,
+) -> Result<()> {
+    if let Err(e) = ublk_target::device::private_mount_namespace() {
+        eprintln!("obd: warning: {e}");
+    }
+    let ready_record = record.clone();
+    let result_config = loaded.config.clone();
+    let served = ublk_target::serve(stack, options, start, move |dev_id| {
+        let record = DeviceRecord {
+            dev_id,
+            pid: std::process::id() as i32,
+            ..ready_record
+        };
+        if let Err(e) = record.save() {
+            eprintln!("obd: cannot record device {dev_id}: {e}");
+        }
+        println!("/dev/ublkb{dev_id}");
+        let _ = std::io::stdout().flush();
+        if let Some(config) = result_config {
+            if let Err(e) = config.write_result(Ok(())) {
+                eprintln!("obd: cannot write the resultFile: {e}");
+            }
+        }
+    });
+    finish_serving(start, served.is_ok());
+    served.map_err(|e| loaded.fail(e))
+}
+
+/// The background daemon: detach, serve, say how the start went through
+/// `ready`, and clean up once the device is gone. Returns the exit code.
+fn daemon_main(
+    stack: Arc<Stack>,
+    options: Options,
+    start: Start,
+    record: DeviceRecord,
+    ready: File,
+    log: &Path,
+) -> i32 {
+    // SAFETY: setsid has no memory-safety preconditions.
+    unsafe { libc::setsid() };
+    redirect_stdio(log);
+    if let Err(e) = ublk_target::device::private_mount_namespace() {
+        eprintln!("obd: warning: {e}");
+    }
+    let _ = std::env::set_current_dir("/");
+    let ready = std::sync::Mutex::new(Some(ready));
+    let ready = Arc::new(ready);
+    let notify = ready.clone();
+    let served = ublk_target::serve(stack, options, start, move |dev_id| {
+        let record = DeviceRecord {
+            dev_id,
+            pid: std::process::id() as i32,
+            ..record
+        };
+        if let Err(e) = record.save() {
+            eprintln!("obd: cannot record device {dev_id}: {e}");
+        }
+        eprintln!("obd: serving /dev/ublkb{dev_id}");
+        if let Some(mut pipe) = notify.lock().ok().and_then(|mut p| p.take()) {
+            let _ = writeln!(pipe, "ok {dev_id}");
+        }
+    });
+    if let Err(reason) = &served {
+        eprintln!("obd: {reason}");
+        if let Some(mut pipe) = ready.lock().ok().and_then(|mut p| p.take()) {
+            let _ = writeln!(pipe, "err {}", reason.replace('\n', " "));
+        }
+    }
+    finish_serving(start, served.is_ok());
+    i32::from(served.is_err())
+}
+
+/// After serving ends: drop this process's record. A device that failed to
+/// start was deleted again; one that was served is gone (deleted) or, if
+/// this daemon is failing, waits for `obd recover`, which needs the record.
+fn finish_serving(start: Start, served: bool) {
+    if !served && matches!(start, Start::Recover(_)) {
+        return;
+    }
+    let me = std::process::id() as i32;
+    for record in DeviceRecord::all() {
+        if record.pid == me {
+            let _ = DeviceRecord::remove(record.dev_id);
+        }
+    }
+}
+
+/// Daemon output goes to `log` (stdin from /dev/null), so no caller's pipe
+/// stays open behind it.
+fn redirect_stdio(log: &Path) {
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .or_else(|_| std::fs::OpenOptions::new().write(true).open("/dev/null"));
+    let null = File::open("/dev/null");
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto the standard descriptors of this process.
+    unsafe {
+        if let Ok(null) = &null {
+            libc::dup2(null.as_raw_fd(), 0);
+        }
+        if let Ok(out) = &out {
+            libc::dup2(out.as_raw_fd(), 1);
+            libc::dup2(out.as_raw_fd(), 2);
+        }
+    }
+}
+
+/// Whether ublk can be used here; the reason otherwise.
+pub fn require_ublk(loaded: &LoadedConfig) -> Result<()> {
+    ublk_target::probe::check().map_err(|reason| loaded.fail(reason))
+}
+
+/// Parse a device number given on the command line.
+pub fn check_dev_id(id: i64) -> Result<u32> {
+    match u32::try_from(id) {
+        Ok(id) if id < 1 << 20 => Ok(id),
+        _ => bail!("-n {id} is not a ublk device number"),
+    }
+}

@@ -1,0 +1,116 @@
+# Shared by the ublk VM tests (sourced, not run). Each test script calls
+# `check NAME FUNCTION` per case and `finish` at the end, which prints
+# `<suite>: N passed, M failed` and exits non-zero on any failure. ublk
+# missing is a failure, never a skip.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+OBD=${OBD_BIN:-$REPO/target/release/obd}
+[[ $OBD == /* ]] || OBD=$REPO/$OBD
+FIXTURES=$REPO/tests/fixtures
+SUITE=${SUITE:-ublk}
+PASSED=0
+FAILED=0
+WORK=$(mktemp -d /tmp/obd-ublk.XXXXXX)
+
+obd() { "$OBD" "$@"; }
+# The system python: a pyenv shim costs ~20 s per cold start under TCG.
+PY=/usr/bin/python3
+[[ -x $PY ]] || PY=python3
+
+log() { echo "  $*"; }
+
+# check NAME FUNCTION [ARGS...]: run one case, print PASS/FAIL with its time.
+check() {
+    local name=$1
+    shift
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    ("$@")
+    rc=$?
+    t1=$(date +%s.%N)
+    local secs
+    secs=$(printf '%.1f' "$(echo "$t1 - $t0" | bc 2>/dev/null || echo 0)")
+    if ((rc == 0)); then
+        PASSED=$((PASSED + 1))
+        echo "PASS: $name (${secs} s)"
+    else
+        FAILED=$((FAILED + 1))
+        echo "FAIL: $name (${secs} s, status $rc)"
+        echo "--- obd list"
+        "$OBD" list 2>&1 | sed 's/^/  /'
+        echo "--- daemon logs"
+        tail -n 20 /run/obd/ublk/*.log 2>/dev/null | sed 's/^/  /'
+        echo "--- dmesg (last 15)"
+        dmesg 2>/dev/null | tail -n 15 | sed 's/^/  /'
+    fi
+    cleanup_devices
+}
+
+cleanup_devices() {
+    "$OBD" del --all >/dev/null 2>&1 || true
+}
+
+finish() {
+    cleanup_devices
+    rm -rf "$WORK"
+    echo "$SUITE: $PASSED passed, $FAILED failed"
+    ((FAILED == 0 && PASSED > 0))
+    exit $?
+}
+
+# need_ublk: a case that fails when ublk is missing (so the suite cannot
+# pass on a kernel without it).
+need_ublk() {
+    if [[ ! -c /dev/ublk-control ]]; then
+        echo "  /dev/ublk-control is missing: ublk_drv is not loaded" >&2
+        return 1
+    fi
+}
+
+# fail MESSAGE: print and return 1.
+fail() {
+    echo "  FAILED: $*" >&2
+    return 1
+}
+
+# add_device CONFIG [ARGS...]: `obd add`, echo the device path; check it is a block device.
+add_device() {
+    local dev
+    dev=$("$OBD" add --config "$@") || return 1
+    [[ -b $dev ]] || { fail "obd add printed '$dev', which is not a block device"; return 1; }
+    echo "$dev"
+}
+
+# write_config FILE UPPER_DATA UPPER_INDEX LOWER...: an image config
+# (UPPER_DATA empty: read-only). resultFile is FILE.result.
+write_config() {
+    local file=$1 data=$2 index=$3
+    shift 3
+    "$PY" - "$file" "$data" "$index" "$@" <<'PY'
+import json, sys
+file, data, index, *lowers = sys.argv[1:]
+cfg = {"lowers": [{"file": l} for l in lowers], "resultFile": file + ".result"}
+if data:
+    cfg["upper"] = {"data": data, "index": index}
+json.dump(cfg, open(file, "w"), indent=1)
+PY
+}
+
+# expect_result CONFIG WORD: the resultFile starts with WORD.
+expect_result() {
+    local got
+    got=$(cat "$1.result" 2>/dev/null)
+    [[ $got == "$2"* ]] || { fail "resultFile says '$got', expected '$2...'"; return 1; }
+}
+
+# no_devices: obd list is empty and no /dev/ublkc* is left.
+no_devices() {
+    local listed
+    listed=$("$OBD" list)
+    [[ -z $listed ]] || { fail "obd list is not empty: $listed"; return 1; }
+    if compgen -G '/dev/ublkc*' >/dev/null; then
+        fail "devices left behind: $(echo /dev/ublkc*)"
+        return 1
+    fi
+}

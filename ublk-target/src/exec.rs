@@ -1,0 +1,321 @@
+//! Carrying out one ublk request against the image stack, on the queue's
+//! io_uring.
+//!
+//! READ: the stack's plan says which bytes are zeros and which come from
+//! which layer file at which position. Every non-zero piece becomes one read
+//! SQE on the queue's own ring, all submitted before the first is awaited:
+//! - a plain local layer (a file, or a window of one such as a tar payload)
+//!   is read at `base + position` straight into the request buffer;
+//! - a ZFile layer over a local file has its compressed span read into a
+//!   scratch buffer, then each block is CRC-checked and decompressed here,
+//!   on the queue thread (a bad block is EIO, never data);
+//! - the writable layer's data file is read at `position`.
+//!   A source that is none of these (none exists today) falls back to a
+//!   synchronous read on the queue thread.
+//!
+//! WRITE, DISCARD and WRITE_ZEROES go through the writable layer, whose
+//! `pwrite`s (data, then the 16-byte index entry) run synchronously on the
+//! queue thread. They only reach the page cache, so they are short, but they
+//! are not SQEs. FLUSH is two fdatasync SQEs: the data file, then (after it
+//! completed) the index file, so an index entry never reaches stable storage
+//! before its data.
+//!
+//! Every failure completes the request with a negative errno (EIO for
+//! corrupt data); nothing here panics on what the kernel sends.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+use libublk::io::UblkQueue;
+use libublk::sys;
+use overlaybd::stack::{PieceSource, Plan, Stack};
+use overlaybd::zfile::ZFileReader;
+
+/// How a queue task reaches the bytes of one plan piece.
+enum Fetch<'a> {
+    /// Read `len` bytes at `offset` of `fd` straight into the request buffer.
+    Direct { fd: RawFd, offset: u64 },
+    /// Read the stored span at `offset` of `fd` into a scratch buffer, then
+    /// decode decompressed `position..` from it.
+    ZFile {
+        fd: RawFd,
+        offset: u64,
+        stored_len: usize,
+        reader: &'a ZFileReader,
+        position: u64,
+    },
+    /// No local file underneath: a synchronous read.
+    Sync,
+}
+
+/// One non-zero plan piece on its way into the request buffer.
+struct Job<'a, 'b> {
+    chunk: &'b mut [u8],
+    fetch: Fetch<'a>,
+    source: PieceSource,
+    /// For a ZFile piece: which scratch buffer receives its stored bytes.
+    stored: usize,
+}
+
+impl Job<'_, '_> {
+    /// The file, offset and memory the read SQE for this job uses; `None`
+    /// when it is read synchronously.
+    fn target<'s>(&'s mut self, stored: &'s mut [Vec<u8>]) -> Option<(RawFd, u64, &'s mut [u8])> {
+        match self.fetch {
+            Fetch::Direct { fd, offset } => Some((fd, offset, &mut *self.chunk)),
+            Fetch::ZFile { fd, offset, .. } => {
+                Some((fd, offset, stored.get_mut(self.stored)?.as_mut_slice()))
+            }
+            Fetch::Sync => None,
+        }
+    }
+}
+
+/// Per-task reusable memory, so steady-state requests do not allocate.
+#[derive(Default)]
+pub struct Scratch {
+    plan: Plan,
+    stored: Vec<Vec<u8>>,
+}
+
+/// What every queue of one device serves.
+pub struct Backend {
+    stack: Arc<Stack>,
+}
+
+impl Backend {
+    pub fn new(stack: Arc<Stack>) -> Backend {
+        Backend { stack }
+    }
+
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    /// Serve the request in `iod`; `buf` is the tag's I/O buffer. Returns
+    /// the byte count (or 0) on success, a negative errno on failure.
+    pub async fn handle(
+        &self,
+        q: &UblkQueue<'_>,
+        iod: &sys::ublksrv_io_desc,
+        buf: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> i32 {
+        let op = iod.op_flags & 0xff;
+        let offset = iod.start_sector << 9;
+        let bytes = u64::from(iod.nr_sectors) << 9;
+        let data_op = matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE);
+        if data_op && bytes > buf.len() as u64 {
+            return -libc::EINVAL;
+        }
+        let result = match op {
+            sys::UBLK_IO_OP_READ => {
+                self.read(q, offset, &mut buf[..bytes as usize], scratch)
+                    .await
+            }
+            sys::UBLK_IO_OP_WRITE => self
+                .stack
+                .write(&buf[..bytes as usize], offset)
+                .map_err(|e| -e.errno()),
+            sys::UBLK_IO_OP_FLUSH => self.flush(q).await,
+            sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
+                self.stack.discard(offset, bytes).map_err(|e| -e.errno())
+            }
+            _ => Err(-libc::EOPNOTSUPP),
+        };
+        match result {
+            Ok(()) if data_op => bytes as i32,
+            Ok(()) => 0,
+            Err(errno) => errno,
+        }
+    }
+
+    /// Where the bytes of `source` (`len` bytes) are read from.
+    fn fetch_of(&self, layer: usize, position: u64, len: usize) -> Result<Fetch<'_>, i32> {
+        let stack = &*self.stack;
+        if let Some(lower) = stack.lowers().get(layer) {
+            let src = lower.source();
+            if let Some((fd, base)) = src.local_file() {
+                return Ok(Fetch::Direct {
+                    fd: fd.as_raw_fd(),
+                    offset: base + position,
+                });
+            }
+            if let Some(reader) = src.zfile() {
+                if let Some((fd, base)) = reader.source().local_file() {
+                    let (start, stored) =
+                        reader.stored_span(position, len).map_err(|_| -libc::EIO)?;
+                    return Ok(Fetch::ZFile {
+                        fd: fd.as_raw_fd(),
+                        offset: base + start,
+                        stored_len: usize::try_from(stored).map_err(|_| -libc::EIO)?,
+                        reader,
+                        position,
+                    });
+                }
+            }
+            return Ok(Fetch::Sync);
+        }
+        match stack.top() {
+            Some(top) if layer == stack.lowers().len() => Ok(Fetch::Direct {
+                fd: top.data_file().as_raw_fd(),
+                offset: position,
+            }),
+            _ => Err(-libc::EIO),
+        }
+    }
+
+    async fn read(
+        &self,
+        q: &UblkQueue<'_>,
+        offset: u64,
+        buf: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), i32> {
+        scratch.plan.clear();
+        self.stack
+            .plan(offset, buf.len() as u64, &mut scratch.plan)
+            .map_err(|e| -e.errno())?;
+        // Split the buffer along the plan and work out each piece's fetch.
+        let mut jobs = Vec::with_capacity(scratch.plan.len());
+        let mut rest: &mut [u8] = buf;
+        let mut zfile_pieces = 0usize;
+        for piece in &scratch.plan {
+            let len = usize::try_from(piece.length).map_err(|_| -libc::EIO)?;
+            if len > rest.len() {
+                return Err(-libc::EIO);
+            }
+            let (chunk, tail) = rest.split_at_mut(len);
+            rest = tail;
+            if let PieceSource::Layer { layer, position } = piece.source {
+                let fetch = self.fetch_of(layer, position, len)?;
+                let stored = zfile_pieces;
+                if let Fetch::ZFile { .. } = fetch {
+                    zfile_pieces += 1;
+                }
+                jobs.push(Job {
+                    chunk,
+                    fetch,
+                    source: piece.source,
+                    stored,
+                });
+            } else {
+                chunk.fill(0);
+            }
+        }
+        if !rest.is_empty() {
+            return Err(-libc::EIO);
+        }
+        if scratch.stored.len() < zfile_pieces {
+            scratch.stored.resize_with(zfile_pieces, Vec::new);
+        }
+        for job in &jobs {
+            if let Fetch::ZFile { stored_len, .. } = job.fetch {
+                scratch.stored[job.stored].resize(stored_len, 0);
+            }
+        }
+        // Submit every read first, then collect them all, even after a
+        // failure: no SQE may outlive the memory it reads into, and that
+        // memory (request buffer, scratch) does not move in between.
+        let mut submitted = Vec::with_capacity(jobs.len());
+        for job in jobs.iter_mut() {
+            submitted.push(job.target(&mut scratch.stored).map(|(fd, at, target)| {
+                let sqe =
+                    opcode::Read::new(types::Fd(fd), target.as_mut_ptr(), target.len() as u32)
+                        .offset(at)
+                        .build();
+                q.ublk_submit_sqe(sqe)
+            }));
+        }
+        let mut result = Ok(());
+        for (job, future) in jobs.iter_mut().zip(submitted) {
+            let step = match future {
+                Some(future) => {
+                    let first = future.await;
+                    match job.target(&mut scratch.stored) {
+                        Some((fd, at, target)) => finish_read(q, fd, at, target, first).await,
+                        None => Err(-libc::EIO),
+                    }
+                }
+                None => self.sync_read(job.chunk, job.source),
+            };
+            if let (Err(errno), Ok(())) = (step, &result) {
+                result = Err(errno);
+            }
+        }
+        result?;
+        // All stored bytes are in: check and decode the ZFile pieces.
+        for job in jobs.iter_mut() {
+            if let Fetch::ZFile {
+                reader, position, ..
+            } = job.fetch
+            {
+                let stored = &scratch.stored[job.stored];
+                if let Err(e) = reader.decode_range(stored, position, job.chunk) {
+                    eprintln!("obd: {e}");
+                    return Err(-libc::EIO);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The synchronous fallback for sources without a local file.
+    fn sync_read(&self, chunk: &mut [u8], source: PieceSource) -> Result<(), i32> {
+        self.stack.read_piece(chunk, source).map_err(|e| {
+            eprintln!("obd: {e}");
+            -e.errno()
+        })
+    }
+
+    /// Data file, then index file, each with fdatasync on the ring.
+    async fn flush(&self, q: &UblkQueue<'_>) -> Result<(), i32> {
+        let Some(top) = self.stack.top() else {
+            return Ok(());
+        };
+        let files = [Some(top.data_file()), top.index_file()];
+        for file in files.into_iter().flatten() {
+            let sqe = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            let res = q.ublk_submit_sqe(sqe).await;
+            if res < 0 {
+                return Err(res);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Complete a read whose first SQE returned `first`: short reads are
+/// continued, EAGAIN/EINTR retried, end of file is EIO.
+async fn finish_read(
+    q: &UblkQueue<'_>,
+    fd: RawFd,
+    offset: u64,
+    buf: &mut [u8],
+    first: i32,
+) -> Result<(), i32> {
+    let mut done = 0usize;
+    let mut res = first;
+    let mut retries = 0;
+    loop {
+        match res {
+            r if r > 0 => {
+                done += r as usize;
+                if done >= buf.len() {
+                    return Ok(());
+                }
+            }
+            0 => return Err(-libc::EIO),
+            r if (r == -libc::EAGAIN || r == -libc::EINTR) && retries < 16 => retries += 1,
+            r => return Err(r),
+        }
+        let rest = &mut buf[done..];
+        let sqe = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
+            .offset(offset + done as u64)
+            .build();
+        res = q.ublk_submit_sqe(sqe).await;
+    }
+}

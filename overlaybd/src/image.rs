@@ -202,7 +202,7 @@ fn open_config_inner(
             (None, Lower::File { file }) => {
                 return Err(Error::io(
                     file.display().to_string(),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
                 ))
             }
             (None, Lower::Blob { dir, digest, size }) => {

@@ -5,11 +5,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use ublk_target::Start;
 
-use super::ublk::{launch, open_image, require_ublk, LoadedConfig, QueueArgs};
+use super::ublk::{launch, open_image, require_ublk, Global, LoadedConfig, QueueArgs};
 
 /// Serve an image config as a new ublk block device (/dev/ublkbN).
 ///
-/// The lower layers are read from local files; a config with an `upper`
+/// A lower is read from its local file, or, for a registry lower (`dir`,
+/// `digest` and `size` with no local copy), fetched on demand from
+/// `repoBlobUrl/<digest>` through the global config's blob cache. A
+/// `recordTracePath` that names an empty file records the lower-layer reads
+/// into it (written, with `<path>.ok`, when the device is deleted); one
+/// that names a trace replays it into the cache. A config with an `upper`
 /// gets a writable device whose writes go to that layer. The device number
 /// is printed once the device accepts I/O, and `success` or
 /// `failed:<reason>` is written to the config's resultFile. One daemon
@@ -17,7 +22,7 @@ use super::ublk::{launch, open_image, require_ublk, LoadedConfig, QueueArgs};
 /// until `obd del`. Needs root and the ublk_drv kernel module.
 #[derive(clap::Args)]
 #[command(
-    after_help = "Examples:\n  obd add --config /var/lib/overlaybd/img/config.v1.json\n  obd add --config config.v1.json --queues 2 --depth 128\n  obd add --config config.v1.json --foreground    # serve until the device is deleted\n\nSee also: obd list, obd del -n N, obd recover -n N"
+    after_help = "Examples:\n  obd add --config /var/lib/overlaybd/img/config.v1.json\n  obd add --config config.v1.json --queues 2 --depth 128\n  obd add --config config.v1.json --global-config /etc/overlaybd/overlaybd.json\n  obd add --config config.v1.json --foreground    # serve until the device is deleted\n\nSee also: obd list, obd del -n N, obd recover -n N"
 )]
 pub struct Args {
     /// The image config (config.v1.json).
@@ -25,6 +30,10 @@ pub struct Args {
     config: PathBuf,
     #[command(flatten)]
     queues: QueueArgs,
+    /// Global config (cache, credentials, download, p2p, prefetch) for
+    /// registry layers [default: /etc/overlaybd/overlaybd.json if it exists].
+    #[arg(long, value_name = "PATH")]
+    global_config: Option<PathBuf>,
     /// Serve from this process instead of a background daemon.
     #[arg(long)]
     foreground: bool,
@@ -36,9 +45,17 @@ pub fn run(args: Args) -> Result<()> {
         return Err(loaded.fail(format!("cannot load the image config: {problem}")));
     }
     require_ublk(&loaded)?;
-    let stack = open_image(&loaded)?;
+    let global = Global::load(&loaded, args.global_config.as_deref())?;
+    let stack = open_image(&loaded, &global)?;
     if stack.virtual_size() % 512 != 0 {
         bail!(loaded.fail("the image size is not a multiple of 512 bytes"));
     }
-    launch(&loaded, stack, args.queues, Start::Add, args.foreground)
+    launch(
+        &loaded,
+        stack,
+        args.queues,
+        Start::Add,
+        args.foreground,
+        &global,
+    )
 }

@@ -6,7 +6,9 @@ use anyhow::{bail, Result};
 use ublk_target::state::DeviceRecord;
 use ublk_target::Start;
 
-use super::ublk::{check_dev_id, launch, open_image, require_ublk, LoadedConfig, QueueArgs};
+use super::ublk::{
+    check_dev_id, launch, open_image, require_ublk, Global, LoadedConfig, QueueArgs,
+};
 
 /// Bring back a device whose daemon died (killed, crashed).
 ///
@@ -32,6 +34,10 @@ pub struct Args {
     /// Requests in flight per queue (default: as added).
     #[arg(long)]
     depth: Option<u16>,
+    /// Global config for registry layers (default: the one the device was
+    /// added with, else /etc/overlaybd/overlaybd.json if it exists).
+    #[arg(long, value_name = "PATH")]
+    global_config: Option<PathBuf>,
     /// Serve from this process instead of a background daemon.
     #[arg(long)]
     foreground: bool,
@@ -60,7 +66,12 @@ pub fn run(args: Args) -> Result<()> {
         return Err(loaded.fail(format!("cannot load the image config: {problem}")));
     }
     require_ublk(&loaded)?;
-    let stack = open_image(&loaded)?;
+    let global_path = args
+        .global_config
+        .clone()
+        .or(record.as_ref().and_then(|r| r.global_config.clone()));
+    let global = Global::load(&loaded, global_path.as_deref())?;
+    let stack = open_image(&loaded, &global)?;
     let queues = QueueArgs {
         queues: args
             .queues
@@ -71,5 +82,12 @@ pub fn run(args: Args) -> Result<()> {
             .or(record.as_ref().map(|r| r.depth))
             .unwrap_or(64),
     };
-    launch(&loaded, stack, queues, Start::Recover(id), args.foreground)
+    launch(
+        &loaded,
+        stack,
+        queues,
+        Start::Recover(id),
+        args.foreground,
+        &global,
+    )
 }

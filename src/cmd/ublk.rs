@@ -9,10 +9,43 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use overlaybd::config::ImageConfig;
+use overlaybd::config::{GlobalConfig, ImageConfig, GLOBAL_CONFIG_PATH};
 use overlaybd::stack::Stack;
+use trace_tools::Session;
 use ublk_target::state::DeviceRecord;
 use ublk_target::{Options, Start};
+
+/// The global config an image is served with: registry lowers are read
+/// through its cache with its credentials, and its prefetch settings drive
+/// trace replay.
+#[derive(Clone, Debug)]
+pub struct Global {
+    /// Where it came from (none: the defaults).
+    pub path: Option<PathBuf>,
+    pub config: GlobalConfig,
+}
+
+impl Global {
+    /// `path`, else /etc/overlaybd/overlaybd.json if it exists, else the
+    /// defaults (as `obd export --global-config`). A config that cannot be
+    /// read fails the start, and says so in the resultFile.
+    pub fn load(loaded: &LoadedConfig, path: Option<&Path>) -> Result<Global> {
+        let path = match path {
+            Some(path) => Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())),
+            None => Some(PathBuf::from(GLOBAL_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        let config = match &path {
+            Some(p) => GlobalConfig::load(p).map_err(|e| {
+                loaded.fail(format!(
+                    "cannot load the global config {}: {e}",
+                    p.display()
+                ))
+            })?,
+            None => GlobalConfig::default(),
+        };
+        Ok(Global { path, config })
+    }
+}
 
 /// Queue options shared by `add` and `recover`.
 #[derive(clap::Args, Clone, Copy, Debug)]
@@ -104,14 +137,16 @@ fn salvage_result_file(config: &Path) -> Option<PathBuf> {
     })
 }
 
-/// Open the image of a loaded config for serving (writable when it has an upper).
-pub fn open_image(loaded: &LoadedConfig) -> Result<Arc<Stack>> {
+/// Open the image of a loaded config for serving (writable when it has an
+/// upper). Registry lowers (`dir` + `digest` + `size` with no local copy)
+/// are read lazily through `global`'s blob cache.
+pub fn open_image(loaded: &LoadedConfig, global: &Global) -> Result<Arc<Stack>> {
     let config = loaded
         .config
         .as_ref()
         .ok_or_else(|| anyhow!("the config was not loaded"))?;
     let writable = config.upper.is_some();
-    overlaybd::image::open_config(config, writable)
+    overlaybd::image::open_config_global(config, &global.config, writable)
         .map(Arc::new)
         .map_err(|e| loaded.fail(format!("cannot open the image: {e}")))
 }
@@ -125,6 +160,7 @@ pub fn launch(
     queues: QueueArgs,
     start: Start,
     foreground: bool,
+    global: &Global,
 ) -> Result<()> {
     let options = Options {
         queues: queues.queues,
@@ -139,9 +175,14 @@ pub fn launch(
         depth: options.depth,
         writable: stack.top().is_some(),
         size: stack.virtual_size(),
+        global_config: global.path.clone(),
+    };
+    let trace = TraceStart {
+        config: loaded.config.clone(),
+        global: global.config.clone(),
     };
     if foreground {
-        return serve_foreground(loaded, stack, options, start, record);
+        return serve_foreground(loaded, stack, options, start, record, trace);
     }
     let log = log_path();
     let mut fds = [0; 2];
@@ -164,7 +205,15 @@ pub fn launch(
         ))),
         0 => {
             drop(read_end);
-            let code = daemon_main(stack, options, start, record, File::from(write_end), &log);
+            let code = daemon_main(
+                stack,
+                options,
+                start,
+                record,
+                trace,
+                File::from(write_end),
+                &log,
+            );
             std::process::exit(code);
         }
         _child => {
@@ -188,6 +237,62 @@ pub fn launch(
     }
 }
 
+/// What the serving process needs to start the image's trace session
+/// (record or replay, from `recordTracePath`). The session starts there, not
+/// before the fork: it runs threads.
+struct TraceStart {
+    config: Option<ImageConfig>,
+    global: GlobalConfig,
+}
+
+impl TraceStart {
+    /// Start the session for `stack`. A trace that cannot be started is a
+    /// warning in the daemon's log; the device is served anyway.
+    fn start(&self, stack: &Arc<Stack>) -> Session {
+        let Some(config) = &self.config else {
+            return Session::Idle;
+        };
+        match Session::start_for_image(stack, config, &self.global) {
+            Ok(session) => {
+                match &session {
+                    Session::Idle => {}
+                    Session::Recording(r) => {
+                        eprintln!("obd: recording a trace into {}", r.trace_path().display())
+                    }
+                    Session::Replaying(_) => eprintln!(
+                        "obd: replaying the trace {}",
+                        config
+                            .record_trace_path
+                            .as_deref()
+                            .unwrap_or(Path::new(""))
+                            .display()
+                    ),
+                }
+                session
+            }
+            Err(e) => {
+                eprintln!("obd: warning: trace not started: {e}");
+                Session::Idle
+            }
+        }
+    }
+}
+
+/// End a trace session when the device is gone: a recording writes its
+/// trace and `.ok` file; a replay stops.
+fn finish_trace(session: Session) {
+    if let Session::Recording(recorder) = &session {
+        match recorder.finish() {
+            Ok(n) => eprintln!(
+                "obd: wrote {n} trace records to {}",
+                recorder.trace_path().display()
+            ),
+            Err(e) => eprintln!("obd: warning: trace recording: {e}"),
+        }
+    }
+    drop(session);
+}
+
 fn log_path() -> PathBuf {
     ublk_target::state::dir().join(format!("daemon-{}.log", std::process::id()))
 }
@@ -198,10 +303,12 @@ fn serve_foreground(
     options: Options,
     start: Start,
     record: DeviceRecord,
+    trace: TraceStart,
 ) -> Result<()> {
     if let Err(e) = ublk_target::device::private_mount_namespace() {
         eprintln!("obd: warning: {e}");
     }
+    let session = trace.start(&stack);
     let ready_record = record.clone();
     let result_config = loaded.config.clone();
     let served = ublk_target::serve(stack, options, start, move |dev_id| {
@@ -221,6 +328,7 @@ fn serve_foreground(
             }
         }
     });
+    finish_trace(session);
     finish_serving(start, served.is_ok());
     served.map_err(|e| loaded.fail(e))
 }
@@ -232,6 +340,7 @@ fn daemon_main(
     options: Options,
     start: Start,
     record: DeviceRecord,
+    trace: TraceStart,
     ready: File,
     log: &Path,
 ) -> i32 {
@@ -242,6 +351,7 @@ fn daemon_main(
         eprintln!("obd: warning: {e}");
     }
     let _ = std::env::set_current_dir("/");
+    let session = trace.start(&stack);
     let ready = std::sync::Mutex::new(Some(ready));
     let ready = Arc::new(ready);
     let notify = ready.clone();
@@ -265,6 +375,7 @@ fn daemon_main(
             let _ = writeln!(pipe, "err {}", reason.replace('\n', " "));
         }
     }
+    finish_trace(session);
     finish_serving(start, served.is_ok());
     i32::from(served.is_err())
 }

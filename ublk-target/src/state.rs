@@ -24,6 +24,10 @@ pub struct DeviceRecord {
     pub writable: bool,
     /// Size in bytes.
     pub size: u64,
+    /// The global config (cache, credentials, p2p) the image was opened
+    /// with, when one was given or found; `obd recover` reuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_config: Option<PathBuf>,
 }
 
 /// The directory holding the records.

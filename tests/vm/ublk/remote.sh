@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Test 7: an image whose layer lives in a registry, served lazily.
+#  - an ext4 image (`mkfs.ext4 -d` over many small files and a few large
+#    ones) is `obd import`ed, `obd push`ed to a docker-registry on the
+#    guest's own 127.0.0.1, and `obd add --config --global-config` serves the
+#    pushed config (dir + digest + size, no local copy) with a fresh blob
+#    cache; mounted -o ro, a few small files read fetch a small fraction of
+#    the blob (counted in the registry's access log and the cache), then
+#    every file matches the source tree;
+#  - the same for the ZFile-compressed layer;
+#  - with the registry stopped, a read of a range never fetched fails (EIO)
+#    within a bounded time instead of hanging, and `obd del` still works.
+#   tests/vm/run.sh -- bash tests/vm/ublk/remote.sh
+SUITE=ublk-remote
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/registry-lib.sh"
+
+MNT=$WORK/mnt
+SRC=$WORK/tree
+mkdir -p "$MNT"
+
+# make_tree DIR: 600 small files in 20 dirs, three large ones, a symlink.
+make_tree() {
+    "$PY" - "$1" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+rnd = random.Random(7)
+for d in range(20):
+    os.makedirs(f"{root}/d{d:02d}/sub", exist_ok=True)
+    for f in range(30):
+        size = rnd.choice([0, 1, 100, 511, 4096, 4097, 12000, 30000])
+        with open(f"{root}/d{d:02d}/{'sub/' if f % 4 == 0 else ''}f{f:03d}", "wb") as out:
+            out.write(rnd.randbytes(size))
+os.makedirs(f"{root}/big")
+for i, mib in enumerate([2, 4, 10]):
+    with open(f"{root}/big/large{i}.bin", "wb") as out:
+        for _ in range(mib):
+            out.write(rnd.randbytes(1 << 20))
+os.symlink("d00/f001", f"{root}/link")
+PY
+}
+
+# same_tree A B: every entry of A is in B with the same bytes, and no more.
+same_tree() {
+    "$PY" - "$1" "$2" <<'PY'
+import hashlib, os, sys
+a, b = sys.argv[1:]
+def walk(root):
+    out = {}
+    for r, ds, fs in os.walk(root):
+        for n in ds + fs:
+            p = os.path.join(r, n)
+            q = os.path.relpath(p, root)
+            if q.startswith("lost+found"):
+                continue
+            if os.path.islink(p):
+                out[q] = "link:" + os.readlink(p)
+            elif os.path.isdir(p):
+                out[q] = "dir"
+            else:
+                out[q] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+wa, wb = walk(a), walk(b)
+bad = [q for q in wa if wb.get(q) != wa[q]] + [q for q in wb if q not in wa]
+for q in bad[:5]:
+    print("  mismatch:", q)
+print(f"  {len(wa) - len(bad)}/{len(wa)} entries match")
+sys.exit(1 if bad else 0)
+PY
+}
+
+# The image, built once: plain and ZFile layers of one ext4 filesystem.
+build_image() {
+    make_tree "$SRC" || return 1
+    mkfs.ext4 -q -F -d "$SRC" "$WORK/ext4.raw" 64M >/dev/null || { fail "mkfs.ext4"; return 1; }
+    "$OBD" import "$WORK/ext4.raw" "$WORK/ext4.lsmt" >/dev/null 2>"$WORK/import.err" ||
+        { fail "obd import: $(tail -c 300 "$WORK/import.err")"; return 1; }
+    "$OBD" import -z "$WORK/ext4.raw" "$WORK/ext4.zfile" >/dev/null 2>"$WORK/import.err" ||
+        { fail "obd import -z: $(tail -c 300 "$WORK/import.err")"; return 1; }
+    rm -f "$WORK/ext4.raw"
+}
+
+# serve_remote LAYER NAME: push LAYER as obd/NAME, then add its config with
+# a fresh cache; sets CFG, GLOBAL, CACHE, DIGEST, BLOB_SIZE, DEV, MARK.
+serve_remote() {
+    local layer=$1 name=$2
+    CFG=$WORK/$name/config.v1.json
+    GLOBAL=$WORK/$name/overlaybd.json
+    CACHE=$WORK/$name/cache
+    mkdir -p "$WORK/$name"
+    push_layer "$layer" "obd/$name" "$CFG" || return 1
+    set_config "$CFG" || return 1
+    cache_dir "$CACHE" || return 1
+    global_config "$GLOBAL" "$CACHE" || return 1
+    DIGEST=$(blob_digest "$CFG")
+    BLOB_SIZE=$(stat -c %s "$layer")
+    [[ ! -e $WORK/$name/layers ]] || { fail "a local copy of the layer exists"; return 1; }
+    MARK=$(log_mark)
+    DEV=$(add_device "$CFG" --global-config "$GLOBAL" --queues 2 --depth 32) || return 1
+    expect_result "$CFG" success
+}
+
+# lazy_case LAYER NAME: the lazy read test for one layer kind.
+lazy_case() {
+    need_ublk || return 1
+    need_registry || return 1
+    local layer=$1 name=$2
+    serve_remote "$layer" "$name" || return 1
+    local t0 added
+    read -r added _ < <(fetched_since "$MARK" "$DIGEST")
+    log "blob $BLOB_SIZE bytes; obd add made $added GETs"
+    t0=$(date +%s.%N)
+    mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
+    local f
+    for f in d00/f001 d03/f010 d07/sub/f008 d19/f029 link; do
+        cmp "$SRC/$f" "$MNT/$f" || { fail "$f differs"; umount "$MNT"; return 1; }
+    done
+    local gets bytes cached
+    read -r gets bytes < <(fetched_since "$MARK" "$DIGEST")
+    cached=$(cache_bytes "$CACHE")
+    log "mount + 5 small files: $gets GETs, $bytes bytes fetched ($((100 * bytes / BLOB_SIZE))% of the blob), cache holds $cached bytes, $(printf '%.1f' "$(echo "$(date +%s.%N) - $t0" | bc)") s"
+    if ((bytes == 0 || bytes * 4 > BLOB_SIZE)); then
+        fail "expected a small part of the blob to be fetched, got $bytes of $BLOB_SIZE"
+        umount "$MNT"
+        return 1
+    fi
+    ((cached * 3 < BLOB_SIZE)) || { fail "the cache holds $cached bytes of a $BLOB_SIZE-byte blob"; umount "$MNT"; return 1; }
+    t0=$(date +%s.%N)
+    same_tree "$SRC" "$MNT"
+    local rc=$?
+    read -r gets bytes < <(fetched_since "$MARK" "$DIGEST")
+    log "whole tree: $gets GETs, $bytes bytes fetched in all ($((100 * bytes / BLOB_SIZE))% of the blob), cache $(cache_bytes "$CACHE") bytes, $(printf '%.1f' "$(echo "$(date +%s.%N) - $t0" | bc)") s"
+    umount "$MNT" || return 1
+    "$OBD" del -n "${DEV#/dev/ublkb}" || return 1
+    umount "$CACHE"
+    no_devices || return 1
+    return "$rc"
+}
+
+# registry_down: reads that miss the cache fail with EIO once the registry
+# is gone, in bounded time; the device is still deleted cleanly.
+registry_down() {
+    need_ublk || return 1
+    need_registry || return 1
+    serve_remote "$WORK/ext4.lsmt" down || return 1
+    mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
+    cmp "$SRC/d01/f002" "$MNT/d01/f002" || { fail "d01/f002 differs"; umount "$MNT"; return 1; }
+    stop_registry
+    local t0 rc secs
+    t0=$(date +%s.%N)
+    timeout 240 cat "$MNT/big/large2.bin" >/dev/null 2>"$WORK/down.err"
+    rc=$?
+    secs=$(printf '%.1f' "$(echo "$(date +%s.%N) - $t0" | bc)")
+    log "read with the registry stopped: status $rc after $secs s: $(head -c 200 "$WORK/down.err")"
+    umount "$MNT" || { fail "umount"; return 1; }
+    "$OBD" del -n "${DEV#/dev/ublkb}" || return 1
+    umount "$CACHE"
+    no_devices || return 1
+    ((rc != 124)) || { fail "the read hung (killed by timeout after 240 s)"; return 1; }
+    ((rc != 0)) || { fail "the read succeeded with no registry"; return 1; }
+    grep -q "Input/output error" "$WORK/down.err" || { fail "expected EIO"; return 1; }
+    grep -h "obd: " /run/obd/ublk/*.log 2>/dev/null | grep -m 2 -i "refused\|connect" | sed 's/^/  daemon: /'
+    return 0
+}
+
+log "building the image"
+build_image || echo "  image build failed"
+start_registry || echo "  registry start failed"
+check "registry LSMT layer: obd add --global-config, mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.lsmt" plain
+check "registry ZFile layer: mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.zfile" zfile
+check "registry stopped: a read of unfetched data fails with EIO in bounded time, obd del works" registry_down
+stop_registry
+unmount_caches
+finish

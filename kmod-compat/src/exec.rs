@@ -115,6 +115,8 @@ pub struct Disk {
     pub info: DiskInfo,
     backend: Option<Arc<dyn Backend>>,
     scratch: Vec<u8>,
+    /// Log every command (OBD_TCMU_TRACE=1).
+    pub trace: bool,
 }
 
 impl Disk {
@@ -133,6 +135,7 @@ impl Disk {
             info,
             backend,
             scratch: Vec::new(),
+            trace: false,
         }
     }
 

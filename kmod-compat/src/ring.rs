@@ -25,10 +25,12 @@ const OP_CMD: u32 = 1;
 const OP_MASK: u32 = 0x7;
 
 /// `struct tcmu_cmd_entry` offsets: header, then the request or response.
+/// The outer struct is packed but the request struct inside the union is
+/// not, so `cdb_off` sits 8-aligned at 24 and the iovecs start at 48.
 const ENT_HDR_LEN: usize = 8;
 const REQ_IOV_CNT: usize = 8;
-const REQ_CDB_OFF: usize = 20;
-const REQ_IOV: usize = 44;
+const REQ_CDB_OFF: usize = 24;
+const REQ_IOV: usize = 48;
 const IOVEC_LEN: usize = 16;
 const RSP_STATUS: usize = 8;
 const RSP_SENSE: usize = 16;
@@ -227,6 +229,15 @@ fn complete_cmd(
     }
     let mut data = IovBuf { mem, iovs, total };
     let outcome = disk.execute(&cdb[..cdb_len], &mut data);
+    if disk.trace {
+        log(&format!(
+            "cdb {:02x?} iovecs {} bytes -> status {:#x} sense {:?}",
+            &cdb[..cdb_len],
+            data.total,
+            outcome.status,
+            outcome.sense
+        ));
+    }
     if let Some(e) = &outcome.error {
         log(&format!("SCSI command {:#04x} failed: {e}", cdb[0]));
     }

@@ -177,6 +177,7 @@ fn serve_device(
         }
     };
     let mut disk = Disk::new(disk_info(&config_path), backend.clone());
+    disk.trace = std::env::var_os("OBD_TCMU_TRACE").is_some_and(|v| v == "1");
     let mapping = match Mapping::open(&dev.join(&entry.node), entry.map_size) {
         Ok(m) => m,
         Err(e) => {
@@ -192,6 +193,10 @@ fn serve_device(
         }
     };
     let say = |m: &str| log(&format!("{label}: {m}"));
+    say(&format!(
+        "ring at {}+{} in a {}-byte mapping",
+        mailbox.cmdr_off, mailbox.cmdr_size, entry.map_size
+    ));
     let name_file = sys.join(&entry.node).join("name");
     while !quit.load(Ordering::Relaxed) {
         match ring::process(&mapping, &mailbox, &mut disk, &say) {

@@ -73,10 +73,10 @@ os.makedirs(f"{root}/usr/lib/python3.11/lib-dynload", exist_ok=True)
 os.makedirs(f"{root}/data")
 import random
 rnd = random.Random(11)
-open(f"{root}/data/input.bin", "wb").write(rnd.randbytes(3 << 20))
-for i in range(3):
+open(f"{root}/data/input.bin", "wb").write(rnd.randbytes(2 << 20))
+for i in range(2):
     with open(f"{root}/data/filler{i}.bin", "wb") as out:
-        for _ in range(8):
+        for _ in range(6):
             out.write(rnd.randbytes(1 << 20))
 PY
 }
@@ -126,7 +126,7 @@ build_image() {
     make_root "$ROOT" || return 1
     EXPECTED=$(chroot "$ROOT" /usr/bin/python3 -c "$PROG") || { fail "the program does not run from its tree"; return 1; }
     log "program tree $(du -sh "$ROOT" | cut -f1); expected output $EXPECTED"
-    mkfs.ext4 -q -F -d "$ROOT" "$WORK/app.raw" 96M >/dev/null || { fail "mkfs.ext4"; return 1; }
+    mkfs.ext4 -q -F -d "$ROOT" "$WORK/app.raw" 64M >/dev/null || { fail "mkfs.ext4"; return 1; }
     "$OBD" import "$WORK/app.raw" "$LAYER" >/dev/null 2>"$WORK/import.err" ||
         { fail "obd import: $(tail -c 300 "$WORK/import.err")"; return 1; }
     rm -f "$WORK/app.raw"

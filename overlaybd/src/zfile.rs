@@ -876,7 +876,7 @@ const COMPRESS_CHUNK: usize = 1 << 20;
 /// Compress all of `input` into `out` as a ZFile (verify = 1, per-block
 /// CRC). `out` is written from its current position; [`Flavor::CommitOutput`]
 /// seeks back there to rewrite the header. `progress` is called with the
-/// number of input bytes done so far.
+/// number of input bytes each step consumed.
 pub fn compress(
     input: &dyn ReadAt,
     out: &mut (impl Write + Seek),
@@ -925,7 +925,7 @@ pub fn compress(
         out.write_all(&packed).context(|| OUT.into())?;
         data_end += packed.len() as u64;
         pos += n as u64;
-        progress(pos);
+        progress(n as u64);
     }
 
     let table: Vec<u8> = lengths.iter().flat_map(|l| l.to_le_bytes()).collect();
@@ -951,7 +951,7 @@ pub fn compress(
 }
 
 /// Decompress the ZFile `src` into `out`, checking every block. Returns the
-/// number of bytes written; `progress` gets the running total.
+/// number of bytes written; `progress` gets the bytes each step wrote.
 pub fn decompress(src: Source, out: &mut dyn Write, progress: &mut dyn FnMut(u64)) -> Result<u64> {
     let reader = ZFileReader::open(src)?;
     copy_out(&reader, out, progress)
@@ -974,7 +974,7 @@ fn copy_out(
             .map_err(|e| Error::io(reader.name().to_string(), e))?;
         out.write_all(&buf[..n]).context(|| OUT.into())?;
         pos += n as u64;
-        progress(pos);
+        progress(n as u64);
     }
     out.flush().context(|| OUT.into())?;
     Ok(total)
@@ -1232,8 +1232,8 @@ mod tests {
             seen.push(p)
         })
         .unwrap();
-        assert_eq!(seen.last(), Some(&(data.len() as u64)));
-        assert!(seen.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(seen.iter().sum::<u64>(), data.len() as u64);
+        assert!(seen.len() > 1 && seen.iter().all(|&n| n > 0));
         let file = out.into_inner();
 
         let mut plain = Vec::new();

@@ -237,10 +237,13 @@ impl BlobCache {
         } else {
             self.options.eviction_target()
         };
+        // Low disk alone never empties the blob just filled: that would
+        // only make its next read fetch the same chunks again.
+        let over_capacity = catalog.used > self.options.capacity;
         let mut order: Vec<(bool, u64, String)> = catalog
             .blobs
             .iter()
-            .filter(|(_, e)| e.used > 0)
+            .filter(|(k, e)| e.used > 0 && (over_capacity || Some(k.as_str()) != current))
             .map(|(k, e)| (Some(k.as_str()) == current, e.last_use, k.clone()))
             .collect();
         order.sort();

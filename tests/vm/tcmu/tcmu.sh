@@ -1,0 +1,286 @@
+#!/usr/bin/env bash
+# TCMU end to end, in the VM (tests/vm/run.sh -- tests/vm/tcmu/tcmu.sh):
+# `obd tcmu` serves devices made with the containerd overlaybd
+# snapshotter's configfs steps (target_core_user + tcm_loop → /dev/sdX).
+#   a) reference vector stacks (LSMT, ZFile) read back with the right
+#      sha256 per MiB;
+#   b) the real two-layer image mounts and matches dev-tree.json;
+#   c) a writable upper: write files, umount, commit, serve again;
+#   d) a bad config fails its device (resultFile failed:...) while another
+#      device keeps working;
+#   e) a restarted daemon picks up the devices that exist.
+# Prints `tcmu: N passed, M failed` last; exits non-zero on any failure,
+# including a kernel without TCMU.
+set -u
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
+OBD=${OBD_BIN:-$ROOT/target/debug/obd}
+C=/sys/kernel/config/target
+W=/tmp/tcmu
+FIX=$ROOT/tests/fixtures
+mkdir -p $W/ref $W/mnt
+LOG=${OBD_VM_RESULTS:-$W}/tcmu-daemon.log
+pass=0
+fail=0
+ok() { echo "ok: $*"; pass=$((pass + 1)); }
+bad() { echo "FAIL: $*"; fail=$((fail + 1)); }
+finish() {
+    echo "tcmu: $pass passed, $fail failed"
+    [ "$fail" -eq 0 ] && [ "$pass" -gt 0 ]
+    exit $?
+}
+t0=$(date +%s)
+elapsed() { echo "$(($(date +%s) - t0))s"; }
+
+if [ ! -d $C/core ] || [ ! -d /sys/module/target_core_user ] || [ ! -d /sys/module/tcm_loop ]; then
+    bad "TCMU is missing in this kernel (target_core_user, tcm_loop, configfs)"
+    finish
+fi
+if ! [ -x "$OBD" ]; then
+    bad "no obd binary at $OBD (cargo build first)"
+    finish
+fi
+
+DAEMON=
+start_daemon() {
+    "$OBD" tcmu >>$LOG 2>&1 &
+    DAEMON=$!
+}
+stop_daemon() {
+    [ -n "$DAEMON" ] && kill -${1:-TERM} "$DAEMON" 2>/dev/null && wait "$DAEMON" 2>/dev/null
+    DAEMON=
+}
+
+# vsize LAYER: the virtual size in its header.
+vsize() {
+    "$OBD" info "$1" --json | grep -m1 '"virtual_size"' | tr -dc 0-9
+}
+
+# config NAME LOWER... [-- UPPER_DATA UPPER_INDEX]: write $W/NAME.json.
+config() {
+    local name=$1 lowers="" upper="{}" sep=""
+    shift
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do
+        lowers="$lowers$sep{\"file\": \"$1\"}"
+        sep=", "
+        shift
+    done
+    [ "${1:-}" = -- ] && upper="{\"data\": \"$2\", \"index\": \"$3\"}"
+    echo "{\"lowers\": [$lowers], \"upper\": $upper, \"resultFile\": \"$W/$name.result\"}" >$W/$name.json
+}
+
+declare -A DEV  # device name → /dev/sdX
+declare -A WWN  # device name → tcm_loop target wwn
+n_dev=0
+# make_dev NAME CONFIG SIZE: the snapshotter's configfs steps; sets DEV[NAME].
+make_dev() {
+    local name=$1 cfg=$2 size=$3
+    n_dev=$((n_dev + 1))
+    local wwn
+    wwn=$(printf 'naa.6001405%09x' $n_dev)
+    local d=$C/core/user_1/$name tpg=$C/loopback/$wwn/tpgt_1
+    local before
+    before=$(ls /sys/block | grep '^sd' | sort)
+    mkdir -p $d || return 1
+    echo -n "dev_config=overlaybd/$cfg" >$d/control || return 1
+    echo -n "dev_size=$size" >$d/control || return 1
+    echo 1 >$d/enable || return 1
+    mkdir -p $tpg/lun/lun_0 || return 1
+    echo "$(printf 'naa.6001405%09x' $((n_dev + 1000)))" >$tpg/nexus || return 1
+    ln -s $d $tpg/lun/lun_0/ || return 1
+    WWN[$name]=$wwn
+    local i new
+    for i in $(seq 1 150); do
+        new=$(comm -13 <(echo "$before") <(ls /sys/block | grep '^sd' | sort) | head -1)
+        if [ -n "$new" ] && [ -b /dev/$new ]; then
+            DEV[$name]=/dev/$new
+            # sd sets the size once it has read the capacity.
+            for i in $(seq 1 50); do
+                [ "$(cat /sys/block/$new/size 2>/dev/null)" != 0 ] && break
+                sleep 0.2
+            done
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "no /dev/sdX appeared for $name" >&2
+    return 1
+}
+
+# remove_dev NAME: configfs teardown in reverse order.
+remove_dev() {
+    local name=$1 wwn=${WWN[$1]:-}
+    if [ -n "$wwn" ]; then
+        local tpg=$C/loopback/$wwn/tpgt_1
+        rm -f $tpg/lun/lun_0/$name
+        rmdir $tpg/lun/lun_0 2>/dev/null
+        echo NULL >$tpg/nexus 2>/dev/null
+        rmdir $tpg $C/loopback/$wwn 2>/dev/null
+    fi
+    rmdir $C/core/user_1/$name 2>/dev/null
+    unset "DEV[$name]" "WWN[$name]"
+}
+
+# sha_per_mib DEV COUNT: sha256 of each of the first COUNT MiB, one a line
+# (dd and sha256sum: python3 starts slowly over 9p under TCG).
+sha_per_mib() {
+    local i
+    for i in $(seq 0 $(($2 - 1))); do
+        timeout 60 dd if="$1" bs=1M count=1 skip=$i iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1
+    done
+}
+
+# expect_result NAME PREFIX: resultFile of NAME starts with PREFIX.
+wait_result() {
+    local i
+    for i in $(seq 1 50); do
+        [ -s $W/$1.result ] && break
+        sleep 0.2
+    done
+    cat $W/$1.result 2>/dev/null
+}
+
+start_daemon
+echo "setup done ($(elapsed))"
+
+# ---- a) reference vectors -------------------------------------------------
+tar xzf $FIX/overlaybd-ref-v1.tgz -C $W/ref
+echo "  fixtures extracted ($(elapsed))"
+R=$W/ref
+REF_SIZE=$(vsize $R/layer0.lsmt)
+DEV_SIZE=$(vsize $FIX/real-dev-image/dev-layer1.blob)
+echo "  sizes read ($(elapsed))"
+# One python3 run writes every reference config and its expected hashes.
+python3 - $R $W <<'EOF' >$W/ref/plan
+import json, sys
+r, w = sys.argv[1], sys.argv[2]
+m = json.load(open(r + "/manifest.json"))
+layers = m["layers"]
+mib = m["span_bytes"] >> 20
+last = len(layers) - 1
+stacks = [("lsmt%d" % k, k, [l["lsmt"] for l in layers[: k + 1]]) for k in range(len(layers))]
+stacks += [("zcommit", last, [l["zfile_commit"] for l in layers]),
+           ("ztool", last, [l["zfile_tool"] for l in layers])]
+for name, top, files in stacks:
+    cfg = {"lowers": [{"file": r + "/" + f} for f in files], "upper": {}, "resultFile": w + "/" + name + ".result"}
+    json.dump(cfg, open(w + "/" + name + ".json", "w"))
+    open(w + "/" + name + ".want", "w").write("\n".join(layers[top]["stack_sha256_per_mib"]) + "\n")
+    print(name, mib, *files)
+EOF
+echo "  reference plan written ($(elapsed))"
+while read -r name mib files; do
+    [ -n "${TCMU_ONLY:-}" ] && [ "$name" != "$TCMU_ONLY" ] && continue
+    if ! make_dev "$name" "$W/$name.json" "$REF_SIZE"; then
+        bad "a) $name: device not created"
+        [ -n "${TCMU_FAILFAST:-}" ] && finish
+        continue
+    fi
+    echo "  $name: device ${DEV[$name]} ($(elapsed))"
+    sha_per_mib ${DEV[$name]} "$mib" >$W/$name.got
+    if cmp -s $W/$name.want $W/$name.got && [ "$(wait_result $name)" = success ]; then
+        ok "a) $name ($files) on ${DEV[$name]}: $mib MiB match ($(elapsed))"
+    else
+        bad "a) $name: sha256 per MiB differ or result '$(cat $W/$name.result 2>/dev/null)'"
+    fi
+done <$W/ref/plan
+[ -n "${TCMU_ONLY:-}" ] && finish
+
+# ---- b) the real image ----------------------------------------------------
+D=$FIX/real-dev-image
+config dev $D/dev-layer0.blob $D/dev-layer1.blob
+if make_dev dev $W/dev.json "$DEV_SIZE"; then
+    if mount -o ro,noload ${DEV[dev]} $W/mnt && python3 $D/checktree.py $D/dev-tree.json $W/mnt; then
+        ok "b) real image on ${DEV[dev]} mounts and matches dev-tree.json ($(elapsed))"
+    else
+        bad "b) real image tree differs or does not mount"
+    fi
+    umount $W/mnt 2>/dev/null
+else
+    bad "b) device not created"
+fi
+
+# ---- c) writable upper ----------------------------------------------------
+"$OBD" create $W/upper.data $W/upper.index 64 >/dev/null
+config rw $D/dev-layer0.blob $D/dev-layer1.blob -- $W/upper.data $W/upper.index
+if make_dev rw $W/rw.json "$DEV_SIZE" && [ "$(wait_result rw)" = success ]; then
+    if mount ${DEV[rw]} $W/mnt; then
+        mkdir -p $W/mnt/new
+        head -c 3000000 /dev/urandom >$W/mnt/new/random.bin
+        echo hello-tcmu >$W/mnt/new/hello.txt
+        rm -f $W/mnt/docs/doc001.txt
+        cp $W/mnt/new/random.bin $W/random.bin
+        sync
+        umount $W/mnt
+        remove_dev rw
+        if "$OBD" commit $W/upper.data $W/upper.index $W/layer2.lsmt >$W/commit.log 2>&1; then
+            config rw2 $D/dev-layer0.blob $D/dev-layer1.blob $W/layer2.lsmt
+            if make_dev rw2 $W/rw2.json "$DEV_SIZE"; then
+                e2fsck -fn ${DEV[rw2]} >$W/fsck.log 2>&1
+                fsck=$?
+                mount -o ro,noload ${DEV[rw2]} $W/mnt
+                if [ $fsck -eq 0 ] && cmp -s $W/mnt/new/random.bin $W/random.bin &&
+                    [ "$(cat $W/mnt/new/hello.txt)" = hello-tcmu ] && [ ! -e $W/mnt/docs/doc001.txt ] &&
+                    [ -e $W/mnt/docs/doc002.txt ]; then
+                    ok "c) writes through TCMU survive commit; e2fsck -fn clean ($(elapsed))"
+                else
+                    bad "c) after commit: e2fsck rc $fsck or files differ"
+                    tail -5 $W/fsck.log
+                fi
+                umount $W/mnt 2>/dev/null
+            else
+                bad "c) committed image: device not created"
+            fi
+        else
+            bad "c) obd commit failed"
+        fi
+    else
+        bad "c) writable device does not mount"
+    fi
+else
+    bad "c) writable device not created: '$(cat $W/rw.result 2>/dev/null)'"
+fi
+
+# ---- d) bad configs -------------------------------------------------------
+config missing $W/no-such-layer.lsmt
+cp $R/layer0.lsmt $W/corrupt.lsmt
+printf 'garbage-garbage-garbage' | dd of=$W/corrupt.lsmt conv=notrunc 2>/dev/null
+config corrupt $W/corrupt.lsmt
+for name in missing corrupt; do
+    make_dev $name $W/$name.json 1073741824 >/dev/null 2>&1
+    r=$(wait_result $name)
+    case "$r" in
+    failed:?*) ok "d) $name: resultFile says '$r'" ;;
+    *) bad "d) $name: resultFile says '$r'" ;;
+    esac
+done
+sha_per_mib ${DEV[lsmt0]:-/nonexistent} 16 >$W/again.got 2>/dev/null
+if cmp -s $W/lsmt0.want $W/again.got; then
+    ok "d) another device still reads right"
+else
+    bad "d) another device stopped working"
+fi
+
+# ---- e) daemon restart ----------------------------------------------------
+stop_daemon KILL
+echo 3 >/proc/sys/vm/drop_caches
+start_daemon
+sha_per_mib ${DEV[ztool]:-/nonexistent} 16 >$W/restart.got 2>/dev/null
+if cmp -s $W/ztool.want $W/restart.got; then
+    ok "e) after a restart of obd tcmu the devices are served again ($(elapsed))"
+else
+    bad "e) devices not served after a restart"
+fi
+
+# ---- teardown, reverse order ---------------------------------------------
+for name in corrupt missing rw2 dev ztool zcommit lsmt2 lsmt1 lsmt0; do
+    [ -n "${WWN[$name]:-}" ] && remove_dev $name
+done
+rmdir $C/core/user_1 2>/dev/null
+if [ -z "$(ls $C/loopback 2>/dev/null | grep naa)" ] && [ ! -d $C/core/user_1 ]; then
+    ok "teardown: configfs empty"
+else
+    bad "teardown left configfs entries"
+fi
+stop_daemon TERM
+echo "--- daemon log"
+tail -40 $LOG
+finish

@@ -3,28 +3,31 @@
 # loop device over the same image flattened to a raw file, in one VM boot.
 # Not a test; CI does not run it.
 #
-#   bash scripts/bench-ublk.sh [--runtime S] [--ramp S] [--mem MB] [--smp N]
-#                              [--no-build] [--remake-data]
+#   bash scripts/bench-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--mem MB]
+#                              [--smp N] [--no-build] [--remake-data]
 #
 # On the host it builds obd (cargo build --release -p obd) and copies the
 # binary to target/bench/obd (so a rebuild by someone else mid-run cannot
 # change it), and makes, once, under target/bench/data/:
 #   layer 0   `obd import` of a 1 GiB `mkfs.ext4 -d` image of ~620 MiB of
-#             generated files (text-like, binary-like, random; fixed seed);
+#             generated files (code-like text, binary-like, random; fixed
+#             seed; lz4 4 KiB blocks compress it ~1.4x);
 #   layer 1,2 sparse writable layers (`obd create -s`) given random 4 KiB and
 #             64 KiB writes (~31 MiB each, fixed seeds), then `obd commit`;
 #   both a plain LSMT stack and a ZFile stack (`import -z`, `commit -z`, lz4,
-#   4 KiB blocks) of the same bytes, and the flattened raw (`obd export`);
-#   the two stacks are checked to export the same bytes.
-# Then one VM boot (tests/vm/run.sh) copies the files into the guest's tmpfs
-# and runs, for each device, fio --direct=1 --ioengine=io_uring:
+#   4 KiB blocks) of the same bytes, checked to `obd export` the same raw.
+# Then one VM boot (tests/vm/run.sh, 6 GiB, 2 vCPUs) copies the layers into
+# the guest's tmpfs, exports the flattened raw there, and runs for each case
+# fio --ioengine=io_uring (--direct=1 on devices), caches dropped before each:
 #   seq     read     bs=1M iodepth=8
 #   rand    randread bs=4k iodepth=32
-# each time_based for RUNTIME s after RAMP s, with caches dropped before.
-# Devices: loop over the raw (direct-io on, then off), ublk over the LSMT
-# stack and over the ZFile stack with --queues 1 and 2, and the first loop
-# again at the end as a drift check (other jobs load the host).
-# The table (MB/s, IOPS, ratio to loop dio=on, CPU use) is printed, written to
+# time_based RUNTIME s after RAMP s. Cases: loop over the raw with
+# direct-io on and off; fio on the raw file itself (buffered: what a
+# userspace reader of tmpfs gets); ublk over the LSMT stack and over the
+# ZFile stack with --queues 1 and 2. N rounds, even ones in reverse order
+# (the host's load drifts: other jobs share its cores).
+# The table (means and per-round MB/s and IOPS, ratio to the better loop
+# mode, CPU use, obd daemon CPU per thread) is printed, written to
 # $OBD_VM_RESULTS/bench-ublk.md and copied to target/bench/.
 # Emulated CPUs (TCG) distort absolutes: read the ratios.
 set -euo pipefail
@@ -43,6 +46,7 @@ PY=/usr/bin/python3
 
 runtime=15
 ramp=2
+rounds=2
 mem=6144
 smp=2
 build=1
@@ -51,6 +55,7 @@ while (($#)); do
     case $1 in
         --runtime) runtime=$2; shift 2 ;;
         --ramp) ramp=$2; shift 2 ;;
+        --rounds) rounds=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
         --no-build) build=0; shift ;;
@@ -197,10 +202,11 @@ host_main() {
     results=$(mktemp -d /tmp/obd-bench-ublk.XXXXXX)
     local rc=0
     tests/vm/run.sh --timeout 1800 --mem "$mem" --smp "$smp" --results "$results" --quiet \
-        -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" || rc=$?
+        -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" || rc=$?
     if [[ -s $results/bench-ublk.md ]]; then
         cp "$results/bench-ublk.md" "$BENCH/bench-ublk.md"
-        cp -r "$results/fio" "$BENCH/" 2>/dev/null || true
+        rm -rf "$BENCH/fio"
+        cp -r "$results/fio" "$results/rows.tsv" "$BENCH/" 2>/dev/null || true
         cat "$BENCH/bench-ublk.md"
         say "table in $BENCH/bench-ublk.md (VM results in $results)"
     else
@@ -215,26 +221,24 @@ host_main() {
 OBD=$BENCH/obd
 W=/tmp/bench
 OUT=${OBD_VM_RESULTS:-/tmp}
-ROWS=$W/rows.tsv
+ROWS=$OUT/rows.tsv
 
 cpu_total() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
-proc_cpu() { # "utime stime" (ticks) of PIDS, all their threads (io-wq workers too)
-    local p u=0 s=0 a
+# threads PIDS...: "comm utime stime" (ticks) of every thread of PIDS
+threads() {
+    local p t
     for p in "$@"; do
-        if [[ -r /proc/$p/stat ]]; then
-            read -r -a a <<<"$(awk '{ print $14, $15 }' "/proc/$p/stat")"
-            u=$((u + a[0]))
-            s=$((s + a[1]))
-        fi
+        for t in /proc/"$p"/task/*; do
+            [[ -r $t/stat ]] && echo "$(cat "$t/comm" 2>/dev/null) $(awk '{ print $14, $15 }' "$t/stat" 2>/dev/null)"
+        done
     done
-    echo "$u $s"
 }
 
-# run_fio DEV LABEL QUEUES PIDS...: both workloads; one row each in ROWS:
-# label queues workload MB/s IOPS cpu-busy% daemon-cpu%
+# run_fio DEV LABEL QUEUES FIOFLAGS PIDS...: both workloads; a row each in
+# ROWS: round label queues workload MB/s IOPS cpu-busy% daemon-threads
 run_fio() {
-    local dev=$1 label=$2 queues=$3
-    shift 3
+    local dev=$1 label=$2 queues=$3 flags=$4
+    shift 4
     local pids=("$@") wl
     for wl in seq rand; do
         local args
@@ -245,44 +249,63 @@ run_fio() {
         fi
         sync
         echo 3 >/proc/sys/vm/drop_caches
-        local json=$OUT/fio/$label-q$queues-$wl.json
-        local c0 d0 c1 d1
+        local json=$OUT/fio/r$round-$label-q$queues-$wl.json
+        local c0 c1
         read -r -a c0 <<<"$(cpu_total)"
-        read -r -a d0 <<<"$(proc_cpu "${pids[@]}")"
-        fio --name="$wl" --filename="$dev" --direct=1 --ioengine=io_uring "${args[@]}" \
+        threads "${pids[@]}" >"$W/t0"
+        # shellcheck disable=SC2086 # flags are words
+        fio --name="$wl" --filename="$dev" $flags --ioengine=io_uring "${args[@]}" \
             --time_based --runtime="$runtime" --ramp_time="$ramp" \
             --output-format=json --output="$json" >/dev/null
         read -r -a c1 <<<"$(cpu_total)"
-        read -r -a d1 <<<"$(proc_cpu "${pids[@]}")"
-        "$PY" - "$json" "$label" "$queues" "$wl" "${c0[@]}" "${c1[@]}" "${d0[@]}" "${d1[@]}" \
-            "$(getconf CLK_TCK)" "$(nproc)" >>"$ROWS" <<'PY'
-import json, sys
-path, label, queues, wl = sys.argv[1:5]
-b0, i0, b1, i1, u0, s0, u1, s1, hz, ncpu = map(float, sys.argv[5:15])
+        threads "${pids[@]}" >"$W/t1"
+        "$PY" - "$json" "$round" "$label" "$queues" "$wl" "${c0[@]}" "${c1[@]}" \
+            "$(getconf CLK_TCK)" "$(nproc)" "$W/t0" "$W/t1" >>"$ROWS" <<'PY'
+import collections, json, re, sys
+path, rnd, label, queues, wl = sys.argv[1:6]
+b0, i0, b1, i1, hz, ncpu = map(float, sys.argv[6:12])
 j = json.load(open(path))["jobs"][0]["read"]
 busy = 100 * (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
-# daemon CPU over the whole fio run (ramp included), as % of one CPU
-secs = (b1 - b0 + i1 - i0) / hz / ncpu
-if u1 + s1 > 0:
-    usr, sy = (100 * (u1 - u0) / hz / secs, 100 * (s1 - s0) / hz / secs)
-    daemon = f"{usr + sy:.0f} ({usr:.0f}u+{sy:.0f}s)"
-else:
-    daemon = "-"
-print(f"{label}\t{queues}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0f}\t{busy:.0f}\t{daemon}")
+secs = (b1 - b0 + i1 - i0) / hz / ncpu   # wall time of the fio run, ramp included
+def snap(f):
+    out = collections.Counter()
+    for line in open(f):
+        w = line.split()
+        if len(w) == 3:
+            comm = re.sub(r"-?\d+$", "", w[0])   # iou-wrk-257 -> iou-wrk
+            out[(comm, "u")] += int(w[1])
+            out[(comm, "s")] += int(w[2])
+    return out
+t0, t1 = snap(sys.argv[12]), snap(sys.argv[13])
+parts = []
+for comm in sorted({c for c, _ in t1}):
+    u = 100 * (t1[(comm, "u")] - t0[(comm, "u")]) / hz / secs
+    s_ = 100 * (t1[(comm, "s")] - t0[(comm, "s")]) / hz / secs
+    if u + s_ >= 1:
+        parts.append(f"{comm} {u:.0f}u+{s_:.0f}s")
+daemon = ", ".join(parts) if parts else "-"
+print(f"{rnd}\t{label}\t{queues}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0f}\t{busy:.0f}\t{daemon}")
 PY
         tail -n 1 "$ROWS" | sed 's/^/  /'
     done
 }
 
 loop_case() {
-    local dio=$1 label=$2 dev
+    local dio=$1 label=loop-dio-$1 dev
     dev=$(losetup -f --show --read-only --direct-io="$dio" "$W/flat.raw")
     local got
     got=$(cat "/sys/block/${dev#/dev/}/loop/dio")
-    echo "== $label: $dev (direct-io=$dio asked, /sys/.../loop/dio=$got)"
+    echo "== round $round $label: $dev (direct-io=$dio asked, /sys/block/${dev#/dev/}/loop/dio=$got)"
     echo "$label	$got" >>"$W/dio.tsv"
-    run_fio "$dev" "$label" - 
+    run_fio "$dev" "$label" - --direct=1
     losetup -d "$dev"
+}
+
+# fio straight on the raw file in tmpfs, buffered, io_uring: roughly what a
+# userspace server reading these bytes with io_uring can get at most.
+file_case() {
+    echo "== round $round file: fio --direct=0 on $W/flat.raw"
+    run_fio "$W/flat.raw" file-buffered - --direct=0
 }
 
 ublk_case() {
@@ -296,9 +319,20 @@ PY
     [[ -b $dev ]] || { echo "obd add printed '$dev'"; return 1; }
     local pids
     mapfile -t pids < <(pgrep -f -- "--config $cfg" || true)
-    echo "== ublk $kind --queues $queues: $dev (daemon pids ${pids[*]:-?})"
-    run_fio "$dev" "ublk-$kind" "$queues" "${pids[@]}"
+    echo "== round $round ublk $kind --queues $queues: $dev (daemon pids ${pids[*]:-?})"
+    run_fio "$dev" "ublk-$kind" "$queues" --direct=1 "${pids[@]}"
     "$OBD" del -n "${dev#/dev/ublkb}"
+}
+
+run_case() {
+    case $1 in
+        loop-*) loop_case "${1#loop-}" ;;
+        file) file_case ;;
+        ublk-*)
+            local k=${1#ublk-}
+            ublk_case "${k%-*}" "${k##*-}"
+            ;;
+    esac
 }
 
 guest_main() {
@@ -311,7 +345,8 @@ guest_main() {
     echo "copied the layers into tmpfs in $((SECONDS - t0)) s"
     # the flattened raw, made here (faster than copying 1 GiB over 9p)
     t0=$SECONDS
-    "$OBD" export --output "$W/flat.raw" "$W/layer0.lsmt" "$W/layer1.lsmt" "$W/layer2.lsmt"
+    "$OBD" export --output "$W/flat.raw" "$W/layer0.lsmt" "$W/layer1.lsmt" "$W/layer2.lsmt" \
+        2>"$W/export.err" || { cat "$W/export.err"; exit 1; }
     [[ $(sha256sum <"$W/flat.raw" | cut -d' ' -f1) == "$(cat "$DATA/flat.sha256")" ]] ||
         { echo "flat.raw differs from the host's export"; exit 1; }
     echo "exported and checked flat.raw in $((SECONDS - t0)) s:"
@@ -320,51 +355,66 @@ guest_main() {
     fio --version
     uname -r
 
-    loop_case on loop-dio-on
-    loop_case off loop-dio-off
-    for kind in lsmt zfile; do
-        for q in 1 2; do
-            ublk_case "$kind" "$q"
-        done
+    # Odd rounds in this order, even rounds reversed, so a slow drift in the
+    # host's load (other jobs share its cores) evens out in the means.
+    local cases=(loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2) c i
+    for ((round = 1; round <= rounds; round++)); do
+        if ((round % 2)); then
+            for c in "${cases[@]}"; do run_case "$c"; done
+        else
+            for ((i = ${#cases[@]} - 1; i >= 0; i--)); do run_case "${cases[i]}"; done
+        fi
     done
-    loop_case on loop-dio-on-again
 
     local rev
     rev=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')
     "$PY" - "$ROWS" "$W/dio.tsv" "$runtime" "$ramp" "$(nproc)" "$(free -m | awk '/Mem:/ { print $2 }')" \
-        "$(fio --version)" "$(uname -r)" "$rev" >"$OUT/bench-ublk.md" <<'PY'
-import sys
-rows_path, dio_path, runtime, ramp, ncpu, mem, fiov, kver, rev = sys.argv[1:]
+        "$(fio --version)" "$(uname -r)" "$rev" "$rounds" >"$OUT/bench-ublk.md" <<'PY'
+import statistics, sys
+rows_path, dio_path, runtime, ramp, ncpu, mem, fiov, kver, rev, rounds = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(rows_path) if l.strip()]
 dio = dict(l.split() for l in open(dio_path) if l.strip())
-r = {}
-order = []
-for label, q, wl, mbs, iops, busy, dcpu in rows:
+r, order = {}, []
+for rnd, label, q, wl, mbs, iops, busy, threads in rows:
     key = (label, q)
     if key not in r:
-        r[key] = {}
+        r[key] = {"seq": [], "rand": []}
         order.append(key)
-    r[key][wl] = (float(mbs), float(iops), busy, dcpu)
-# baseline: the better of the two loop modes, per workload
-loops = [r[k] for k in (("loop-dio-on", "-"), ("loop-dio-off", "-")) if k in r]
-base = {wl: max(l[wl][0 if wl == "seq" else 1] for l in loops) for wl in ("seq", "rand")}
-print(f"fio --direct=1 --ioengine=io_uring, time_based {runtime} s after {ramp} s ramp, caches dropped before each;")
-print(f"seq = read bs=1M iodepth=8, rand = randread bs=4k iodepth=32. Guest: {ncpu} vCPUs (qemu TCG), {mem} MB,")
-print(f"kernel {kver}, {fiov}, obd {rev}. Images in guest tmpfs.")
-print("Ratio = this / the better loop mode (first runs) for that workload.")
-print("CPU = whole-guest busy %; daemon = obd daemon CPU (all threads) as % of one vCPU, user+sys.")
+    r[key][wl].append((float(mbs), float(iops), int(busy), threads))
+def val(key, wl):   # per-round values: MB/s for seq, IOPS for rand
+    return [x[0] if wl == "seq" else x[1] for x in r[key][wl]]
+def mean(key, wl):
+    return statistics.mean(val(key, wl))
+loops = [k for k in (("loop-dio-on", "-"), ("loop-dio-off", "-")) if k in r]
+base = {wl: max(mean(k, wl) for k in loops) for wl in ("seq", "rand")}
+print(f"fio --ioengine=io_uring, time_based {runtime} s after {ramp} s ramp, caches dropped before each;")
+print("seq = read bs=1M iodepth=8, rand = randread bs=4k iodepth=32; devices with --direct=1.")
+print(f"Guest: {ncpu} vCPUs (qemu TCG), {mem} MB, kernel {kver}, {fiov}, obd {rev}; images in guest tmpfs.")
+print(f"{rounds} round(s), even rounds in reverse order; values are means [per round].")
+print("ratio = value / the better loop mode's mean for that workload.")
+print("CPU = whole-guest busy % (seq / rand). file-buffered = fio on the raw file itself,")
+print("buffered, io_uring: roughly the ceiling for a userspace reader of tmpfs.")
 print()
-print("| device | queues | seq MB/s | seq ratio | rand IOPS | rand ratio | CPU seq/rand | daemon seq/rand |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| device | queues | seq MB/s | seq ratio | rand IOPS | rand ratio | CPU % |")
+print("|---|---|---:|---:|---:|---:|---:|")
 for key in order:
     label, q = key
-    s, x = r[key]["seq"], r[key]["rand"]
-    name = label
-    if label in dio:
-        name += f" (loop/dio={dio[label]})"
-    d = "-" if s[3] == "-" else f"{s[3]} / {x[3]}"
-    print(f"| {name} | {q} | {s[0]:.0f} | {s[0] / base['seq']:.2f} | {x[1]:.0f} | "
-          f"{x[1] / base['rand']:.2f} | {s[2]}% / {x[2]}% | {d} |")
+    name = label + (f" (loop/dio={dio[label]})" if label in dio else "")
+    cells = []
+    for wl in ("seq", "rand"):
+        v = val(key, wl)
+        cells.append(f"{mean(key, wl):.0f} [" + "/".join(f"{x:.0f}" for x in v) + "]")
+        cells.append(f"{mean(key, wl) / base[wl]:.2f}")
+    cpu = (f"{statistics.mean(x[2] for x in r[key]['seq']):.0f} / "
+           f"{statistics.mean(x[2] for x in r[key]['rand']):.0f}")
+    print(f"| {name} | {q} | " + " | ".join(cells) + f" | {cpu} |")
+print()
+print("obd daemon CPU by thread, % of one vCPU, user+sys, round 1 (iou-wrk = io_uring io-wq workers):")
+print()
+for key in order:
+    if key[0].startswith("ublk"):
+        s, x = r[key]["seq"][0][3], r[key]["rand"][0][3]
+        print(f"- {key[0]} --queues {key[1]}: seq: {s}; rand: {x}")
 PY
     echo
     cat "$OUT/bench-ublk.md"

@@ -121,7 +121,14 @@ guest_results=/run/obd-vm/results
     done
     # shellcheck disable=SC2016 # expanded in the guest
     echo 'mkdir -p "$HOME"'
-    printf 'cd %q 2>/dev/null || cd /\n' "$PWD"
+    # The guest's /tmp is its own tmpfs; the host's /tmp is seen at
+    # /run/obd-vm/host-tmp, so a checkout under /tmp (as CI may use) maps there.
+    guest_cwd=$PWD
+    case $PWD in
+        /tmp) guest_cwd=/run/obd-vm/host-tmp ;;
+        /tmp/*) guest_cwd=/run/obd-vm/host-tmp/${PWD#/tmp/} ;;
+    esac
+    printf 'cd %q || { echo "obd-vm: cannot enter %q in the guest" >&2; exit 125; }\n' "$guest_cwd" "$guest_cwd"
     printf 'exec'
     printf ' %q' "$@"
     printf '\n'

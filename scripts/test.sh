@@ -39,4 +39,4 @@ cargo build --release --locked -p obd
 OBD_BIN=target/release/obd tests/vm/run.sh --timeout 1500 --env OBD_BIN -- bash tests/vm/ublk/all.sh
 echo "== VM: TCMU (obd tcmu serving configfs/tcm_loop devices in a Debian 6.12 kernel under qemu)"
 cargo build --locked --bin obd
-tests/vm/run.sh --quiet --timeout 1500 -- tests/vm/tcmu/tcmu.sh
+tests/vm/run.sh --timeout 1500 -- tests/vm/tcmu/tcmu.sh

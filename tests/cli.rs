@@ -3,37 +3,12 @@
 #[path = "../overlaybd/tests/common/mod.rs"]
 mod common;
 
+mod obd_cli;
+use obd_cli::{obd_err, obd_ok, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::{fixtures, sha256_hex, ReferenceVectors};
-
-fn obd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .expect("run obd")
-}
-
-fn obd_ok(args: &[&str]) -> Output {
-    let out = obd(args);
-    assert!(
-        out.status.success(),
-        "obd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn obd_err(args: &[&str]) -> String {
-    let out = obd(args);
-    assert!(!out.status.success(), "obd {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn assert_raw_matches(v: &ReferenceVectors, raw: &Path, n: usize) {
     let data = std::fs::read(raw).unwrap();

@@ -6,32 +6,12 @@ mod common;
 #[path = "../overlaybd/tests/remote_support/mod.rs"]
 mod remote_support;
 
+mod obd_cli;
+use obd_cli::{obd, obd_ok, s};
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::ReferenceVectors;
 use remote_support::{Auth, Registry, PASSWORD, USER};
-
-fn obd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .expect("run obd")
-}
-
-fn obd_ok(args: &[&str]) -> Output {
-    let out = obd(args);
-    assert!(
-        out.status.success(),
-        "obd {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn global_config(dir: &Path, port: u16) -> std::path::PathBuf {
     let creds = dir.join("cred.json");

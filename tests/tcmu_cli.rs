@@ -2,15 +2,9 @@
 //! missing, and the daemon must refuse to idle on a kernel without TCMU.
 //! (Serving real devices is tested in a VM: tests/vm/tcmu/.)
 
+mod obd_cli;
+use obd_cli::obd;
 use std::path::Path;
-use std::process::Command;
-
-fn obd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .expect("run obd")
-}
 
 fn tcmu_present() -> bool {
     Path::new("/sys/module/target_core_user").exists()

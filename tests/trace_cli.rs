@@ -4,8 +4,9 @@
 #[path = "../overlaybd/tests/common/mod.rs"]
 mod common;
 
+mod obd_cli;
+use obd_cli::{obd_err, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use common::fixtures;
@@ -15,31 +16,9 @@ use trace_tools::events::{BlockEvent, Event, EventWriter, Header, PageEvent, VER
 use trace_tools::ext4::Ext4;
 use trace_tools::StackSource;
 
-fn obd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(args)
-        .output()
-        .expect("run obd")
-}
-
-fn obd_ok(args: &[&str]) -> String {
-    let out = obd(args);
-    assert!(
-        out.status.success(),
-        "obd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn obd_err(args: &[&str]) -> String {
-    let out = obd(args);
-    assert!(!out.status.success(), "obd {args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+/// Run `obd ARGS...`; it must succeed. Returns its stdout.
+fn obd_stdout(args: &[&str]) -> String {
+    String::from_utf8_lossy(&obd_cli::obd_ok(args).stdout).into_owned()
 }
 
 fn layers() -> [PathBuf; 2] {
@@ -126,7 +105,7 @@ fn convert_maps_device_reads_to_layer_records_and_files() {
     let trace = dir.path().join("app.trace");
     let list = dir.path().join("app.list");
     let [l0, l1] = layers();
-    let said = obd_ok(&[
+    let said = obd_stdout(&[
         "trace",
         "convert",
         s(&l0),
@@ -176,16 +155,16 @@ fn convert_maps_device_reads_to_layer_records_and_files() {
     assert!(total >= 2 << 20, "{total}");
 
     // show: every kind.
-    let shown = obd_ok(&["trace", "show", s(&events)]);
+    let shown = obd_stdout(&["trace", "show", s(&events)]);
     assert!(shown.contains("per process"), "{shown}");
     assert!(shown.contains("app"), "{shown}");
     assert!(shown.contains("1 writes"), "{shown}");
-    let shown = obd_ok(&["trace", "show", s(&trace)]);
+    let shown = obd_stdout(&["trace", "show", s(&trace)]);
     assert!(
         shown.starts_with(&format!("layer trace: {} records", records.len())),
         "{shown}"
     );
-    let shown = obd_ok(&["trace", "show", s(&list)]);
+    let shown = obd_stdout(&["trace", "show", s(&list)]);
     assert!(shown.starts_with("text list: 3 paths"), "{shown}");
 
     // The config form gives the same trace.
@@ -196,7 +175,7 @@ fn convert_maps_device_reads_to_layer_records_and_files() {
     )
     .unwrap();
     let again = dir.path().join("again.trace");
-    obd_ok(&[
+    obd_stdout(&[
         "trace",
         "convert",
         "--config",
@@ -242,7 +221,7 @@ fn page_events_alone_are_mapped_through_file_extents() {
     std::fs::write(&only_pages, pages).unwrap();
     let [l0, l1] = layers();
     let (a, b) = (dir.path().join("a.trace"), dir.path().join("b.trace"));
-    obd_ok(&[
+    obd_stdout(&[
         "trace",
         "convert",
         s(&l0),
@@ -252,7 +231,7 @@ fn page_events_alone_are_mapped_through_file_extents() {
         "-o",
         s(&a),
     ]);
-    obd_ok(&[
+    obd_stdout(&[
         "trace",
         "convert",
         s(&l0),
@@ -277,7 +256,7 @@ fn plot_draws_png_and_svg_of_events_and_traces() {
     );
     let [l0, l1] = layers();
     let trace = dir.path().join("app.trace");
-    obd_ok(&[
+    obd_stdout(&[
         "trace",
         "convert",
         s(&l0),
@@ -290,8 +269,8 @@ fn plot_draws_png_and_svg_of_events_and_traces() {
     for (input, name) in [(&events, "events"), (&trace, "trace")] {
         let png = dir.path().join(format!("{name}.png"));
         let svg = dir.path().join(format!("{name}.svg"));
-        obd_ok(&["trace", "plot", s(input), "-o", s(&png)]);
-        obd_ok(&[
+        obd_stdout(&["trace", "plot", s(input), "-o", s(&png)]);
+        obd_stdout(&[
             "trace",
             "plot",
             s(input),

@@ -71,6 +71,16 @@ impl Entry {
     pub fn end(&self) -> u64 {
         self.offset + self.length
     }
+
+    /// The entry as an in-memory extent of layer `layer`.
+    pub fn extent(&self, layer: u8) -> Extent {
+        Extent {
+            length: self.length,
+            moffset: self.moffset,
+            zeroed: self.zeroed,
+            layer,
+        }
+    }
 }
 
 /// Where a mapped extent's bytes are: which layer, at which sector of it.

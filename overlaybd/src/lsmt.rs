@@ -553,7 +553,7 @@ impl WritableLayer {
                         ),
                     ));
                 }
-                map.insert(entry.offset, extent_of(&entry, 0));
+                map.insert(entry.offset, entry.extent(0));
             }
             done += n;
         }
@@ -696,7 +696,7 @@ impl WritableLayer {
             .write_all_at(&entry.encode(), state.index_end)
             .context(|| format!("{} (index)", self.name))?;
         state.index_end += ENTRY_SIZE as u64;
-        state.map.insert(entry.offset, extent_of(&entry, 0));
+        state.map.insert(entry.offset, entry.extent(0));
         Ok(())
     }
 
@@ -823,15 +823,6 @@ impl WritableLayer {
         };
         out.write_all(&trailer.encode())
             .context(|| "sealed output".to_string())
-    }
-}
-
-fn extent_of(entry: &Entry, layer: u8) -> Extent {
-    Extent {
-        length: entry.length,
-        moffset: entry.moffset,
-        zeroed: entry.zeroed,
-        layer,
     }
 }
 
@@ -1027,7 +1018,7 @@ fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<()> {
 pub fn entries_to_map(entries: &[Entry], layer: u8) -> IntervalMap {
     let mut map = IntervalMap::new();
     for e in entries {
-        map.insert(e.offset, extent_of(e, layer));
+        map.insert(e.offset, e.extent(layer));
     }
     map
 }

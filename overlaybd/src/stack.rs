@@ -64,15 +64,7 @@ impl Stack {
         let mut lower_map = IntervalMap::new();
         for (i, layer) in lowers.iter().enumerate() {
             for entry in &layer.entries {
-                lower_map.insert(
-                    entry.offset,
-                    crate::index::Extent {
-                        length: entry.length,
-                        moffset: entry.moffset,
-                        zeroed: entry.zeroed,
-                        layer: i as u8,
-                    },
-                );
+                lower_map.insert(entry.offset, entry.extent(i as u8));
             }
         }
         // The topmost layer that states a size wins.

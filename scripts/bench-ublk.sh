@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Benchmark (issue 3): /dev/ublkbN serving a 3-layer stack against the kernel
-# loop device over the same image flattened to a raw file, in one VM boot.
-# Not a test; CI does not run it.
+# Benchmark (issues 3 and 6): /dev/ublkbN and a TCMU /dev/sdX (`obd tcmu`,
+# the snapshotter's configfs steps) serving a 3-layer stack, against the
+# kernel loop device over the same image flattened to a raw file, in one VM
+# boot. Not a test; CI does not run it.
 #
 #   bash scripts/bench-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--mem MB]
 #                              [--smp N] [--no-build] [--remake-data]
+#                              [--cases 'CASE ...']
 #
 # On the host it builds obd (cargo build --release -p obd) and copies the
 # binary to target/bench/obd (so a rebuild by someone else mid-run cannot
@@ -24,10 +26,14 @@
 # time_based RUNTIME s after RAMP s. Cases: loop over the raw with
 # direct-io on and off; fio on the raw file itself (buffered: what a
 # userspace reader of tmpfs gets); ublk over the LSMT stack and over the
-# ZFile stack with --queues 1 and 2. N rounds, even ones in reverse order
-# (the host's load drifts: other jobs share its cores).
+# ZFile stack with --queues 1 and 2; TCMU (`obd tcmu`, tcm_loop) over the
+# same two stacks. N rounds, even ones in reverse order (the host's load
+# drifts: other jobs share its cores). --cases picks a subset (names:
+# loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2
+# tcmu-lsmt tcmu-zfile).
 # The table (means and per-round MB/s and IOPS, ratio to the better loop
-# mode, CPU use, obd daemon CPU per thread) is printed, written to
+# mode, TCMU/ublk ratio, CPU use, obd daemon CPU per thread) is printed,
+# written to
 # $OBD_VM_RESULTS/bench-ublk.md and copied to target/bench/.
 # Emulated CPUs (TCG) distort absolutes: read the ratios.
 set -euo pipefail
@@ -51,6 +57,7 @@ mem=6144
 smp=2
 build=1
 remake=0
+cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 tcmu-lsmt tcmu-zfile"
 while (($#)); do
     case $1 in
         --runtime) runtime=$2; shift 2 ;;
@@ -60,6 +67,7 @@ while (($#)); do
         --smp) smp=$2; shift 2 ;;
         --no-build) build=0; shift ;;
         --remake-data) remake=1; shift ;;
+        --cases) cases=$2; shift 2 ;;
         *) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
@@ -202,7 +210,8 @@ host_main() {
     results=$(mktemp -d /tmp/obd-bench-ublk.XXXXXX)
     local rc=0
     tests/vm/run.sh --timeout 1800 --mem "$mem" --smp "$smp" --results "$results" --quiet \
-        -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" || rc=$?
+        -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" \
+        --cases "$cases" || rc=$?
     if [[ -s $results/bench-ublk.md ]]; then
         cp "$results/bench-ublk.md" "$BENCH/bench-ublk.md"
         rm -rf "$BENCH/fio"
@@ -308,13 +317,21 @@ file_case() {
     run_fio "$W/flat.raw" file-buffered - --direct=0
 }
 
-ublk_case() {
-    local kind=$1 queues=$2 cfg=$W/$1.json dev
-    "$PY" - "$cfg" "$W/layer0.$kind" "$W/layer1.$kind" "$W/layer2.$kind" <<'PY'
+# stack_config KIND: write $W/KIND.json, the 3-layer stack of KIND (lsmt or
+# zfile), and print its path.
+stack_config() {
+    local cfg=$W/$1.json
+    "$PY" - "$cfg" "$W/layer0.$1" "$W/layer1.$1" "$W/layer2.$1" <<'PY'
 import json, sys
 cfg, *lowers = sys.argv[1:]
 json.dump({"lowers": [{"file": l} for l in lowers], "resultFile": cfg + ".result"}, open(cfg, "w"))
 PY
+    echo "$cfg"
+}
+
+ublk_case() {
+    local kind=$1 queues=$2 cfg dev
+    cfg=$(stack_config "$kind")
     dev=$("$OBD" add --config "$cfg" --queues "$queues")
     [[ -b $dev ]] || { echo "obd add printed '$dev'"; return 1; }
     local pids
@@ -324,8 +341,36 @@ PY
     "$OBD" del -n "${dev#/dev/ublkb}"
 }
 
+# TCMU: one `obd tcmu` daemon for the whole boot; a device per case,
+# made and removed with the snapshotter's configfs steps.
+TCMU_DAEMON=
+tcmu_case() {
+    local kind=$1 cfg size
+    cfg=$(stack_config "$kind")
+    rm -f "$cfg.result"
+    if [[ -z $TCMU_DAEMON ]]; then
+        "$OBD" tcmu >>"$OUT/tcmu-daemon.log" 2>&1 &
+        TCMU_DAEMON=$!
+    fi
+    size=$(stat -c %s "$W/flat.raw")
+    make_dev "bench-$kind" "$cfg" "$size" || { echo "TCMU device for $kind not created"; return 1; }
+    local dev=${DEV[bench-$kind]} i
+    for i in $(seq 1 50); do
+        [[ -s $cfg.result ]] && break
+        sleep 0.2
+    done
+    [[ $(cat "$cfg.result" 2>/dev/null) == success ]] ||
+        { echo "TCMU $kind: resultFile '$(cat "$cfg.result" 2>/dev/null)'"; return 1; }
+    # the same request limits as ublk's defaults would not be fair to
+    # either: leave sd's own (max_sectors_kb from the block limits VPD)
+    echo "== round $round tcmu $kind: $dev (max_sectors_kb $(cat "/sys/block/${dev#/dev/}/queue/max_sectors_kb"), daemon pid $TCMU_DAEMON)"
+    run_fio "$dev" "tcmu-$kind" 1 --direct=1 "$TCMU_DAEMON"
+    remove_dev "bench-$kind" || true
+}
+
 run_case() {
     case $1 in
+        tcmu-*) tcmu_case "${1#tcmu-}" ;;
         loop-*) loop_case "${1#loop-}" ;;
         file) file_case ;;
         ublk-*)
@@ -337,6 +382,12 @@ run_case() {
 
 guest_main() {
     [[ -c /dev/ublk-control ]] || { echo "ublk_drv is not loaded"; exit 1; }
+    if [[ $cases == *tcmu-* ]]; then
+        [[ -d /sys/module/target_core_user && -d /sys/module/tcm_loop && -d /sys/kernel/config/target/core ]] ||
+            { echo "TCMU (target_core_user, tcm_loop, configfs) is missing in this kernel"; exit 1; }
+        # shellcheck source=tests/vm/tcmu/lib.sh
+        . "$REPO/tests/vm/tcmu/lib.sh"
+    fi
     mkdir -p "$W" "$OUT/fio"
     : >"$ROWS"
     : >"$W/dio.tsv"
@@ -357,12 +408,13 @@ guest_main() {
 
     # Odd rounds in this order, even rounds reversed, so a slow drift in the
     # host's load (other jobs share its cores) evens out in the means.
-    local cases=(loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2) c i
+    local c i case_list
+    read -r -a case_list <<<"$cases"
     for ((round = 1; round <= rounds; round++)); do
         if ((round % 2)); then
-            for c in "${cases[@]}"; do run_case "$c"; done
+            for c in "${case_list[@]}"; do run_case "$c"; done
         else
-            for ((i = ${#cases[@]} - 1; i >= 0; i--)); do run_case "${cases[i]}"; done
+            for ((i = ${#case_list[@]} - 1; i >= 0; i--)); do run_case "${case_list[i]}"; done
         fi
     done
 
@@ -386,7 +438,7 @@ def val(key, wl):   # per-round values: MB/s for seq, IOPS for rand
 def mean(key, wl):
     return statistics.mean(val(key, wl))
 loops = [k for k in (("loop-dio-on", "-"), ("loop-dio-off", "-")) if k in r]
-base = {wl: max(mean(k, wl) for k in loops) for wl in ("seq", "rand")}
+base = {wl: max((mean(k, wl) for k in loops), default=None) for wl in ("seq", "rand")}
 print(f"fio --ioengine=io_uring, time_based {runtime} s after {ramp} s ramp, caches dropped before each;")
 print("seq = read bs=1M iodepth=8, rand = randread bs=4k iodepth=32; devices with --direct=1.")
 print(f"Guest: {ncpu} vCPUs (qemu TCG), {mem} MB, kernel {kver}, {fiov}, obd {rev}; images in guest tmpfs.")
@@ -404,18 +456,36 @@ for key in order:
     for wl in ("seq", "rand"):
         v = val(key, wl)
         cells.append(f"{mean(key, wl):.0f} [" + "/".join(f"{x:.0f}" for x in v) + "]")
-        cells.append(f"{mean(key, wl) / base[wl]:.2f}")
+        cells.append(f"{mean(key, wl) / base[wl]:.2f}" if base[wl] else "-")
     cpu = (f"{statistics.mean(x[2] for x in r[key]['seq']):.0f} / "
            f"{statistics.mean(x[2] for x in r[key]['rand']):.0f}")
     print(f"| {name} | {q} | " + " | ".join(cells) + f" | {cpu} |")
+pairs = [(k, ("ublk-" + k, "1"), ("tcmu-" + k, "1")) for k in ("lsmt", "zfile")]
+pairs = [p for p in pairs if p[1] in r and p[2] in r]
+if pairs:
+    print()
+    print("TCMU / ublk (--queues 1), same stack, same boot:")
+    print()
+    print("| stack | seq MB/s tcmu / ublk | seq ratio | rand IOPS tcmu / ublk | rand ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, u, t in pairs:
+        cells = []
+        for wl in ("seq", "rand"):
+            cells.append(f"{mean(t, wl):.0f} / {mean(u, wl):.0f}")
+            cells.append(f"{mean(t, wl) / mean(u, wl):.2f}")
+        print(f"| {kind} | " + " | ".join(cells) + " |")
 print()
 print("obd daemon CPU by thread, % of one vCPU, user+sys, round 1 (iou-wrk = io_uring io-wq workers):")
 print()
 for key in order:
-    if key[0].startswith("ublk"):
+    if key[0].startswith(("ublk", "tcmu")):
         s, x = r[key]["seq"][0][3], r[key]["rand"][0][3]
         print(f"- {key[0]} --queues {key[1]}: seq: {s}; rand: {x}")
 PY
+    if [[ -n $TCMU_DAEMON ]]; then
+        kill "$TCMU_DAEMON" 2>/dev/null || true
+        rmdir /sys/kernel/config/target/core/user_1 2>/dev/null || true
+    fi
     echo
     cat "$OUT/bench-ublk.md"
 }

@@ -14,9 +14,10 @@
 set -u
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 OBD=${OBD_BIN:-$ROOT/target/debug/obd}
-C=/sys/kernel/config/target
 W=/tmp/tcmu
 FIX=$ROOT/tests/fixtures
+# shellcheck source=tests/vm/tcmu/lib.sh
+. "$ROOT/tests/vm/tcmu/lib.sh"
 mkdir -p $W/ref $W/mnt
 LOG=${OBD_VM_RESULTS:-$W}/tcmu-daemon.log
 pass=0
@@ -66,58 +67,6 @@ config() {
     done
     [ "${1:-}" = -- ] && upper="{\"data\": \"$2\", \"index\": \"$3\"}"
     echo "{\"lowers\": [$lowers], \"upper\": $upper, \"resultFile\": \"$W/$name.result\"}" >$W/$name.json
-}
-
-declare -A DEV  # device name → /dev/sdX
-declare -A WWN  # device name → tcm_loop target wwn
-n_dev=0
-# make_dev NAME CONFIG SIZE: the snapshotter's configfs steps; sets DEV[NAME].
-make_dev() {
-    local name=$1 cfg=$2 size=$3
-    n_dev=$((n_dev + 1))
-    local wwn
-    wwn=$(printf 'naa.6001405%09x' $n_dev)
-    local d=$C/core/user_1/$name tpg=$C/loopback/$wwn/tpgt_1
-    local before
-    before=$(ls /sys/block | grep '^sd' | sort)
-    mkdir -p $d || return 1
-    echo -n "dev_config=overlaybd/$cfg" >$d/control || return 1
-    echo -n "dev_size=$size" >$d/control || return 1
-    echo 1 >$d/enable || return 1
-    mkdir -p $tpg/lun/lun_0 || return 1
-    echo "$(printf 'naa.6001405%09x' $((n_dev + 1000)))" >$tpg/nexus || return 1
-    ln -s $d $tpg/lun/lun_0/ || return 1
-    WWN[$name]=$wwn
-    local i new
-    for i in $(seq 1 150); do
-        new=$(comm -13 <(echo "$before") <(ls /sys/block | grep '^sd' | sort) | head -1)
-        if [ -n "$new" ] && [ -b /dev/$new ]; then
-            DEV[$name]=/dev/$new
-            # sd sets the size once it has read the capacity.
-            for i in $(seq 1 50); do
-                [ "$(cat /sys/block/$new/size 2>/dev/null)" != 0 ] && break
-                sleep 0.2
-            done
-            return 0
-        fi
-        sleep 0.2
-    done
-    echo "no /dev/sdX appeared for $name" >&2
-    return 1
-}
-
-# remove_dev NAME: configfs teardown in reverse order.
-remove_dev() {
-    local name=$1 wwn=${WWN[$1]:-}
-    if [ -n "$wwn" ]; then
-        local tpg=$C/loopback/$wwn/tpgt_1
-        rm -f $tpg/lun/lun_0/$name
-        rmdir $tpg/lun/lun_0 2>/dev/null
-        echo NULL >$tpg/nexus 2>/dev/null
-        rmdir $tpg $C/loopback/$wwn 2>/dev/null
-    fi
-    rmdir $C/core/user_1/$name 2>/dev/null
-    unset "DEV[$name]" "WWN[$name]"
 }
 
 # sha_per_mib DEV COUNT: sha256 of each of the first COUNT MiB, one a line

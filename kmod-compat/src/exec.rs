@@ -114,7 +114,6 @@ impl Outcome {
 pub struct Disk {
     pub info: DiskInfo,
     backend: Option<Arc<dyn Backend>>,
-    scratch: Vec<u8>,
     /// Log every command (OBD_TCMU_TRACE=1).
     pub trace: bool,
 }
@@ -134,13 +133,13 @@ impl Disk {
         Disk {
             info,
             backend,
-            scratch: Vec::new(),
             trace: false,
         }
     }
 
-    /// Run the command in `cdb` with its data buffer.
-    pub fn execute(&mut self, cdb: &[u8], data: &mut dyn DataBuf) -> Outcome {
+    /// Run the command in `cdb` with its data buffer. Any number of
+    /// threads may run commands on one disk at once.
+    pub fn execute(&self, cdb: &[u8], data: &mut dyn DataBuf) -> Outcome {
         let command = match scsi::parse(cdb) {
             Ok(c) => c,
             Err(sense) => return Outcome::check(sense),
@@ -189,17 +188,19 @@ impl Disk {
                     return Outcome::check(s);
                 }
                 let total = (blocks as u64 * bs).min(data.len() as u64) as usize;
-                let mut done = 0usize;
-                while done < total {
-                    let n = (total - done).min(CHUNK);
-                    let buf = scratch(&mut self.scratch, n);
-                    if let Err(e) = backend.read(buf, lba * bs + done as u64) {
-                        return Outcome::failed(Sense::UNRECOVERED_READ_ERROR, e);
+                with_scratch(|scratch| {
+                    let mut done = 0usize;
+                    while done < total {
+                        let n = (total - done).min(CHUNK);
+                        let buf = sized(scratch, n);
+                        if let Err(e) = backend.read(buf, lba * bs + done as u64) {
+                            return Outcome::failed(Sense::UNRECOVERED_READ_ERROR, e);
+                        }
+                        data.copy_in(done, buf);
+                        done += n;
                     }
-                    data.copy_in(done, buf);
-                    done += n;
-                }
-                Outcome::good(total)
+                    Outcome::good(total)
+                })
             }
             Command::Write { lba, blocks } => {
                 if !self.info.writable {
@@ -213,17 +214,19 @@ impl Disk {
                     return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
                 }
                 let total = total as usize;
-                let mut done = 0usize;
-                while done < total {
-                    let n = (total - done).min(CHUNK);
-                    let buf = scratch(&mut self.scratch, n);
-                    data.copy_out(done, buf);
-                    if let Err(e) = backend.write(buf, lba * bs + done as u64) {
-                        return Outcome::failed(Sense::WRITE_ERROR, e);
+                with_scratch(|scratch| {
+                    let mut done = 0usize;
+                    while done < total {
+                        let n = (total - done).min(CHUNK);
+                        let buf = sized(scratch, n);
+                        data.copy_out(done, buf);
+                        if let Err(e) = backend.write(buf, lba * bs + done as u64) {
+                            return Outcome::failed(Sense::WRITE_ERROR, e);
+                        }
+                        done += n;
                     }
-                    done += n;
-                }
-                Outcome::good(0)
+                    Outcome::good(0)
+                })
             }
             Command::SyncCache => match backend.flush() {
                 Ok(()) => Outcome::good(0),
@@ -287,8 +290,18 @@ impl Disk {
     }
 }
 
-/// A zero-filled scratch buffer of `n` bytes, reused between commands.
-fn scratch(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+thread_local! {
+    /// Each worker's bounce buffer for READ and WRITE, kept between
+    /// commands (up to CHUNK bytes).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// The first `n` bytes of `buf`, grown with zeros if needed.
+fn sized(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
     if buf.len() < n {
         buf.resize(n, 0);
     }
@@ -410,7 +423,7 @@ pub(crate) mod tests {
     #[test]
     fn read_returns_the_image_bytes() {
         let mem = Arc::new(MemBackend::new(1 << 20, false));
-        let mut d = disk(mem.clone());
+        let d = disk(mem.clone());
         let mut buf = vec![0u8; 4096];
         let out = d.execute(&read10(3, 8), &mut buf);
         assert_eq!(out, Outcome::good(4096));
@@ -426,7 +439,7 @@ pub(crate) mod tests {
     fn read_errors_are_medium_errors() {
         let mut mem = MemBackend::new(1 << 20, false);
         mem.fail_reads = true;
-        let mut d = disk(Arc::new(mem));
+        let d = disk(Arc::new(mem));
         let mut buf = vec![0u8; 512];
         let out = d.execute(&read10(0, 1), &mut buf);
         assert_eq!(out.status, scsi::CHECK_CONDITION);
@@ -436,14 +449,14 @@ pub(crate) mod tests {
 
     #[test]
     fn writes_need_a_writable_layer() {
-        let mut d = disk(Arc::new(MemBackend::new(1 << 20, false)));
+        let d = disk(Arc::new(MemBackend::new(1 << 20, false)));
         let mut c = read10(0, 1);
         c[0] = 0x2a;
         let mut buf = vec![9u8; 512];
         assert_eq!(d.execute(&c, &mut buf).sense, Some(Sense::WRITE_PROTECTED));
 
         let mem = Arc::new(MemBackend::new(1 << 20, true));
-        let mut d = disk(mem.clone());
+        let d = disk(mem.clone());
         assert_eq!(d.execute(&c, &mut buf), Outcome::good(0));
         assert_eq!(&mem.bytes.lock().unwrap()[..512], &[9u8; 512][..]);
         assert_eq!(
@@ -456,7 +469,7 @@ pub(crate) mod tests {
     #[test]
     fn unmap_and_write_same_zero() {
         let mem = Arc::new(MemBackend::new(1 << 20, true));
-        let mut d = disk(mem.clone());
+        let d = disk(mem.clone());
         let mut list = vec![0u8; 8];
         list[2..4].copy_from_slice(&16u16.to_be_bytes());
         list.extend_from_slice(&4u64.to_be_bytes());
@@ -484,14 +497,14 @@ pub(crate) mod tests {
 
     #[test]
     fn unknown_commands_and_missing_images() {
-        let mut d = disk(Arc::new(MemBackend::new(1 << 20, false)));
+        let d = disk(Arc::new(MemBackend::new(1 << 20, false)));
         let out = d.execute(
             &[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             &mut vec![0u8; 64],
         );
         assert_eq!(out.sense, Some(Sense::INVALID_OPCODE));
 
-        let mut broken = Disk::new(info(), None);
+        let broken = Disk::new(info(), None);
         let mut buf = vec![0u8; 96];
         assert_eq!(
             broken.execute(&[0x12, 0, 0, 0, 96, 0], &mut buf),
@@ -503,7 +516,7 @@ pub(crate) mod tests {
 
     #[test]
     fn replies_are_cut_to_the_allocation_length() {
-        let mut d = disk(Arc::new(MemBackend::new(1 << 20, true)));
+        let d = disk(Arc::new(MemBackend::new(1 << 20, true)));
         let mut buf = vec![0u8; 255];
         assert_eq!(d.execute(&[0x12, 0, 0, 0, 5, 0], &mut buf).data_in, 5);
         assert_eq!(d.execute(&[0x12, 1, 0xb0, 0, 255, 0], &mut buf).data_in, 64);

@@ -3,13 +3,17 @@
 //! The uio mapping starts with the mailbox (`struct tcmu_mailbox`), then
 //! the command ring at `cmdr_off`, `cmdr_size` bytes long, then the data
 //! area. The kernel queues `struct tcmu_cmd_entry`s at `cmd_head`; we
-//! complete them in order from `cmd_tail`, writing the status and sense
-//! over the entry's request half and moving `cmd_tail` past it. Every
+//! take them, run them (several at once, see [`Ring`]) and answer them in
+//! order from `cmd_tail`, writing the status and sense over the entry's
+//! request half and moving `cmd_tail` past it. Every
 //! offset and length read from the ring is checked against the mapping
 //! before use, so a confused kernel or a stale mapping gives an error, not
 //! a wild access.
 
-use crate::exec::{DataBuf, Disk};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::exec::{DataBuf, Disk, Outcome};
 use crate::scsi;
 
 /// `struct tcmu_mailbox` field offsets (packed; `cmd_tail` is 64-aligned).
@@ -20,6 +24,7 @@ const MB_CMD_HEAD: usize = 12;
 pub const MB_CMD_TAIL: usize = 64;
 
 /// `enum tcmu_opcode`.
+#[cfg(test)]
 const OP_PAD: u32 = 0;
 const OP_CMD: u32 = 1;
 const OP_MASK: u32 = 0x7;
@@ -52,12 +57,12 @@ pub trait SharedMem {
     fn store_release(&self, offset: usize, value: u32) -> bool;
 }
 
-fn u32_at(mem: &dyn SharedMem, offset: usize) -> Option<u32> {
+fn u32_at<M: SharedMem + ?Sized>(mem: &M, offset: usize) -> Option<u32> {
     let mut b = [0u8; 4];
     mem.read(offset, &mut b).then(|| u32::from_le_bytes(b))
 }
 
-fn u64_at(mem: &dyn SharedMem, offset: usize) -> Option<u64> {
+fn u64_at<M: SharedMem + ?Sized>(mem: &M, offset: usize) -> Option<u64> {
     let mut b = [0u8; 8];
     mem.read(offset, &mut b).then(|| u64::from_le_bytes(b))
 }
@@ -105,19 +110,19 @@ impl Mailbox {
 }
 
 /// A command's data: the iovecs of a ring entry, as offsets into `mem`.
-struct IovBuf<'a> {
-    mem: &'a dyn SharedMem,
-    iovs: Vec<(usize, usize)>,
+struct IovBuf<'a, M: SharedMem + ?Sized> {
+    mem: &'a M,
+    iovs: &'a [(usize, usize)],
     total: usize,
 }
 
-impl IovBuf<'_> {
+impl<M: SharedMem + ?Sized> IovBuf<'_, M> {
     /// Visit the (mapping offset, buffer range) pieces covering
     /// `[offset, offset + len)` of the data.
     fn walk(&self, offset: usize, len: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
         let mut pos = 0usize;
         let end = offset + len;
-        for &(base, n) in &self.iovs {
+        for &(base, n) in self.iovs {
             let (a, b) = (pos.max(offset), (pos + n).min(end));
             if a < b {
                 f(base + (a - pos), (a - offset)..(b - offset));
@@ -130,7 +135,7 @@ impl IovBuf<'_> {
     }
 }
 
-impl DataBuf for IovBuf<'_> {
+impl<M: SharedMem + ?Sized> DataBuf for IovBuf<'_, M> {
     fn len(&self) -> usize {
         self.total
     }
@@ -147,55 +152,215 @@ impl DataBuf for IovBuf<'_> {
     }
 }
 
-/// Complete every command between `cmd_tail` and `cmd_head`. Returns how
-/// many entries were consumed (the caller then kicks the kernel), or an
-/// error when the ring makes no sense.
-pub fn process(
-    mem: &dyn SharedMem,
-    mb: &Mailbox,
-    disk: &mut Disk,
-    log: &dyn Fn(&str),
-) -> Result<usize, String> {
-    let head = mem.load_acquire(MB_CMD_HEAD).ok_or("cmd_head unreadable")? as usize;
-    let mut tail = mem.load_acquire(MB_CMD_TAIL).ok_or("cmd_tail unreadable")? as usize;
-    if head >= mb.cmdr_size || tail >= mb.cmdr_size {
-        return Err(format!(
-            "ring head {head} or tail {tail} is outside the {}-byte ring",
-            mb.cmdr_size
-        ));
-    }
-    let mut done = 0usize;
-    while tail != head {
-        let entry = mb.cmdr_off + tail;
-        let len_op = u32_at(mem, entry).ok_or("entry header unreadable")?;
-        let len = (len_op & !OP_MASK) as usize;
-        if len < ENT_HDR_LEN || len > mb.cmdr_size - tail {
-            return Err(format!("ring entry at {tail} has length {len}"));
-        }
-        if len_op & OP_MASK == OP_CMD {
-            complete_cmd(mem, entry, len, disk, log)?;
-        } else if len_op & OP_MASK != OP_PAD {
-            // TMR notifications and future opcodes: nothing to do; an
-            // aborted command is still completed in order when reached.
-        }
-        tail = (tail + len) % mb.cmdr_size;
-        if !mem.store_release(MB_CMD_TAIL, tail as u32) {
-            return Err("cmd_tail unwritable".into());
-        }
-        done += 1;
-    }
-    Ok(done)
+/// One command taken off the ring: its CDB and data iovecs, copied out so
+/// the entry is not read again, and its place in the ring.
+#[derive(Debug)]
+pub struct Request {
+    /// Position in taking order; answers are written in this order.
+    seq: u64,
+    cdb: [u8; 16],
+    cdb_len: usize,
+    iovs: Vec<(usize, usize)>,
+    total: usize,
 }
 
-/// Run one CMD entry and write its response in place.
-fn complete_cmd(
-    mem: &dyn SharedMem,
+impl Request {
+    pub fn cdb(&self) -> &[u8] {
+        &self.cdb[..self.cdb_len]
+    }
+}
+
+/// An entry taken off the ring and not yet answered.
+struct Slot {
+    /// Ring offset and length of the entry.
+    pos: usize,
+    len: usize,
+    /// The response to write over a CMD entry; `None` while it runs.
+    /// PAD and other entries are answered with nothing at all.
+    response: Option<Option<[u8; 8 + SENSE_BUFFER]>>,
+}
+
+struct State {
+    /// Ring offset of the next entry to take.
+    next: usize,
+    /// `seq` of `slots[0]`.
+    first_seq: u64,
+    slots: VecDeque<Slot>,
+}
+
+/// A device's command ring, shared by the thread that takes commands and
+/// the workers that run them.
+///
+/// Commands run concurrently, but their answers are written in ring order:
+/// an answer overwrites its own entry and `cmd_tail` only moves past
+/// answered entries. So every entry past `cmd_tail` still holds its
+/// request, and a daemon started after a crash finds exactly the commands
+/// that are owed an answer. The kernel can take answers out of order (it
+/// looks commands up by `cmd_id`), but writing them at the tail over other
+/// commands' entries would lose those requests across a restart.
+pub struct Ring<'m, M: SharedMem + ?Sized> {
+    mem: &'m M,
+    mb: Mailbox,
+    state: Mutex<State>,
+}
+
+impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
+    /// Start at the ring's `cmd_tail`: entries past it are owed an answer,
+    /// whether they came before or after this daemon started.
+    pub fn new(mem: &'m M, mb: Mailbox) -> Result<Ring<'m, M>, String> {
+        let tail = mem.load_acquire(MB_CMD_TAIL).ok_or("cmd_tail unreadable")? as usize;
+        if tail >= mb.cmdr_size {
+            return Err(format!(
+                "ring tail {tail} is outside the {}-byte ring",
+                mb.cmdr_size
+            ));
+        }
+        Ok(Ring {
+            mem,
+            mb,
+            state: Mutex::new(State {
+                next: tail,
+                first_seq: 0,
+                slots: VecDeque::new(),
+            }),
+        })
+    }
+
+    /// The ring's size in bytes.
+    pub fn size(&self) -> usize {
+        self.mb.cmdr_size
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A worker that panicked mid-answer leaves consistent state: slots
+        // are only pushed, filled and popped whole.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take every command the kernel queued since the last call. The bool
+    /// is true when `cmd_tail` moved (PAD entries need no work) and the
+    /// kernel should be told. An error means the ring makes no sense.
+    pub fn take(&self) -> Result<(Vec<Request>, bool), String> {
+        let mem = self.mem;
+        let mut st = self.lock();
+        let head = mem.load_acquire(MB_CMD_HEAD).ok_or("cmd_head unreadable")? as usize;
+        if head >= self.mb.cmdr_size {
+            return Err(format!(
+                "ring head {head} is outside the {}-byte ring",
+                self.mb.cmdr_size
+            ));
+        }
+        let mut taken = Vec::new();
+        while st.next != head {
+            let pos = st.next;
+            let entry = self.mb.cmdr_off + pos;
+            let len_op = u32_at(mem, entry).ok_or("entry header unreadable")?;
+            let len = (len_op & !OP_MASK) as usize;
+            if len < ENT_HDR_LEN || len > self.mb.cmdr_size - pos {
+                return Err(format!("ring entry at {pos} has length {len}"));
+            }
+            let seq = st.first_seq + st.slots.len() as u64;
+            let response = if len_op & OP_MASK == OP_CMD {
+                taken.push(read_request(mem, seq, entry, len)?);
+                None
+            } else {
+                // PAD, TMR notifications and future opcodes: nothing to
+                // do; an aborted command is still answered when it ends.
+                Some(None)
+            };
+            st.slots.push_back(Slot { pos, len, response });
+            st.next = (pos + len) % self.mb.cmdr_size;
+        }
+        let moved = self.retire(&mut st)?;
+        Ok((taken, moved))
+    }
+
+    /// Run a request against `disk`.
+    pub fn execute(&self, request: &Request, disk: &Disk, log: &dyn Fn(&str)) -> Outcome {
+        let mut data = IovBuf {
+            mem: self.mem,
+            iovs: &request.iovs,
+            total: request.total,
+        };
+        let outcome = disk.execute(request.cdb(), &mut data);
+        if disk.trace {
+            log(&format!(
+                "cdb {:02x?} iovecs {} bytes -> status {:#x} sense {:?}",
+                request.cdb(),
+                request.total,
+                outcome.status,
+                outcome.sense
+            ));
+        }
+        if let Some(e) = &outcome.error {
+            log(&format!("SCSI command {:#04x} failed: {e}", request.cdb[0]));
+        }
+        outcome
+    }
+
+    /// Record a request's outcome and write every answer that is now due.
+    /// True when `cmd_tail` moved and the kernel should be told.
+    pub fn finish(&self, request: &Request, outcome: &Outcome) -> Result<bool, String> {
+        let mut rsp = [0u8; 8 + SENSE_BUFFER];
+        rsp[0] = outcome.status;
+        if let Some(sense) = outcome.sense {
+            rsp[8..8 + scsi::SENSE_LEN].copy_from_slice(&sense.fixed());
+        }
+        let mut st = self.lock();
+        let index = request
+            .seq
+            .checked_sub(st.first_seq)
+            .and_then(|i| usize::try_from(i).ok())
+            .filter(|&i| i < st.slots.len())
+            .ok_or_else(|| format!("request {} is not outstanding", request.seq))?;
+        let slot = &mut st.slots[index];
+        if slot.response.is_some() {
+            return Err(format!("request {} answered twice", request.seq));
+        }
+        slot.response = Some(Some(rsp));
+        self.retire(&mut st)
+    }
+
+    /// Commands taken and not yet answered in the ring.
+    pub fn outstanding(&self) -> usize {
+        self.lock().slots.len()
+    }
+
+    /// Write the answers at the front, in order, and move `cmd_tail` past
+    /// them. True when it moved.
+    fn retire(&self, st: &mut State) -> Result<bool, String> {
+        let mut moved = false;
+        while let Some(Some(response)) = st.slots.front().map(|s| s.response) {
+            let slot = st.slots.pop_front().expect("front exists");
+            st.first_seq += 1;
+            if let Some(rsp) = response {
+                // The response overlays the request: written only now.
+                let entry = self.mb.cmdr_off + slot.pos;
+                if !self.mem.write(entry + RSP_STATUS, &rsp) {
+                    return Err(format!("ring entry at {}: no room for the response", slot.pos));
+                }
+            }
+            let tail = (slot.pos + slot.len) % self.mb.cmdr_size;
+            if !self.mem.store_release(MB_CMD_TAIL, tail as u32) {
+                return Err("cmd_tail unwritable".into());
+            }
+            moved = true;
+        }
+        Ok(moved)
+    }
+}
+
+/// Read and check one CMD entry's request.
+fn read_request(
+    mem: &(impl SharedMem + ?Sized),
+    seq: u64,
     entry: usize,
     len: usize,
-    disk: &mut Disk,
-    log: &dyn Fn(&str),
-) -> Result<(), String> {
+) -> Result<Request, String> {
     let bad = |what: &str| format!("ring entry at {entry}: {what}");
+    if RSP_SENSE + SENSE_BUFFER > len {
+        return Err(bad("no room for the response"));
+    }
     let iov_cnt = u32_at(mem, entry + REQ_IOV_CNT).ok_or_else(|| bad("unreadable"))? as usize;
     let cdb_off = u64_at(mem, entry + REQ_CDB_OFF).ok_or_else(|| bad("unreadable"))?;
     if iov_cnt > (len.saturating_sub(REQ_IOV)) / IOVEC_LEN {
@@ -227,30 +392,13 @@ fn complete_cmd(
     if !mem.read(cdb_at, &mut cdb[..cdb_len]) {
         return Err(bad("CDB outside the mapping"));
     }
-    let mut data = IovBuf { mem, iovs, total };
-    let outcome = disk.execute(&cdb[..cdb_len], &mut data);
-    if disk.trace {
-        log(&format!(
-            "cdb {:02x?} iovecs {} bytes -> status {:#x} sense {:?}",
-            &cdb[..cdb_len],
-            data.total,
-            outcome.status,
-            outcome.sense
-        ));
-    }
-    if let Some(e) = &outcome.error {
-        log(&format!("SCSI command {:#04x} failed: {e}", cdb[0]));
-    }
-    // The response overlays the request: write it only now.
-    let mut rsp = [0u8; 8 + SENSE_BUFFER];
-    rsp[0] = outcome.status;
-    if let Some(sense) = outcome.sense {
-        rsp[8..8 + scsi::SENSE_LEN].copy_from_slice(&sense.fixed());
-    }
-    if RSP_SENSE + SENSE_BUFFER > len || !mem.write(entry + RSP_STATUS, &rsp) {
-        return Err(bad("no room for the response"));
-    }
-    Ok(())
+    Ok(Request {
+        seq,
+        cdb,
+        cdb_len,
+        iovs,
+        total,
+    })
 }
 
 #[cfg(test)]
@@ -325,11 +473,24 @@ mod tests {
         len
     }
 
+    /// Take, run and answer everything queued, one at a time; the number
+    /// of commands run.
+    fn run_all(mem: &VecMem, disk: &Disk) -> Result<usize, String> {
+        let ring = Ring::new(mem, Mailbox::read(mem)?)?;
+        let (requests, _) = ring.take()?;
+        for r in &requests {
+            let outcome = ring.execute(r, disk, &|_| {});
+            ring.finish(r, &outcome)?;
+        }
+        assert_eq!(ring.outstanding(), 0);
+        Ok(requests.len())
+    }
+
     #[test]
     fn completes_commands_across_a_pad_and_scattered_iovecs() {
         let mem = ring();
         let backend = Arc::new(MemBackend::new(1 << 20, false));
-        let mut disk = Disk::new(info(), Some(backend.clone()));
+        let disk = Disk::new(info(), Some(backend.clone()));
         // Start near the end of the ring: a PAD entry fills it, then a
         // READ(10) of 2 blocks into two iovecs in the data area.
         let start = CMDR_SIZE - 64;
@@ -343,9 +504,7 @@ mod tests {
         );
         mem.store_release(MB_CMD_TAIL, start as u32);
         mem.store_release(MB_CMD_HEAD, len as u32);
-        let mb = Mailbox::read(&mem).unwrap();
-        let n = process(&mem, &mb, &mut disk, &|_| {}).unwrap();
-        assert_eq!(n, 2);
+        assert_eq!(run_all(&mem, &disk).unwrap(), 1);
         assert_eq!(mem.load_acquire(MB_CMD_TAIL), Some(len as u32));
         let v = mem.0.borrow();
         assert_eq!(v[CMDR_OFF + RSP_STATUS], 0);
@@ -355,9 +514,61 @@ mod tests {
     }
 
     #[test]
+    fn answers_are_written_in_ring_order_and_survive_a_restart() {
+        let mem = ring();
+        let backend = Arc::new(MemBackend::new(1 << 20, false));
+        let disk = Disk::new(info(), Some(backend.clone()));
+        // Three READ(10)s of one block each, blocks 7, 8, 9.
+        let mut at = 0;
+        let mut entries = Vec::new();
+        for (i, lba) in [7u8, 8, 9].into_iter().enumerate() {
+            let read = [0x28, 0, 0, 0, 0, lba, 0, 0, 1, 0];
+            entries.push(at);
+            at += queue_cmd(&mem, at, &read, &[(DATA as u64 + 512 * i as u64, 512)]);
+        }
+        mem.store_release(MB_CMD_HEAD, at as u32);
+        let mb = Mailbox::read(&mem).unwrap();
+        let ring = Ring::new(&mem, mb).unwrap();
+        let (requests, moved) = ring.take().unwrap();
+        assert_eq!((requests.len(), moved), (3, false));
+        // The last two finish first: nothing is answered yet, and their
+        // entries still hold their requests.
+        let before = mem.0.borrow().clone();
+        for r in &requests[1..] {
+            let outcome = ring.execute(r, &disk, &|_| {});
+            assert!(!ring.finish(r, &outcome).unwrap());
+        }
+        assert_eq!(mem.load_acquire(MB_CMD_TAIL), Some(0));
+        assert_eq!(&mem.0.borrow()[..DATA], &before[..DATA]);
+        // A daemon started now finds all three owed an answer.
+        let again = Ring::new(&mem, mb).unwrap().take().unwrap().0;
+        assert_eq!(
+            again.iter().map(|r| r.cdb().to_vec()).collect::<Vec<_>>(),
+            requests.iter().map(|r| r.cdb().to_vec()).collect::<Vec<_>>()
+        );
+        // The first finishes: all three are answered at once.
+        let outcome = ring.execute(&requests[0], &disk, &|_| {});
+        assert!(ring.finish(&requests[0], &outcome).unwrap());
+        assert_eq!(mem.load_acquire(MB_CMD_TAIL), Some(at as u32));
+        assert_eq!(ring.outstanding(), 0);
+        let v = mem.0.borrow();
+        let image = backend.bytes.lock().unwrap();
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(v[CMDR_OFF + e + RSP_STATUS], 0);
+            let lba = 7 + i;
+            assert_eq!(
+                &v[DATA + 512 * i..DATA + 512 * (i + 1)],
+                &image[512 * lba..512 * (lba + 1)]
+            );
+        }
+        drop((v, image));
+        assert!(ring.finish(&requests[1], &outcome).is_err(), "answered twice");
+    }
+
+    #[test]
     fn unknown_commands_get_sense() {
         let mem = ring();
-        let mut disk = Disk::new(info(), Some(Arc::new(MemBackend::new(1 << 20, false))));
+        let disk = Disk::new(info(), Some(Arc::new(MemBackend::new(1 << 20, false))));
         let len = queue_cmd(
             &mem,
             0,
@@ -365,8 +576,7 @@ mod tests {
             &[(DATA as u64, 64)],
         );
         mem.store_release(MB_CMD_HEAD, len as u32);
-        let mb = Mailbox::read(&mem).unwrap();
-        assert_eq!(process(&mem, &mb, &mut disk, &|_| {}).unwrap(), 1);
+        assert_eq!(run_all(&mem, &disk).unwrap(), 1);
         let v = mem.0.borrow();
         assert_eq!(v[CMDR_OFF + RSP_STATUS], scsi::CHECK_CONDITION);
         let sense = &v[CMDR_OFF + RSP_SENSE..CMDR_OFF + RSP_SENSE + 18];
@@ -376,8 +586,7 @@ mod tests {
     #[test]
     fn bad_rings_are_errors_not_wild_accesses() {
         let mem = ring();
-        let mut disk = Disk::new(info(), None);
-        let mb = Mailbox::read(&mem).unwrap();
+        let disk = Disk::new(info(), None);
         // An iovec pointing past the mapping.
         let len = queue_cmd(
             &mem,
@@ -386,13 +595,16 @@ mod tests {
             &[(1 << 40, 512)],
         );
         mem.store_release(MB_CMD_HEAD, len as u32);
-        assert!(process(&mem, &mb, &mut disk, &|_| {}).is_err());
+        assert!(run_all(&mem, &disk).is_err());
         // A zero-length entry.
         mem.write(CMDR_OFF, &(OP_CMD).to_le_bytes());
-        assert!(process(&mem, &mb, &mut disk, &|_| {}).is_err());
-        // A head outside the ring.
+        assert!(run_all(&mem, &disk).is_err());
+        // A head or a tail outside the ring.
         mem.store_release(MB_CMD_HEAD, CMDR_SIZE as u32 + 8);
-        assert!(process(&mem, &mb, &mut disk, &|_| {}).is_err());
+        assert!(run_all(&mem, &disk).is_err());
+        mem.store_release(MB_CMD_HEAD, 0);
+        mem.store_release(MB_CMD_TAIL, CMDR_SIZE as u32);
+        assert!(run_all(&mem, &disk).is_err());
         // Mailboxes that do not fit.
         let small = VecMem(RefCell::new(vec![0u8; 1]));
         assert!(Mailbox::read(&small).is_err());

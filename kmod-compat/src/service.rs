@@ -19,19 +19,23 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use overlaybd::config::{GlobalConfig, ImageConfig};
 
 use crate::exec::{Backend, Disk};
-use crate::ring::{self, Mailbox};
+use crate::ring::{Mailbox, Request, Ring};
 use crate::scsi::DiskInfo;
 use crate::uio::{self, Mapping, TcmuName, UioEntry};
 
 /// The dev_config prefix the snapshotter writes.
 pub const SUBTYPE: &str = "overlaybd";
+
+/// Commands run at once per device unless told otherwise: enough to keep
+/// a few registry fetches or disk reads in flight.
+pub const DEFAULT_WORKERS: usize = 4;
 
 /// Service settings.
 pub struct Options {
@@ -41,6 +45,8 @@ pub struct Options {
     /// /dev, where uioN nodes are.
     pub dev: PathBuf,
     pub rescan: Duration,
+    /// Commands run at once per device.
+    pub workers: usize,
 }
 
 impl Options {
@@ -50,6 +56,7 @@ impl Options {
             sys_class_uio: PathBuf::from(uio::SYS_CLASS_UIO),
             dev: PathBuf::from("/dev"),
             rescan: Duration::from_millis(500),
+            workers: DEFAULT_WORKERS,
         }
     }
 }
@@ -73,15 +80,18 @@ pub fn run(options: Options, stop: &AtomicBool) {
                 continue;
             }
             let quit = Arc::new(AtomicBool::new(false));
-            let (global, dev, sys, quit2) = (
+            let (global, dev, sys, quit2, workers) = (
                 global.clone(),
                 options.dev.clone(),
                 options.sys_class_uio.clone(),
                 quit.clone(),
+                options.workers,
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("tcmu-{}", entry.node))
-                .spawn(move || serve_device(&entry, &name, &global, &dev, &sys, &quit2));
+                .spawn(move || {
+                    serve_device(&entry, &name, &global, &dev, &sys, &quit2, workers)
+                });
             match spawned {
                 Ok(handle) => {
                     active.insert(key, (handle, quit));
@@ -152,6 +162,7 @@ fn serve_device(
     dev: &Path,
     sys: &Path,
     quit: &AtomicBool,
+    workers: usize,
 ) {
     let config_path = name.config_path();
     let label = format!(
@@ -185,52 +196,107 @@ fn serve_device(
             return;
         }
     };
-    let mailbox = match Mailbox::read(&mapping) {
-        Ok(mb) => mb,
+    let say = |m: &str| log(&format!("{label}: {m}"));
+    let ring = match Mailbox::read(&mapping).and_then(|mb| Ring::new(&mapping, mb)) {
+        Ok(r) => r,
         Err(e) => {
-            log(&format!("{label}: {e}"));
+            say(&e);
             return;
         }
     };
-    let say = |m: &str| log(&format!("{label}: {m}"));
     say(&format!(
-        "ring at {}+{} in a {}-byte mapping",
-        mailbox.cmdr_off, mailbox.cmdr_size, entry.map_size
+        "ring of {} bytes in a {}-byte mapping, {workers} workers",
+        ring.size(),
+        entry.map_size
     ));
     let name_file = sys.join(&entry.node).join("name");
-    while !quit.load(Ordering::Relaxed) {
-        match ring::process(&mapping, &mailbox, &mut disk, &say) {
-            Ok(0) => {}
-            Ok(_) => {
-                if let Err(e) = mapping.kick() {
-                    say(&format!("cannot notify the kernel: {e}"));
-                    break;
-                }
-            }
-            Err(e) => {
-                say(&format!("stopping: {e}"));
+    let broken = AtomicBool::new(false);
+    let (to_workers, requests) = mpsc::channel::<Request>();
+    let requests = Mutex::new(requests);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.max(1) {
+            let spawned = std::thread::Builder::new()
+                .name(format!("tcmu-{}", entry.node))
+                .spawn_scoped(scope, || {
+                    work(&ring, &disk, &mapping, &requests, &broken, &say)
+                });
+            if let Err(e) = spawned {
+                say(&format!("cannot start a worker: {e}"));
+                broken.store(true, Ordering::Relaxed);
                 break;
             }
         }
-        match mapping.wait(1000) {
-            Ok(true) => {}
-            Ok(false) => {
-                // Quiet for a second: check the device still exists.
-                let still = std::fs::read_to_string(&name_file)
-                    .is_ok_and(|n| n.trim_end_matches('\n') == entry.name);
-                if !still {
+        while !quit.load(Ordering::Relaxed) && !broken.load(Ordering::Relaxed) {
+            match ring.take() {
+                Ok((taken, moved)) => {
+                    if moved {
+                        if let Err(e) = mapping.kick() {
+                            say(&format!("cannot notify the kernel: {e}"));
+                            break;
+                        }
+                    }
+                    for request in taken {
+                        // Workers leave only once this sender is dropped.
+                        let _ = to_workers.send(request);
+                    }
+                }
+                Err(e) => {
+                    say(&format!("stopping: {e}"));
                     break;
                 }
             }
-            Err(_) => break,
+            match mapping.wait(1000) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Quiet for a second: check the device still exists.
+                    let still = std::fs::read_to_string(&name_file)
+                        .is_ok_and(|n| n.trim_end_matches('\n') == entry.name);
+                    if !still {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
         }
-    }
+        // Workers finish what they have and leave.
+        drop(to_workers);
+    });
     if let Some(b) = &backend {
         if let Err(e) = b.flush() {
             say(&format!("flushing the writable layer: {e}"));
         }
     }
     say("device removed");
+}
+
+/// A device's worker: run requests as they come and answer them; tell
+/// the kernel whenever `cmd_tail` moved.
+fn work(
+    ring: &Ring<'_, Mapping>,
+    disk: &Disk,
+    mapping: &Mapping,
+    requests: &Mutex<mpsc::Receiver<Request>>,
+    broken: &AtomicBool,
+    say: &(dyn Fn(&str) + Sync),
+) {
+    loop {
+        let next = requests.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(request) = next else { return };
+        let outcome = ring.execute(&request, disk, say);
+        match ring.finish(&request, &outcome) {
+            Ok(true) => {
+                if let Err(e) = mapping.kick() {
+                    say(&format!("cannot notify the kernel: {e}"));
+                    broken.store(true, Ordering::Relaxed);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                say(&format!("stopping: {e}"));
+                broken.store(true, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

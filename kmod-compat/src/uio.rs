@@ -119,8 +119,12 @@ pub struct Mapping {
     len: usize,
 }
 
-// The mapping is used by one device thread at a time.
+// SAFETY: the mapping is plain shared memory, valid until drop. Threads
+// touch it only through the bounds-checked copies and atomics of
+// `SharedMem`: the ring's entries under `Ring`'s lock, a command's data
+// area only by the one worker running that command.
 unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// Open `/dev/<node>` and map `len` bytes of map0.

@@ -46,6 +46,11 @@ pub struct Args {
     /// layers [default: /etc/overlaybd/overlaybd.json if it exists].
     #[arg(long, value_name = "PATH")]
     global_config: Option<PathBuf>,
+    /// SCSI commands run at once per device. Answers still go back in
+    /// the order the kernel queued them.
+    #[arg(long, value_name = "N", default_value_t = service::DEFAULT_WORKERS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
     /// Report which kernel front ends (ublk, TCMU, tcm_loop, configfs)
     /// this host has, then exit: 0 when TCMU works, 1 when not.
     #[arg(long)]
@@ -68,6 +73,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let global = load_global_config(args.global_config.as_deref())?;
     eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
-    service::run(Options::new(global), &AtomicBool::new(false));
+    let options = Options {
+        workers: usize::from(args.workers),
+        ..Options::new(global)
+    };
+    service::run(options, &AtomicBool::new(false));
     Ok(())
 }

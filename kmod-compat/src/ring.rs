@@ -337,7 +337,10 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
                 // The response overlays the request: written only now.
                 let entry = self.mb.cmdr_off + slot.pos;
                 if !self.mem.write(entry + RSP_STATUS, &rsp) {
-                    return Err(format!("ring entry at {}: no room for the response", slot.pos));
+                    return Err(format!(
+                        "ring entry at {}: no room for the response",
+                        slot.pos
+                    ));
                 }
             }
             let tail = (slot.pos + slot.len) % self.mb.cmdr_size;
@@ -544,7 +547,10 @@ mod tests {
         let again = Ring::new(&mem, mb).unwrap().take().unwrap().0;
         assert_eq!(
             again.iter().map(|r| r.cdb().to_vec()).collect::<Vec<_>>(),
-            requests.iter().map(|r| r.cdb().to_vec()).collect::<Vec<_>>()
+            requests
+                .iter()
+                .map(|r| r.cdb().to_vec())
+                .collect::<Vec<_>>()
         );
         // The first finishes: all three are answered at once.
         let outcome = ring.execute(&requests[0], &disk, &|_| {});
@@ -562,7 +568,10 @@ mod tests {
             );
         }
         drop((v, image));
-        assert!(ring.finish(&requests[1], &outcome).is_err(), "answered twice");
+        assert!(
+            ring.finish(&requests[1], &outcome).is_err(),
+            "answered twice"
+        );
     }
 
     #[test]

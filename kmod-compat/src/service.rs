@@ -89,9 +89,7 @@ pub fn run(options: Options, stop: &AtomicBool) {
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("tcmu-{}", entry.node))
-                .spawn(move || {
-                    serve_device(&entry, &name, &global, &dev, &sys, &quit2, workers)
-                });
+                .spawn(move || serve_device(&entry, &name, &global, &dev, &sys, &quit2, workers));
             match spawned {
                 Ok(handle) => {
                     active.insert(key, (handle, quit));

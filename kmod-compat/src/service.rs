@@ -163,8 +163,13 @@ fn serve_device(
     workers: usize,
 ) {
     let config_path = name.config_path();
+    let id = name
+        .dev_id
+        .as_ref()
+        .map(|id| format!(", dev_id {id}"))
+        .unwrap_or_default();
     let label = format!(
-        "{} ({}, {})",
+        "{} ({}, {}{id})",
         entry.node,
         name.device,
         config_path.display()

@@ -3,7 +3,9 @@
 //!
 //! target_core_user names each device's uio node
 //! `tcm-user/<hba>/<device>/<dev_config>`, where `dev_config` is what was
-//! written to configfs (`overlaybd/<config path>` for the snapshotter).
+//! written to configfs: `overlaybd/<config path>` from the snapshotter,
+//! which newer versions follow with `;<dev_id>` (an id the reference
+//! daemon files the device under; the path ends at the first `;`).
 //! Reading the uio fd waits for the kernel's "new commands" interrupt;
 //! writing to it tells the kernel that `cmd_tail` moved.
 
@@ -25,8 +27,11 @@ pub struct TcmuName {
     pub device: String,
     /// The handler name before the first `/` of dev_config (`overlaybd`).
     pub subtype: String,
-    /// The rest of dev_config: for overlaybd, the image config's path.
+    /// The rest of dev_config up to the first `;`: for overlaybd, the
+    /// image config's path.
     pub config: String,
+    /// What follows that `;`, if anything: the snapshotter's device id.
+    pub dev_id: Option<String>,
 }
 
 impl TcmuName {
@@ -36,7 +41,11 @@ impl TcmuName {
         let rest = name.trim_end_matches('\n').strip_prefix("tcm-user/")?;
         let (hba, rest) = rest.split_once('/')?;
         let (device, dev_config) = rest.split_once('/')?;
-        let (subtype, config) = dev_config.split_once('/')?;
+        let (subtype, rest) = dev_config.split_once('/')?;
+        let (config, dev_id) = match rest.split_once(';') {
+            Some((config, id)) => (config, Some(id.to_string())),
+            None => (rest, None),
+        };
         if hba.is_empty() || device.is_empty() || subtype.is_empty() || config.is_empty() {
             return None;
         }
@@ -45,6 +54,7 @@ impl TcmuName {
             device: device.into(),
             subtype: subtype.into(),
             config: config.into(),
+            dev_id,
         })
     }
 
@@ -274,6 +284,11 @@ mod tests {
         );
         let rel = TcmuName::parse("tcm-user/3/d/overlaybd/run/x.json").unwrap();
         assert_eq!(rel.config_path(), PathBuf::from("/run/x.json"));
+        let with_id = TcmuName::parse("tcm-user/2/v/overlaybd//a/config.v1.json;snap-17").unwrap();
+        assert_eq!(with_id.config_path(), PathBuf::from("/a/config.v1.json"));
+        assert_eq!(with_id.dev_id.as_deref(), Some("snap-17"));
+        assert_eq!(n.dev_id, None);
+        assert!(TcmuName::parse("tcm-user/1/vol1/overlaybd/;id").is_none());
         assert!(TcmuName::parse("uio_pdrv_genirq").is_none());
         assert!(TcmuName::parse("tcm-user/1/vol1/").is_none());
         assert!(TcmuName::parse("tcm-user/1/vol1/overlaybd/").is_none());

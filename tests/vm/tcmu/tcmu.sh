@@ -4,7 +4,8 @@
 # snapshotter's configfs steps (target_core_user + tcm_loop → /dev/sdX).
 #   a) reference vector stacks (LSMT, ZFile) read back with the right
 #      sha256 per MiB;
-#   b) the real two-layer image mounts and matches dev-tree.json;
+#   b) the real two-layer image (its dev_config followed by `;<dev_id>`,
+#      as newer snapshotters write it) mounts and matches dev-tree.json;
 #   c) a writable upper: write files, umount, commit, serve again;
 #   d) a bad config fails its device (resultFile failed:...) while another
 #      device keeps working;
@@ -134,11 +135,12 @@ done <$W/ref/plan
 [ -n "${TCMU_ONLY:-}" ] && finish
 
 # ---- b) the real image ----------------------------------------------------
+# dev_config as newer snapshotters write it: `overlaybd/<config>;<dev_id>`.
 D=$FIX/real-dev-image
 config dev $D/dev-layer0.blob $D/dev-layer1.blob
-if make_dev dev $W/dev.json "$DEV_SIZE"; then
+if make_dev dev "$W/dev.json;snapshot-42" "$DEV_SIZE"; then
     if mount -o ro,noload ${DEV[dev]} $W/mnt && python3 $D/checktree.py $D/dev-tree.json $W/mnt; then
-        ok "b) real image on ${DEV[dev]} mounts and matches dev-tree.json ($(elapsed))"
+        ok "b) real image (dev_config ...dev.json;snapshot-42) on ${DEV[dev]} mounts and matches dev-tree.json ($(elapsed))"
     else
         bad "b) real image tree differs or does not mount"
     fi

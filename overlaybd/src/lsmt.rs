@@ -344,6 +344,30 @@ pub struct WritableLayer {
 }
 
 impl WritableLayer {
+    /// The layer over files already laid out: `map` is what they hold;
+    /// appends go at `data_end` and `index_end` (both 0 for sparse layers).
+    fn assemble(
+        header: Header,
+        data: File,
+        index: Option<File>,
+        name: String,
+        map: IntervalMap,
+        data_end: u64,
+        index_end: u64,
+    ) -> WritableLayer {
+        WritableLayer {
+            header,
+            data,
+            index,
+            name,
+            state: Mutex::new(WriteState {
+                map,
+                data_end,
+                index_end,
+            }),
+        }
+    }
+
     /// Create new files (refusing to overwrite existing ones).
     pub fn create(
         data_path: &Path,
@@ -387,17 +411,15 @@ impl WritableLayer {
                 .context(|| name.clone())?;
             data.set_len(HEADER_SIZE + options.virtual_size)
                 .context(|| name.clone())?;
-            return Ok(WritableLayer {
+            return Ok(WritableLayer::assemble(
                 header,
                 data,
-                index: None,
+                None,
                 name,
-                state: Mutex::new(WriteState {
-                    map: IntervalMap::new(),
-                    data_end: 0,
-                    index_end: 0,
-                }),
-            });
+                IntervalMap::new(),
+                0,
+                0,
+            ));
         }
         let index_path = index_path
             .ok_or_else(|| Error::Invalid("a writable layer needs an index file".into()))?;
@@ -416,17 +438,15 @@ impl WritableLayer {
         index
             .write_all_at(&index_header.encode(), 0)
             .context(|| index_path.display().to_string())?;
-        Ok(WritableLayer {
+        Ok(WritableLayer::assemble(
             header,
             data,
-            index: Some(index),
+            Some(index),
             name,
-            state: Mutex::new(WriteState {
-                map: IntervalMap::new(),
-                data_end: HEADER_SIZE,
-                index_end: HEADER_SIZE,
-            }),
-        })
+            IntervalMap::new(),
+            HEADER_SIZE,
+            HEADER_SIZE,
+        ))
     }
 
     /// Open existing files, replaying the index (or, when sparse, rebuilding
@@ -468,17 +488,7 @@ impl WritableLayer {
                 ));
             }
             let map = sparse_extents(&data, data_size).context(|| name.clone())?;
-            return Ok(WritableLayer {
-                header,
-                data,
-                index: None,
-                name,
-                state: Mutex::new(WriteState {
-                    map,
-                    data_end: 0,
-                    index_end: 0,
-                }),
-            });
+            return Ok(WritableLayer::assemble(header, data, None, name, map, 0, 0));
         }
         let index_path = index_path.ok_or_else(|| {
             Error::Invalid(format!("{name}: this writable layer needs its index file"))
@@ -557,17 +567,15 @@ impl WritableLayer {
             }
             done += n;
         }
-        Ok(WritableLayer {
+        Ok(WritableLayer::assemble(
             header,
             data,
-            index: Some(index),
+            Some(index),
             name,
-            state: Mutex::new(WriteState {
-                map,
-                data_end,
-                index_end: HEADER_SIZE + count * ENTRY_SIZE as u64,
-            }),
-        })
+            map,
+            data_end,
+            HEADER_SIZE + count * ENTRY_SIZE as u64,
+        ))
     }
 
     pub fn is_sparse(&self) -> bool {

@@ -51,35 +51,6 @@ os.makedirs(f"{root}/empty")
 PY
 }
 
-# same_tree A B: every file, link and dir in A is in B with the same bytes (and no more).
-same_tree() {
-    "$PY" - "$1" "$2" <<'PY'
-import hashlib, os, sys
-a, b = sys.argv[1], sys.argv[2]
-def walk(root):
-    out = {}
-    for r, ds, fs in os.walk(root):
-        for n in ds + fs:
-            p = os.path.join(r, n)
-            q = os.path.relpath(p, root)
-            if q.startswith("lost+found"):
-                continue
-            if os.path.islink(p):
-                out[q] = "link:" + os.readlink(p)
-            elif os.path.isdir(p):
-                out[q] = "dir"
-            else:
-                out[q] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-wa, wb = walk(a), walk(b)
-bad = [q for q in wa if wb.get(q) != wa[q]] + [q for q in wb if q not in wa]
-for q in bad[:5]:
-    print("  mismatch:", q)
-print(f"  {len(wa) - len(bad)}/{len(wa)} entries match")
-sys.exit(1 if bad else 0)
-PY
-}
-
 ext4_import() {
     need_ublk || return 1
     local src=$WORK/tree raw=$WORK/ext4.raw layer=$WORK/ext4.lsmt zlayer=$WORK/ext4.zfile

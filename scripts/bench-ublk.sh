@@ -238,9 +238,13 @@ threads() {
     local p t
     for p in "$@"; do
         for t in /proc/"$p"/task/*; do
-            [[ -r $t/stat ]] && echo "$(cat "$t/comm" 2>/dev/null) $(awk '{ print $14, $15 }' "$t/stat" 2>/dev/null)"
+            # threads come and go (io-wq workers exit when idle)
+            if [[ -r $t/stat ]]; then
+                echo "$(cat "$t/comm" 2>/dev/null) $(awk '{ print $14, $15 }' "$t/stat" 2>/dev/null)"
+            fi
         done
     done
+    return 0
 }
 
 # run_fio DEV LABEL QUEUES FIOFLAGS PIDS...: both workloads; a row each in
@@ -381,6 +385,8 @@ run_case() {
 }
 
 guest_main() {
+    set -E
+    trap 'echo "bench-ublk: failed at line $LINENO: $BASH_COMMAND"' ERR
     [[ -c /dev/ublk-control ]] || { echo "ublk_drv is not loaded"; exit 1; }
     if [[ $cases == *tcmu-* ]]; then
         [[ -d /sys/module/target_core_user && -d /sys/module/tcm_loop && -d /sys/kernel/config/target/core ]] ||

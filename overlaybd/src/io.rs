@@ -34,6 +34,13 @@ pub trait ReadAt: Send + Sync {
     fn zfile(&self) -> Option<&ZFileReader> {
         None
     }
+    /// Whether reading `[offset, offset + len)` now waits on nothing but
+    /// local storage (false when it may fetch from a registry). Front ends
+    /// read such ranges inline and hand the others to threads that may
+    /// block. Sources that wrap another must pass the question on.
+    fn is_local(&self, _offset: u64, _len: u64) -> bool {
+        true
+    }
 }
 
 /// Shared handle to any source.
@@ -126,6 +133,9 @@ impl ReadAt for Window {
         self.inner
             .local_file()
             .map(|(fd, base)| (fd, base + self.start))
+    }
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        self.inner.is_local(self.start + offset, len)
     }
 }
 

@@ -192,6 +192,18 @@ impl Stack {
         Ok(())
     }
 
+    /// Whether [`Stack::read_piece`] of `len` bytes from `source` waits on
+    /// nothing but local storage (see [`crate::io::ReadAt::is_local`]).
+    pub fn piece_is_local(&self, source: PieceSource, len: u64) -> bool {
+        match source {
+            PieceSource::Layer { layer, position } => self
+                .lowers
+                .get(layer)
+                .is_none_or(|lower| lower.source().is_local(position, len)),
+            PieceSource::Zero => true,
+        }
+    }
+
     /// Execute one plan piece synchronously.
     pub fn read_piece(&self, buf: &mut [u8], source: PieceSource) -> Result<()> {
         match source {

@@ -743,6 +743,17 @@ impl ReadAt for ZFileReader {
     fn zfile(&self) -> Option<&ZFileReader> {
         Some(self)
     }
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        let Ok(len) = usize::try_from(len) else {
+            return false;
+        };
+        match self.stored_span(offset, len) {
+            Ok((start, stored)) => self.src.is_local(start, stored),
+            // Out of range or empty: the read fails (or does nothing)
+            // without touching the source.
+            Err(_) => true,
+        }
+    }
 }
 
 thread_local! {

@@ -17,7 +17,7 @@ use overlaybd::remote::auth::{Anonymous, CredentialSource};
 use overlaybd::remote::cache::CacheOptions;
 use overlaybd::remote::registry::{Registry as Client, RegistryOptions};
 use overlaybd::remote::{errno_of, Remote};
-use overlaybd::stack::Stack;
+use overlaybd::stack::{PieceSource, Plan, Stack};
 use remote_support::{Auth, Fault, Proxy, Registry, PASSWORD, USER};
 
 const REPO: &str = "obd/ref";
@@ -160,10 +160,21 @@ fn anonymous_registry_serves_reference_stacks_lazily() {
         fetched * 4 < total,
         "opening fetched {fetched} of {total} bytes: not lazy"
     );
-    // The first MiB needs a little more, still not everything.
+    // The first MiB needs a little more, still not everything. Until it
+    // is read, some of its pieces may wait on the registry (front ends run
+    // those off their queue threads); after, none does.
+    let first_mib_is_local = |stack: &Stack| {
+        let mut plan = Plan::default();
+        stack.plan(0, 1 << 20, &mut plan).unwrap();
+        assert!(plan.iter().any(|p| p.source != PieceSource::Zero));
+        plan.iter()
+            .all(|p| stack.piece_is_local(p.source, p.length))
+    };
+    assert!(!first_mib_is_local(&stack));
     let mut buf = vec![0u8; 1 << 20];
     stack.read(&mut buf, 0).unwrap();
     assert_eq!(sha256_hex(&buf), v.stack_sha256_per_mib(2)[0]);
+    assert!(first_mib_is_local(&stack));
     assert!(remote.cache().unwrap().fetched() < total);
     drop(stack);
     serve_all_stacks(&v, &remote, &registry.base(), &layers);

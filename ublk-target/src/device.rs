@@ -136,7 +136,8 @@ where
     };
     let writable = stack.top().is_some();
     let size = stack.virtual_size();
-    let backend = Arc::new(Backend::new(stack));
+    let backend =
+        Arc::new(Backend::new(stack).map_err(|e| format!("cannot start the fetch threads: {e}"))?);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.set_default_params(size);
         let params = &mut dev.tgt.params;

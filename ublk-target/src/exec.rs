@@ -9,9 +9,11 @@
 //! - a ZFile layer over a local file has its compressed span read into a
 //!   scratch buffer, then each block is CRC-checked and decompressed here,
 //!   on the queue thread (a bad block is EIO, never data);
-//! - the writable layer's data file is read at `position`.
-//!   A source that is none of these (none exists today) falls back to a
-//!   synchronous read on the queue thread.
+//! - the writable layer's data file is read at `position`;
+//! - a registry layer (through the blob cache) is read synchronously on the
+//!   queue thread when every byte it needs is cached, and otherwise on the
+//!   device's offload pool (`offload`), so a fetch never stalls the queue's
+//!   other requests.
 //!
 //! WRITE, DISCARD and WRITE_ZEROES go through the writable layer, whose
 //! `pwrite`s (data, then the 16-byte index entry) run synchronously on the
@@ -32,6 +34,8 @@ use libublk::sys;
 use overlaybd::stack::{PieceSource, Plan, Stack};
 use overlaybd::zfile::ZFileReader;
 
+use crate::offload::{Pool, POOL_THREADS};
+
 /// How a queue task reaches the bytes of one plan piece.
 enum Fetch<'a> {
     /// Read `len` bytes at `offset` of `fd` straight into the request buffer.
@@ -45,8 +49,11 @@ enum Fetch<'a> {
         reader: &'a ZFileReader,
         position: u64,
     },
-    /// No local file underneath: a synchronous read.
+    /// No local file underneath, but every byte is local (cached): a
+    /// synchronous read on the queue thread.
     Sync,
+    /// May wait on a registry: read on the offload pool.
+    Offload,
 }
 
 /// One non-zero plan piece on its way into the request buffer.
@@ -67,7 +74,7 @@ impl Job<'_, '_> {
             Fetch::ZFile { fd, offset, .. } => {
                 Some((fd, offset, stored.get_mut(self.stored)?.as_mut_slice()))
             }
-            Fetch::Sync => None,
+            Fetch::Sync | Fetch::Offload => None,
         }
     }
 }
@@ -82,11 +89,16 @@ pub struct Scratch {
 /// What every queue of one device serves.
 pub struct Backend {
     stack: Arc<Stack>,
+    /// Threads for reads that may wait on a registry (see `offload`).
+    pool: Pool,
 }
 
 impl Backend {
-    pub fn new(stack: Arc<Stack>) -> Backend {
-        Backend { stack }
+    pub fn new(stack: Arc<Stack>) -> std::io::Result<Backend> {
+        Ok(Backend {
+            stack,
+            pool: Pool::new(POOL_THREADS, "obd-fetch")?,
+        })
     }
 
     pub fn stack(&self) -> &Stack {
@@ -155,7 +167,12 @@ impl Backend {
                     });
                 }
             }
-            return Ok(Fetch::Sync);
+            let source = PieceSource::Layer { layer, position };
+            return Ok(if stack.piece_is_local(source, len as u64) {
+                Fetch::Sync
+            } else {
+                Fetch::Offload
+            });
         }
         match stack.top() {
             Some(top) if layer == stack.lowers().len() => Ok(Fetch::Direct {
@@ -238,6 +255,9 @@ impl Backend {
                         None => Err(-libc::EIO),
                     }
                 }
+                None if matches!(job.fetch, Fetch::Offload) => {
+                    self.offload_read(q, job.chunk, job.source).await
+                }
                 None => self.sync_read(job.chunk, job.source),
             };
             if let (Err(errno), Ok(())) = (step, &result) {
@@ -267,6 +287,35 @@ impl Backend {
             eprintln!("obd: {e}");
             -e.errno()
         })
+    }
+
+    /// A read that may wait on a registry, on the offload pool.
+    async fn offload_read(
+        &self,
+        q: &UblkQueue<'_>,
+        chunk: &mut [u8],
+        source: PieceSource,
+    ) -> Result<(), i32> {
+        let stack = self.stack.clone();
+        let len = chunk.len();
+        let bytes = self
+            .pool
+            .run(q, move || {
+                let mut bytes = vec![0u8; len];
+                match stack.read_piece(&mut bytes, source) {
+                    Ok(()) => Ok(bytes),
+                    Err(e) => {
+                        eprintln!("obd: {e}");
+                        Err(-e.errno())
+                    }
+                }
+            })
+            .await?;
+        if bytes.len() != len {
+            return Err(-libc::EIO);
+        }
+        chunk.copy_from_slice(&bytes);
+        Ok(())
     }
 
     /// Data file, then index file, each with fdatasync on the ring.

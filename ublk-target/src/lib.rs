@@ -5,7 +5,7 @@
 //! `depth` async tasks, one per ublk tag, on libublk's per-queue io_uring, so
 //! the I/O of every request is an SQE on that same ring and a queue thread
 //! never waits on one request while others are ready (see [`exec`] for what
-//! still runs synchronously, and why).
+//! still runs synchronously, and why, and [`offload`] for registry reads).
 //!
 //! The kernel side is only reachable where `ublk_drv` is loaded; [`probe`]
 //! says so in plain words when it is not. [`state`] keeps the small
@@ -13,6 +13,7 @@
 
 pub mod device;
 pub mod exec;
+pub mod offload;
 pub mod probe;
 pub mod state;
 

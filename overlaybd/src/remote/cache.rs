@@ -732,4 +732,7 @@ impl ReadAt for CachedBlob {
     fn name(&self) -> &str {
         &self.name
     }
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        self.is_present(offset, len)
+    }
 }

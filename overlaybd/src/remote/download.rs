@@ -84,6 +84,9 @@ impl ReadAt for Switchable {
     fn name(&self) -> &str {
         &self.name
     }
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        self.current().is_local(offset, len)
+    }
 }
 
 /// Why a download did not install a file.

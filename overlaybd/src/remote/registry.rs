@@ -941,6 +941,9 @@ impl ReadAt for RegistryBlob {
     fn size(&self) -> u64 {
         self.size
     }
+    fn is_local(&self, _offset: u64, len: u64) -> bool {
+        len == 0
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -8,6 +8,9 @@
 #    the blob (counted in the registry's access log and the cache), then
 #    every file matches the source tree;
 #  - the same for the ZFile-compressed layer;
+#  - with the registry frozen (SIGSTOP), a read of unfetched data waits
+#    while cached data on the same (single) queue is still served, and
+#    completes right once the registry resumes;
 #  - with the registry stopped, a read of a range never fetched fails (EIO)
 #    within a bounded time instead of hanging, and `obd del` still works.
 #   tests/vm/run.sh -- bash tests/vm/ublk/remote.sh
@@ -54,7 +57,7 @@ build_image() {
 # serve_remote LAYER NAME: push LAYER as obd/NAME, then add its config with
 # a fresh cache; sets CFG, GLOBAL, CACHE, DIGEST, BLOB_SIZE, DEV, MARK.
 serve_remote() {
-    local layer=$1 name=$2
+    local layer=$1 name=$2 queues=${3:-2}
     CFG=$WORK/$name/config.v1.json
     GLOBAL=$WORK/$name/overlaybd.json
     CACHE=$WORK/$name/cache
@@ -67,7 +70,7 @@ serve_remote() {
     BLOB_SIZE=$(stat -c %s "$layer")
     [[ ! -e $WORK/$name/layers ]] || { fail "a local copy of the layer exists"; return 1; }
     MARK=$(log_mark)
-    DEV=$(add_device "$CFG" --global-config "$GLOBAL" --queues 2 --depth 32) || return 1
+    DEV=$(add_device "$CFG" --global-config "$GLOBAL" --queues "$queues" --depth 32) || return 1
     expect_result "$CFG" success
 }
 
@@ -108,6 +111,45 @@ lazy_case() {
     return "$rc"
 }
 
+# registry_stalls: with one queue and the registry frozen (SIGSTOP: its
+# connections open but nothing answers), a read of unfetched data waits on
+# the registry while reads of cached data on the same queue are still
+# served; once the registry resumes, the waiting read completes right.
+registry_stalls() {
+    need_ublk || return 1
+    need_registry || return 1
+    serve_remote "$WORK/ext4.lsmt" stall 1 || return 1
+    mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
+    # large0.bin is fetched (and cached) now; large1.bin is not.
+    cmp "$SRC/big/large0.bin" "$MNT/big/large0.bin" || { fail "large0.bin differs"; umount "$MNT"; return 1; }
+    local reg
+    reg=$(cat "$REG_DIR/pid")
+    kill -STOP "$reg"
+    timeout 120 dd if="$MNT/big/large1.bin" of="$WORK/stalled.bin" bs=1M iflag=direct 2>"$WORK/stalled.err" &
+    local stalled=$! rc=0 waiting_before waiting_after
+    sleep 2
+    kill -0 "$stalled" 2>/dev/null && waiting_before=1 || waiting_before=0
+    # O_DIRECT: past the page cache, to the device, for cached chunks.
+    timeout 120 dd if="$MNT/big/large0.bin" of="$WORK/cached.bin" bs=1M iflag=direct 2>"$WORK/cached.err" || rc=$?
+    kill -0 "$stalled" 2>/dev/null && waiting_after=1 || waiting_after=0
+    log "registry frozen: unfetched read waiting before/after the cached read: $waiting_before/$waiting_after; cached read status $rc"
+    kill -CONT "$reg"
+    local stalled_rc=0
+    wait "$stalled" || stalled_rc=$?
+    local same=0
+    [[ $stalled_rc == 0 ]] && cmp -s "$SRC/big/large1.bin" "$WORK/stalled.bin" && same=1
+    log "after the registry resumed: the waiting read ended with status $stalled_rc, bytes match: $same"
+    umount "$MNT" || return 1
+    "$OBD" del -n "${DEV#/dev/ublkb}" || return 1
+    umount "$CACHE"
+    no_devices || return 1
+    ((waiting_before == 1)) || { fail "the read of unfetched data did not wait on the frozen registry"; return 1; }
+    ((rc == 0)) && cmp -s "$SRC/big/large0.bin" "$WORK/cached.bin" ||
+        { fail "the cached read failed ($rc) or differs: $(head -c 200 "$WORK/cached.err")"; return 1; }
+    ((waiting_after == 1)) || { fail "the cached read was only served after the stalled fetch ended"; return 1; }
+    ((same == 1)) || { fail "the waiting read did not return the right bytes once the registry resumed: $(head -c 200 "$WORK/stalled.err")"; return 1; }
+}
+
 # registry_down: reads that miss the cache fail with EIO once the registry
 # is gone, in bounded time; the device is still deleted cleanly.
 registry_down() {
@@ -139,6 +181,7 @@ build_image || echo "  image build failed"
 start_registry || echo "  registry start failed"
 check "registry LSMT layer: obd add --global-config, mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.lsmt" plain
 check "registry ZFile layer: mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.zfile" zfile
+check "registry frozen: a fetch on one queue does not hold up cached reads on it" registry_stalls
 check "registry stopped: a read of unfetched data fails with EIO in bounded time, obd del works" registry_down
 stop_registry
 unmount_caches

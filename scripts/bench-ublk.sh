@@ -6,7 +6,7 @@
 #
 #   bash scripts/bench-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--mem MB]
 #                              [--smp N] [--no-build] [--remake-data]
-#                              [--cases 'CASE ...']
+#                              [--cases 'CASE ...'] [--storage disk|tmpfs]
 #
 # On the host it builds obd (cargo build --release -p obd) and copies the
 # binary to target/bench/obd (so a rebuild by someone else mid-run cannot
@@ -18,23 +18,29 @@
 #             64 KiB writes (~31 MiB each, fixed seeds), then `obd commit`;
 #   both a plain LSMT stack and a ZFile stack (`import -z`, `commit -z`, lz4,
 #   4 KiB blocks) of the same bytes, checked to `obd export` the same raw.
-# Then one VM boot (tests/vm/run.sh, 6 GiB, 2 vCPUs) copies the layers into
-# the guest's tmpfs, exports the flattened raw there, and runs for each case
-# fio --ioengine=io_uring (--direct=1 on devices), caches dropped before each:
+# Then one VM boot (tests/vm/run.sh, 6 GiB, 2 vCPUs) copies the layers to
+# the guest's storage, exports the flattened raw there, and runs for each
+# case fio --ioengine=io_uring (--direct=1 on devices), caches dropped
+# before each:
 #   seq     read     bs=1M iodepth=8
 #   rand    randread bs=4k iodepth=32
 # time_based RUNTIME s after RAMP s. Cases: loop over the raw with
 # direct-io on and off; fio on the raw file itself (buffered: what a
-# userspace reader of tmpfs gets); ublk over the LSMT stack and over the
-# ZFile stack with --queues 1 and 2; TCMU (`obd tcmu`, tcm_loop) over the
-# same two stacks. N rounds, even ones in reverse order (the host's load
-# drifts: other jobs share its cores). --cases picks a subset (names:
+# userspace reader of that storage gets); ublk over the LSMT stack and over
+# the ZFile stack with --queues 1 and 2; TCMU (`obd tcmu`, tcm_loop) over
+# the same two stacks. N rounds, even ones in reverse order (the host's
+# load drifts: other jobs share its cores). --cases picks a subset (names:
 # loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2
 # tcmu-lsmt tcmu-zfile).
+# --storage: where the guest keeps the layers and the raw. disk (default):
+# ext4 on a virtio disk backed by a fresh sparse file target/bench/disk.img
+# (host page cache, cache=unsafe), like a real host's layer directory.
+# tmpfs: the guest's tmpfs. tmpfs does not take non-blocking reads
+# (RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every read of it to an
+# io-wq thread, which penalises the ublk path against loop.
 # The table (means and per-round MB/s and IOPS, ratio to the better loop
 # mode, TCMU/ublk ratio, CPU use, obd daemon CPU per thread) is printed,
-# written to
-# $OBD_VM_RESULTS/bench-ublk.md and copied to target/bench/.
+# written to $OBD_VM_RESULTS/bench-ublk.md and copied to target/bench/.
 # Emulated CPUs (TCG) distort absolutes: read the ratios.
 set -euo pipefail
 
@@ -57,6 +63,7 @@ mem=6144
 smp=2
 build=1
 remake=0
+storage=disk
 cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 tcmu-lsmt tcmu-zfile"
 while (($#)); do
     case $1 in
@@ -68,6 +75,7 @@ while (($#)); do
         --no-build) build=0; shift ;;
         --remake-data) remake=1; shift ;;
         --cases) cases=$2; shift 2 ;;
+        --storage) storage=$2; shift 2 ;;
         *) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
@@ -208,10 +216,22 @@ host_main() {
     (cd "$DATA" && ls -ls layer*) | sed 's/^/  /' >&2
     local results
     results=$(mktemp -d /tmp/obd-bench-ublk.XXXXXX)
-    local rc=0
-    tests/vm/run.sh --timeout 1800 --mem "$mem" --smp "$smp" --results "$results" --quiet \
+    local rc=0 disk_args=()
+    case $storage in
+        tmpfs) ;;
+        disk)
+            rm -f "$BENCH/disk.img"
+            truncate -s 6G "$BENCH/disk.img"
+            disk_args=(--qemu-arg -drive
+                --qemu-arg "file=$BENCH/disk.img,if=none,id=benchdisk,format=raw,cache=unsafe"
+                --qemu-arg -device --qemu-arg virtio-blk-pci,drive=benchdisk,serial=obdbench)
+            ;;
+        *) say "--storage is disk or tmpfs"; exit 2 ;;
+    esac
+    tests/vm/run.sh --timeout 1800 --mem "$mem" --smp "$smp" --results "$results" --quiet "${disk_args[@]}" \
         -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" \
-        --cases "$cases" || rc=$?
+        --cases "$cases" --storage "$storage" || rc=$?
+    rm -f "$BENCH/disk.img"
     if [[ -s $results/bench-ublk.md ]]; then
         cp "$results/bench-ublk.md" "$BENCH/bench-ublk.md"
         rm -rf "$BENCH/fio"
@@ -314,7 +334,7 @@ loop_case() {
     losetup -d "$dev"
 }
 
-# fio straight on the raw file in tmpfs, buffered, io_uring: roughly what a
+# fio straight on the raw file, buffered, io_uring: roughly what a
 # userspace server reading these bytes with io_uring can get at most.
 file_case() {
     echo "== round $round file: fio --direct=0 on $W/flat.raw"
@@ -395,11 +415,23 @@ guest_main() {
         . "$REPO/tests/vm/tcmu/lib.sh"
     fi
     mkdir -p "$W" "$OUT/fio"
+    local storage_label=tmpfs
+    if [[ $storage == disk ]]; then
+        local b disk=
+        for b in /sys/block/vd*; do
+            [[ $(cat "$b/serial" 2>/dev/null) == obdbench ]] && disk=/dev/${b##*/}
+        done
+        [[ -b $disk ]] || { echo "the bench disk (virtio serial obdbench) is missing"; exit 1; }
+        mkfs.ext4 -q -F "$disk"
+        mount "$disk" "$W"
+        storage_label="ext4 on virtio-blk"
+    fi
+    echo "storage: $storage_label"
     : >"$ROWS"
     : >"$W/dio.tsv"
     local t0=$SECONDS
     cp "$DATA"/layer* "$W/"
-    echo "copied the layers into tmpfs in $((SECONDS - t0)) s"
+    echo "copied the layers in $((SECONDS - t0)) s"
     # the flattened raw, made here (faster than copying 1 GiB over 9p)
     t0=$SECONDS
     "$OBD" export --output "$W/flat.raw" "$W/layer0.lsmt" "$W/layer1.lsmt" "$W/layer2.lsmt" \
@@ -427,9 +459,9 @@ guest_main() {
     local rev
     rev=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')
     "$PY" - "$ROWS" "$W/dio.tsv" "$runtime" "$ramp" "$(nproc)" "$(free -m | awk '/Mem:/ { print $2 }')" \
-        "$(fio --version)" "$(uname -r)" "$rev" "$rounds" >"$OUT/bench-ublk.md" <<'PY'
+        "$(fio --version)" "$(uname -r)" "$rev" "$rounds" "$storage_label" >"$OUT/bench-ublk.md" <<'PY'
 import statistics, sys
-rows_path, dio_path, runtime, ramp, ncpu, mem, fiov, kver, rev, rounds = sys.argv[1:]
+rows_path, dio_path, runtime, ramp, ncpu, mem, fiov, kver, rev, rounds, storage = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(rows_path) if l.strip()]
 dio = dict(l.split() for l in open(dio_path) if l.strip())
 r, order = {}, []
@@ -447,11 +479,11 @@ loops = [k for k in (("loop-dio-on", "-"), ("loop-dio-off", "-")) if k in r]
 base = {wl: max((mean(k, wl) for k in loops), default=None) for wl in ("seq", "rand")}
 print(f"fio --ioengine=io_uring, time_based {runtime} s after {ramp} s ramp, caches dropped before each;")
 print("seq = read bs=1M iodepth=8, rand = randread bs=4k iodepth=32; devices with --direct=1.")
-print(f"Guest: {ncpu} vCPUs (qemu TCG), {mem} MB, kernel {kver}, {fiov}, obd {rev}; images in guest tmpfs.")
+print(f"Guest: {ncpu} vCPUs (qemu TCG), {mem} MB, kernel {kver}, {fiov}, obd {rev}; images on {storage}.")
 print(f"{rounds} round(s), even rounds in reverse order; values are means [per round].")
 print("ratio = value / the better loop mode's mean for that workload.")
 print("CPU = whole-guest busy % (seq / rand). file-buffered = fio on the raw file itself,")
-print("buffered, io_uring: roughly the ceiling for a userspace reader of tmpfs.")
+print("buffered, io_uring: roughly the ceiling for a userspace reader of that storage.")
 print()
 print("| device | queues | seq MB/s | seq ratio | rand IOPS | rand ratio | CPU % |")
 print("|---|---|---:|---:|---:|---:|---:|")

@@ -28,13 +28,19 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::sys;
 use overlaybd::stack::{PieceSource, Plan, Stack};
 use overlaybd::zfile::ZFileReader;
 
 use crate::offload::{Pool, POOL_THREADS};
+
+/// Reads at least this long go straight to io_uring's worker threads
+/// (IOSQE_ASYNC) instead of being tried inline: a page-cache read is a
+/// memory copy, and done inline every copy of the queue runs on the queue
+/// thread, one after another; as workers they run on other CPUs at once.
+const ASYNC_READ_BYTES: usize = 64 << 10;
 
 /// How a queue task reaches the bytes of one plan piece.
 enum Fetch<'a> {
@@ -238,10 +244,13 @@ impl Backend {
         let mut submitted = Vec::with_capacity(jobs.len());
         for job in jobs.iter_mut() {
             submitted.push(job.target(&mut scratch.stored).map(|(fd, at, target)| {
-                let sqe =
+                let mut sqe =
                     opcode::Read::new(types::Fd(fd), target.as_mut_ptr(), target.len() as u32)
                         .offset(at)
                         .build();
+                if target.len() >= ASYNC_READ_BYTES {
+                    sqe = sqe.flags(squeue::Flags::ASYNC);
+                }
                 q.ublk_submit_sqe(sqe)
             }));
         }

@@ -1,12 +1,15 @@
 //! The TCMU service: every `overlaybd/<config>` TCMU device on this host,
-//! one thread each.
+//! a thread each that takes commands off its ring, and a few workers each
+//! that run them.
 //!
 //! Devices are found by rescanning /sys/class/uio on a short timer (uio
 //! nodes appear without any event we could wait on short of netlink or
 //! udev, and a scan is a handful of small reads). A device seen for the
 //! first time — created while we run, or left by a previous daemon — gets
 //! a thread that opens its image with the engine, writes `resultFile`,
-//! and serves the ring until the uio node goes away. A previous daemon's
+//! and serves the ring until the uio node goes away: it hands commands to
+//! the device's workers (`Options::workers`), which run them at once and
+//! answer them in ring order (see [`Ring`]). A previous daemon's
 //! unfinished commands are still in the ring past `cmd_tail`, so a restart
 //! simply picks them up.
 //!

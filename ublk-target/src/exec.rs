@@ -7,9 +7,8 @@
 //! - a plain local layer (a file, or a window of one such as a tar payload)
 //!   is read at `base + position` straight into the request buffer;
 //! - a ZFile layer over a local file has its compressed span read into a
-//!   scratch buffer, then each block is CRC-checked and decompressed (a bad
-//!   block is EIO, never data): on the queue thread for small pieces, on
-//!   the device's pool for large ones;
+//!   scratch buffer, then each block is CRC-checked and decompressed here,
+//!   on the queue thread (a bad block is EIO, never data);
 //! - the writable layer's data file is read at `position`;
 //! - a registry layer (through the blob cache) is read synchronously on the
 //!   queue thread when every byte it needs is cached, and otherwise on the
@@ -42,11 +41,6 @@ use crate::offload::{Pool, POOL_THREADS};
 /// memory copy, and done inline every copy of the queue runs on the queue
 /// thread, one after another; as workers they run on other CPUs at once.
 const ASYNC_READ_BYTES: usize = 64 << 10;
-
-/// ZFile pieces at least this long (decompressed) are checked and
-/// decompressed on the pool, not on the queue thread: one queue thread
-/// decoding every request was the ZFile bottleneck.
-const POOL_DECODE_BYTES: usize = 64 << 10;
 
 /// How a queue task reaches the bytes of one plan piece.
 enum Fetch<'a> {
@@ -101,7 +95,7 @@ pub struct Scratch {
 /// What every queue of one device serves.
 pub struct Backend {
     stack: Arc<Stack>,
-    /// Threads for registry reads and large ZFile decodes (see `offload`).
+    /// Threads for reads that may wait on a registry (see `offload`).
     pool: Pool,
 }
 
@@ -109,7 +103,7 @@ impl Backend {
     pub fn new(stack: Arc<Stack>) -> std::io::Result<Backend> {
         Ok(Backend {
             stack,
-            pool: Pool::new(POOL_THREADS, "obd-pool")?,
+            pool: Pool::new(POOL_THREADS, "obd-fetch")?,
         })
     }
 
@@ -280,62 +274,19 @@ impl Backend {
             }
         }
         result?;
-        // All stored bytes are in: check and decode the ZFile pieces, the
-        // large ones on the pool so several requests decode at once.
+        // All stored bytes are in: check and decode the ZFile pieces.
         for job in jobs.iter_mut() {
             if let Fetch::ZFile {
                 reader, position, ..
             } = job.fetch
             {
-                if job.chunk.len() >= POOL_DECODE_BYTES {
-                    let stored = std::mem::take(&mut scratch.stored[job.stored]);
-                    self.pool_decode(q, job, stored, position).await?;
-                } else if let Err(e) =
-                    reader.decode_range(&scratch.stored[job.stored], position, job.chunk)
-                {
+                let stored = &scratch.stored[job.stored];
+                if let Err(e) = reader.decode_range(stored, position, job.chunk) {
                     eprintln!("obd: {e}");
                     return Err(-libc::EIO);
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Decode a ZFile piece's `stored` bytes on the pool into its chunk.
-    async fn pool_decode(
-        &self,
-        q: &UblkQueue<'_>,
-        job: &mut Job<'_, '_>,
-        stored: Vec<u8>,
-        position: u64,
-    ) -> Result<(), i32> {
-        let PieceSource::Layer { layer, .. } = job.source else {
-            return Err(-libc::EIO);
-        };
-        let stack = self.stack.clone();
-        let len = job.chunk.len();
-        let decoded = self
-            .pool
-            .run(q, move || {
-                let reader = stack
-                    .lowers()
-                    .get(layer)
-                    .and_then(|lower| lower.source().zfile())
-                    .ok_or(-libc::EIO)?;
-                let mut out = vec![0u8; len];
-                match reader.decode_range(&stored, position, &mut out) {
-                    Ok(()) => Ok(out),
-                    Err(e) => {
-                        eprintln!("obd: {e}");
-                        Err(-libc::EIO)
-                    }
-                }
-            })
-            .await?;
-        if decoded.len() != len {
-            return Err(-libc::EIO);
-        }
-        job.chunk.copy_from_slice(&decoded);
         Ok(())
     }
 

@@ -1,5 +1,4 @@
-//! Work that would hold up a queue thread, run on a pool: reads that may
-//! wait on the network, and decoding of large ZFile pieces.
+//! Reads that may wait on the network, run off the queue thread.
 //!
 //! A queue thread serves all of its tags from one io_uring; a read that
 //! blocks it (a registry fetch of a chunk not yet cached) would stall every
@@ -8,8 +7,7 @@
 //! thread reads into its own buffer, stores the result and writes an
 //! eventfd; the queue task waits for that eventfd with a read SQE on its
 //! own ring, so it wakes exactly when the data is there, and copies it in.
-//! The request buffer never crosses threads. Decoding goes the same way:
-//! done inline, one queue thread decompressed every request in turn.
+//! The request buffer never crosses threads.
 
 use std::fs::File;
 use std::io::Write;
@@ -19,8 +17,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use io_uring::{opcode, types};
 use libublk::io::UblkQueue;
 
-/// Threads per device: how many registry fetches (or decodes) can be in
-/// flight at once.
+/// Threads per device: how many registry fetches can be in flight at once.
 pub const POOL_THREADS: usize = 8;
 
 type Job = Box<dyn FnOnce() + Send>;

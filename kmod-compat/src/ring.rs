@@ -251,7 +251,11 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
             ));
         }
         let mut taken = Vec::new();
-        while st.next != head {
+        // The entries from `next` must end exactly at `head`: one that runs
+        // past it (a head off an entry boundary) would otherwise send the
+        // walk round the ring for ever.
+        let mut left = (head + self.mb.cmdr_size - st.next) % self.mb.cmdr_size;
+        while left > 0 {
             let pos = st.next;
             let entry = self.mb.cmdr_off + pos;
             let len_op = u32_at(mem, entry).ok_or("entry header unreadable")?;
@@ -259,6 +263,12 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
             if len < ENT_HDR_LEN || len > self.mb.cmdr_size - pos {
                 return Err(format!("ring entry at {pos} has length {len}"));
             }
+            if len > left {
+                return Err(format!(
+                    "ring entry at {pos} ({len} bytes) runs past cmd_head {head}"
+                ));
+            }
+            left -= len;
             let seq = st.first_seq + st.slots.len() as u64;
             let response = if len_op & OP_MASK == OP_CMD {
                 taken.push(read_request(mem, seq, entry, len)?);
@@ -608,6 +618,13 @@ mod tests {
         // A zero-length entry.
         mem.write(CMDR_OFF, &(OP_CMD).to_le_bytes());
         assert!(run_all(&mem, &disk).is_err());
+        // A head off an entry boundary: an error, not a walk round the
+        // ring for ever (found by the `tcmu` fuzz target).
+        let mem = ring();
+        let len = queue_cmd(&mem, 0, &[0x00, 0, 0, 0, 0, 0], &[]);
+        mem.store_release(MB_CMD_HEAD, len as u32 - 8);
+        let err = run_all(&mem, &disk).unwrap_err();
+        assert!(err.contains("runs past cmd_head"), "{err}");
         // A head or a tail outside the ring.
         mem.store_release(MB_CMD_HEAD, CMDR_SIZE as u32 + 8);
         assert!(run_all(&mem, &disk).is_err());

@@ -25,9 +25,10 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Where a pool thread leaves a read's bytes (or errno) for its waiter.
 type ReadSlot = Arc<Mutex<Option<Result<Vec<u8>, i32>>>>;
 
-/// A fixed set of threads running jobs in arrival order.
+/// A fixed set of threads running jobs in arrival order. Dropping the
+/// pool closes its queue: the threads finish the jobs queued and leave.
 pub struct Pool {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Pool {
@@ -52,15 +53,12 @@ impl Pool {
                     }
                 })?;
         }
-        Ok(Pool {
-            jobs: Mutex::new(Some(sender)),
-        })
+        Ok(Pool { jobs: sender })
     }
 
-    /// Run `job` on a pool thread; false when the pool is shutting down.
+    /// Run `job` on a pool thread; false when no thread is left to run it.
     fn submit(&self, job: Job) -> bool {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        jobs.as_ref().is_some_and(|s| s.send(job).is_ok())
+        self.jobs.send(job).is_ok()
     }
 
     /// Run `read` on a pool thread and wait for its result without blocking
@@ -105,12 +103,6 @@ impl Pool {
         }
         let result = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         result.unwrap_or(Err(-libc::EIO))
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 

@@ -8,16 +8,17 @@
 //!   data-in than the buffer holds; the disk must never be asked for bytes
 //!   outside it (it panics if it is).
 //! - as the whole uio mapping, with a valid mailbox header written over its
-//!   start: `Ring::new`, `take`, then every request run and answered. A ring
-//!   that makes no sense must be an error, never a panic or an access
-//!   outside the mapping (the mapping panics if asked).
+//!   start (in `ring::VecMem`, which refuses accesses outside it): `Ring::new`,
+//!   `take`, then every request run and answered. A ring that makes no sense
+//!   must be an error, never a panic or a hang, and every request taken must
+//!   be answered.
 #![no_main]
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
 use kmod_compat::exec::{Backend, DataBuf, Disk};
-use kmod_compat::ring::{Mailbox, Ring, SharedMem};
+use kmod_compat::ring::{Mailbox, Ring, VecMem};
 use kmod_compat::scsi::{DiskInfo, CHECK_CONDITION, GOOD};
 use libfuzzer_sys::fuzz_target;
 
@@ -86,48 +87,6 @@ fn disk(writable: bool) -> Disk {
     Disk::new(info, Some(Arc::new(backend)))
 }
 
-/// The uio mapping: any access outside it is a bug in the ring code.
-struct Mapping(RefCell<Vec<u8>>);
-
-impl SharedMem for Mapping {
-    fn len(&self) -> usize {
-        self.0.borrow().len()
-    }
-    fn read(&self, offset: usize, out: &mut [u8]) -> bool {
-        match self
-            .0
-            .borrow()
-            .get(offset..offset.saturating_add(out.len()))
-        {
-            Some(s) => {
-                out.copy_from_slice(s);
-                true
-            }
-            None => false,
-        }
-    }
-    fn write(&self, offset: usize, data: &[u8]) -> bool {
-        match self
-            .0
-            .borrow_mut()
-            .get_mut(offset..offset.saturating_add(data.len()))
-        {
-            Some(s) => {
-                s.copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
-    }
-    fn load_acquire(&self, offset: usize) -> Option<u32> {
-        let mut b = [0u8; 4];
-        self.read(offset, &mut b).then(|| u32::from_le_bytes(b))
-    }
-    fn store_release(&self, offset: usize, value: u32) -> bool {
-        self.write(offset, &value.to_le_bytes())
-    }
-}
-
 fn scsi(data: &[u8], writable: bool) {
     let (cdb, rest) = data.split_at(data.len().min(16));
     let mut buf = rest[..rest.len().min(64 << 10)].to_vec();
@@ -160,7 +119,7 @@ fn ring(data: &[u8], writable: bool) {
     mem[0..2].copy_from_slice(&2u16.to_le_bytes());
     mem[4..8].copy_from_slice(&(CMDR_OFF as u32).to_le_bytes());
     mem[8..12].copy_from_slice(&(size as u32).to_le_bytes());
-    let mapping = Mapping(RefCell::new(mem));
+    let mapping = VecMem(RefCell::new(mem));
     let mailbox = Mailbox::read(&mapping).expect("a valid mailbox reads");
     let Ok(ring) = Ring::new(&mapping, mailbox) else {
         return;

@@ -10,6 +10,7 @@
 //! before use, so a confused kernel or a stale mapping gives an error, not
 //! a wild access.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -149,6 +150,42 @@ impl<M: SharedMem + ?Sized> DataBuf for IovBuf<'_, M> {
         self.walk(offset, data.len(), |at, r| {
             self.mem.write(at, &data[r]);
         });
+    }
+}
+
+/// Plain memory standing in for the uio mapping: unit tests and the
+/// `tcmu` fuzz target build rings in it.
+pub struct VecMem(pub RefCell<Vec<u8>>);
+
+impl SharedMem for VecMem {
+    fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+    fn read(&self, offset: usize, out: &mut [u8]) -> bool {
+        let v = self.0.borrow();
+        match v.get(offset..offset.saturating_add(out.len())) {
+            Some(s) => {
+                out.copy_from_slice(s);
+                true
+            }
+            None => false,
+        }
+    }
+    fn write(&self, offset: usize, data: &[u8]) -> bool {
+        let mut v = self.0.borrow_mut();
+        match v.get_mut(offset..offset.saturating_add(data.len())) {
+            Some(s) => {
+                s.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+    fn load_acquire(&self, offset: usize) -> Option<u32> {
+        u32_at(self, offset)
+    }
+    fn store_release(&self, offset: usize, value: u32) -> bool {
+        self.write(offset, &value.to_le_bytes())
     }
 }
 
@@ -418,42 +455,7 @@ fn read_request(
 mod tests {
     use super::*;
     use crate::exec::tests::{info, MemBackend};
-    use std::cell::RefCell;
     use std::sync::Arc;
-
-    pub struct VecMem(pub RefCell<Vec<u8>>);
-
-    impl SharedMem for VecMem {
-        fn len(&self) -> usize {
-            self.0.borrow().len()
-        }
-        fn read(&self, offset: usize, out: &mut [u8]) -> bool {
-            let v = self.0.borrow();
-            match v.get(offset..offset.saturating_add(out.len())) {
-                Some(s) => {
-                    out.copy_from_slice(s);
-                    true
-                }
-                None => false,
-            }
-        }
-        fn write(&self, offset: usize, data: &[u8]) -> bool {
-            let mut v = self.0.borrow_mut();
-            match v.get_mut(offset..offset.saturating_add(data.len())) {
-                Some(s) => {
-                    s.copy_from_slice(data);
-                    true
-                }
-                None => false,
-            }
-        }
-        fn load_acquire(&self, offset: usize) -> Option<u32> {
-            u32_at(self, offset)
-        }
-        fn store_release(&self, offset: usize, value: u32) -> bool {
-            self.write(offset, &value.to_le_bytes())
-        }
-    }
 
     const CMDR_OFF: usize = 128;
     const CMDR_SIZE: usize = 1024;

@@ -9,7 +9,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{IoContext, Result};
-use crate::io::{ReadAt, Source};
+use crate::io::ReadAt;
+use crate::storage::{Container, LayerData, Stored};
 use crate::tar::{self, TarPayload};
 use crate::zfile::{HeaderTrailer, ZFileInfo, ZFileReader, HT_SPACE};
 
@@ -75,18 +76,37 @@ fn looks_like_zfile(src: &dyn ReadAt) -> Result<bool> {
     Ok(HeaderTrailer::has_magic(&head))
 }
 
-/// Unwrap `src` (tar, then ZFile) and say what was found.
-pub fn detect_layer_blob(src: Source) -> Result<(Source, BlobKind)> {
-    let (inner, tar): (Source, Option<TarPayload>) = match tar::detect(&*src)? {
-        Some(payload) => (Arc::new(payload.window(src)?), Some(payload)),
-        None => (src, None),
+/// Unwrap a stored blob (tar, then ZFile) and say what was found.
+pub fn detect_layer_blob(container: impl Into<Container>) -> Result<(LayerData, BlobKind)> {
+    let container = container.into();
+    let whole = container.source();
+    let (stored, tar) = match tar::detect(&*whole)? {
+        Some(payload) => {
+            // Checks that the payload fits inside the blob.
+            payload.window(whole)?;
+            let stored = Stored {
+                container,
+                base: payload.offset,
+                len: payload.size,
+            };
+            (stored, Some(payload))
+        }
+        None => (Stored::whole(container), None),
     };
-    let (plain, zfile): (Source, Option<ZFileInfo>) = if looks_like_zfile(&*inner)? {
-        let reader = ZFileReader::open(inner)?;
+    let name = whole_name(&stored);
+    let inner = stored.source().context(|| name.clone())?;
+    let (data, zfile) = if looks_like_zfile(&*inner)? {
+        let reader = Arc::new(ZFileReader::open(inner)?);
         let info = reader.info().clone();
-        (Arc::new(reader), Some(info))
+        (LayerData::ZFile { reader, stored }, Some(info))
     } else {
-        (inner, None)
+        (
+            LayerData::Plain {
+                stored,
+                source: inner,
+            },
+            None,
+        )
     };
     let kind = match (tar, zfile) {
         (None, None) => BlobKind::Raw,
@@ -94,18 +114,22 @@ pub fn detect_layer_blob(src: Source) -> Result<(Source, BlobKind)> {
         (Some(t), None) => BlobKind::TarRaw(t),
         (Some(t), Some(z)) => BlobKind::TarZFile(t, z),
     };
-    Ok((plain, kind))
+    Ok((data, kind))
+}
+
+fn whole_name(stored: &Stored) -> String {
+    stored.container.source().name().to_string()
 }
 
 /// The plain layer (LSMT) bytes of a blob, whatever wraps them.
-pub fn open_layer_blob(src: Source) -> Result<Source> {
-    detect_layer_blob(src).map(|(plain, _)| plain)
+pub fn open_layer_blob(container: impl Into<Container>) -> Result<LayerData> {
+    detect_layer_blob(container).map(|(data, _)| data)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::Bytes;
+    use crate::io::{Bytes, Source};
     use crate::zfile::{compress, Algorithm, Flavor, ZFileOptions};
     use std::io::Cursor;
 
@@ -126,7 +150,12 @@ mod tests {
         out.into_inner()
     }
 
-    fn read_all(src: &Source) -> Vec<u8> {
+    fn source(data: Vec<u8>, name: &str) -> Source {
+        Arc::new(Bytes::new(data, name))
+    }
+
+    fn read_all(data: &LayerData) -> Vec<u8> {
+        let src = data.source();
         let mut v = vec![0u8; src.size() as usize];
         src.read_exact_at(&mut v, 0).unwrap();
         v
@@ -135,7 +164,7 @@ mod tests {
     #[test]
     fn raw_stays_raw() {
         let data = b"LSMT\0\x01\x02 not really".to_vec();
-        let (plain, kind) = detect_layer_blob(Arc::new(Bytes::new(data.clone(), "r"))).unwrap();
+        let (plain, kind) = detect_layer_blob(source(data.clone(), "r")).unwrap();
         assert_eq!(kind, BlobKind::Raw);
         assert_eq!(read_all(&plain), data);
         assert_eq!(kind.to_string(), "raw");
@@ -144,7 +173,7 @@ mod tests {
     #[test]
     fn zfile_is_decompressed() {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i / 7) as u8).collect();
-        let (plain, kind) = detect_layer_blob(Arc::new(Bytes::new(zfile_of(&data), "z"))).unwrap();
+        let (plain, kind) = detect_layer_blob(source(zfile_of(&data), "z")).unwrap();
         assert!(matches!(kind, BlobKind::ZFile(_)));
         assert_eq!(read_all(&plain), data);
         assert_eq!(
@@ -157,9 +186,7 @@ mod tests {
     fn broken_zfile_is_an_error_not_raw() {
         let mut z = zfile_of(&[1u8; 5000]);
         z[40] ^= 1; // header index field: digest no longer matches
-        let err = open_layer_blob(Arc::new(Bytes::new(z, "bad")))
-            .err()
-            .unwrap();
+        let err = open_layer_blob(source(z, "bad")).err().unwrap();
         assert!(err.to_string().contains("digest"), "{err}");
     }
 }

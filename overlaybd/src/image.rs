@@ -12,13 +12,14 @@ use std::sync::Arc;
 use crate::config::{GlobalConfig, ImageConfig, Lower};
 use crate::detect::open_layer_blob;
 use crate::error::{Error, IoContext, Result};
-use crate::io::{LocalFile, ReadAt, Source};
+use crate::io::{LocalFile, ReadAt};
 use crate::lsmt::{
     self, ReadOnlyLayer, WritableLayer, FLAG_DATA, FLAG_HEADER, FLAG_SEALED, FLAG_SPARSE,
 };
 use crate::remote::download::Switchable;
 use crate::remote::Remote;
 use crate::stack::Stack;
+use crate::storage::{Container, Fetch};
 
 /// A layer named on a command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,8 +52,7 @@ pub enum OpenedLayer {
 /// Open a read-only layer blob (plain, ZFile or tar-wrapped).
 pub fn open_read_only(path: &Path) -> Result<ReadOnlyLayer> {
     let file = LocalFile::open(path)?;
-    let source = open_layer_blob(Arc::new(file))?;
-    ReadOnlyLayer::open(source)
+    ReadOnlyLayer::open(open_layer_blob(Arc::new(file))?)
 }
 
 /// Open a layer of any kind; writable layers are opened for writing only
@@ -206,8 +206,10 @@ fn open_config_inner(
                 ))
             }
             (None, Lower::Blob { dir, digest, size }) => {
-                let source = open_remote_lower(config, remote.get()?, dir, digest, *size)?;
-                lowers.push(ReadOnlyLayer::open(open_layer_blob(source)?)?);
+                let blob = open_remote_lower(config, remote.get()?, dir, digest, *size)?;
+                lowers.push(ReadOnlyLayer::open(open_layer_blob(Container::Remote(
+                    blob,
+                ))?)?);
             }
         }
     }
@@ -230,13 +232,13 @@ fn open_remote_lower(
     dir: &Path,
     digest: &str,
     size: u64,
-) -> Result<Source> {
+) -> Result<Arc<dyn Fetch>> {
     let blob = remote.open_blob(config, digest, size)?;
     let download = config.effective_download(&remote.global().download);
     if !download.enable {
         return Ok(blob);
     }
-    let switchable = Arc::new(Switchable::new(blob.clone()));
+    let switchable = Arc::new(Switchable::new(blob.clone() as Arc<dyn Fetch>));
     remote.start_download(download, blob, digest, dir, &switchable);
     Ok(switchable)
 }

@@ -72,6 +72,14 @@ impl Entry {
         self.offset + self.length
     }
 
+    /// First sector of the layer file past the entry's data. A zeroed entry
+    /// occupies no space in the file, so its end there is its own `moffset`
+    /// (the reference's `mend()`): two adjacent zeroed entries with the same
+    /// `moffset` continue each other.
+    pub fn mend(&self) -> u64 {
+        mend(self.moffset, self.length, self.zeroed)
+    }
+
     /// The entry as an in-memory extent of layer `layer`.
     pub fn extent(&self, layer: u8) -> Extent {
         Extent {
@@ -204,11 +212,22 @@ impl IntervalMap {
     }
 }
 
-/// `extent` advanced by `skip` sectors and cut to `length`.
+/// The file end of `length` sectors stored at `moffset`: zeroed sectors
+/// occupy no file space.
+pub fn mend(moffset: u64, length: u64, zeroed: bool) -> u64 {
+    if zeroed {
+        moffset
+    } else {
+        moffset + length
+    }
+}
+
+/// `extent` advanced by `skip` sectors and cut to `length`. A zeroed
+/// extent's `moffset` does not move: it stores nothing to skip over.
 fn advanced(extent: Extent, skip: u64, length: u64) -> Extent {
     Extent {
         length,
-        moffset: extent.moffset + skip,
+        moffset: mend(extent.moffset, skip, extent.zeroed),
         ..extent
     }
 }

@@ -1,17 +1,17 @@
 //! Random-access byte sources. Every layer representation (a local file, the
-//! payload of a tar wrapper, the decompressed view of a ZFile, later a
-//! registry blob behind a cache) is a [`ReadAt`], so the LSMT code above it
-//! never cares where the bytes come from.
+//! payload of a tar wrapper, the decompressed view of a ZFile, a registry
+//! blob behind the cache) is a [`ReadAt`], so the parsers above it never
+//! care where the bytes come from. What a source *is* (and so how a front
+//! end may read it) is told by types in [`crate::storage`], not asked of
+//! the source.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{IoContext, Result};
-use crate::zfile::ZFileReader;
 
 /// A sized, thread-safe source of bytes read at absolute offsets.
 pub trait ReadAt: Send + Sync {
@@ -22,25 +22,6 @@ pub trait ReadAt: Send + Sync {
     fn size(&self) -> u64;
     /// What to call this source in error messages (usually a path).
     fn name(&self) -> &str;
-    /// When byte X of this source is byte `base + X` of a local file: that
-    /// file and `base`. Front ends with their own I/O engine (io_uring) read
-    /// such sources directly instead of calling [`ReadAt::read_exact_at`].
-    fn local_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
-        None
-    }
-    /// When this source is the decompressed view of a ZFile: the reader, so
-    /// a front end can fetch the compressed bytes itself and decode them with
-    /// [`ZFileReader::stored_span`] and [`ZFileReader::decode_range`].
-    fn zfile(&self) -> Option<&ZFileReader> {
-        None
-    }
-    /// Whether reading `[offset, offset + len)` now waits on nothing but
-    /// local storage (false when it may fetch from a registry). Front ends
-    /// read such ranges inline and hand the others to threads that may
-    /// block. Sources that wrap another must pass the question on.
-    fn is_local(&self, _offset: u64, _len: u64) -> bool {
-        true
-    }
 }
 
 /// Shared handle to any source.
@@ -80,9 +61,6 @@ impl ReadAt for LocalFile {
     }
     fn name(&self) -> &str {
         &self.name
-    }
-    fn local_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
-        Some((self.file.as_fd(), 0))
     }
 }
 
@@ -128,14 +106,6 @@ impl ReadAt for Window {
     }
     fn name(&self) -> &str {
         &self.name
-    }
-    fn local_file(&self) -> Option<(BorrowedFd<'_>, u64)> {
-        self.inner
-            .local_file()
-            .map(|(fd, base)| (fd, base + self.start))
-    }
-    fn is_local(&self, offset: u64, len: u64) -> bool {
-        self.inner.is_local(self.start + offset, len)
     }
 }
 

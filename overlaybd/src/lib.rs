@@ -17,6 +17,7 @@ pub mod io;
 pub mod lsmt;
 pub mod remote;
 pub mod stack;
+pub mod storage;
 pub mod tar;
 pub mod trace;
 pub mod zfile;

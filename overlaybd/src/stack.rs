@@ -3,14 +3,17 @@
 //!
 //! The stack answers one question fast — for a logical range, which pieces
 //! come from which layer at which file offset, and which are zeros — as a
-//! [`Plan`]. Executing a plan is separate: [`Stack::read`] does it with
-//! synchronous reads, and front ends can do it on their own io_uring.
+//! [`Plan`]. [`Stack::access`] turns each piece into an [`Access`]: where
+//! its bytes are stored and whether they must be decoded, as types. Executing
+//! that is separate: [`Stack::read`] does it with synchronous reads, and
+//! front ends do it their own way (io_uring, a thread pool).
 
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::index::{IntervalMap, Piece, SECTOR};
 use crate::lsmt::{ReadOnlyLayer, WritableLayer};
+use crate::storage::{Access, At};
 
 /// At most this many read-only layers in one stack.
 pub const MAX_LAYERS: usize = 255;
@@ -192,38 +195,49 @@ impl Stack {
         Ok(())
     }
 
-    /// Whether [`Stack::read_piece`] of `len` bytes from `source` waits on
-    /// nothing but local storage (see [`crate::io::ReadAt::is_local`]).
-    pub fn piece_is_local(&self, source: PieceSource, len: u64) -> bool {
-        match source {
-            PieceSource::Layer { layer, position } => self
-                .lowers
-                .get(layer)
-                .is_none_or(|lower| lower.source().is_local(position, len)),
-            PieceSource::Zero => true,
+    /// How the `len` bytes of plan piece `source` are obtained: zeros, bytes
+    /// stored in a local file or a blob that may fetch, or ZFile blocks to
+    /// decode. Front ends execute this their own way; [`Stack::read_piece`]
+    /// does it synchronously.
+    pub fn access(&self, source: PieceSource, len: u64) -> Result<Access<'_>> {
+        let PieceSource::Layer { layer, position } = source else {
+            return Ok(Access::Zero);
+        };
+        if let Some(lower) = self.lowers.get(layer) {
+            return lower
+                .data()
+                .access(position, len)
+                .map_err(|e| Error::io(lower.source().name().to_string(), e));
+        }
+        match &self.top {
+            Some(top) if layer == self.lowers.len() => Ok(Access::Plain(At::File {
+                file: top.data_file(),
+                offset: position,
+            })),
+            _ => Err(Error::Invalid(format!(
+                "plan names layer {layer}, which does not exist"
+            ))),
         }
     }
 
     /// Execute one plan piece synchronously.
     pub fn read_piece(&self, buf: &mut [u8], source: PieceSource) -> Result<()> {
+        let access = self.access(source, buf.len() as u64)?;
+        access
+            .read(buf)
+            .map_err(|e| Error::io(self.layer_name(source), e))
+    }
+
+    fn layer_name(&self, source: PieceSource) -> String {
         match source {
-            PieceSource::Zero => {
-                buf.fill(0);
-                Ok(())
-            }
-            PieceSource::Layer { layer, position } => {
-                if let Some(lower) = self.lowers.get(layer) {
-                    let src = lower.source();
-                    src.read_exact_at(buf, position)
-                        .map_err(|e| Error::io(src.name().to_string(), e))
-                } else {
-                    let top = self.top.as_ref().ok_or_else(|| {
-                        Error::Invalid(format!("plan names layer {layer}, which does not exist"))
-                    })?;
-                    top.read_data(buf, position)
-                        .map_err(|e| Error::io(top.name().to_string(), e))
-                }
-            }
+            PieceSource::Layer { layer, .. } => match self.lowers.get(layer) {
+                Some(lower) => lower.source().name().to_string(),
+                None => self
+                    .top
+                    .as_ref()
+                    .map_or_else(String::new, |t| t.name().to_string()),
+            },
+            PieceSource::Zero => String::new(),
         }
     }
 

@@ -167,8 +167,10 @@ fn anonymous_registry_serves_reference_stacks_lazily() {
         let mut plan = Plan::default();
         stack.plan(0, 1 << 20, &mut plan).unwrap();
         assert!(plan.iter().any(|p| p.source != PieceSource::Zero));
-        plan.iter()
-            .all(|p| stack.piece_is_local(p.source, p.length))
+        plan.iter().all(|p| {
+            let access = stack.access(p.source, p.length).unwrap();
+            !access.may_fetch(p.length)
+        })
     };
     assert!(!first_mib_is_local(&stack));
     let mut buf = vec![0u8; 1 << 20];

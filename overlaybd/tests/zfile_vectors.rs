@@ -220,6 +220,7 @@ fn legacy_zfile_without_digest_decompresses() {
     let mut head = [0u8; 8];
     open_layer_blob(src)
         .unwrap()
+        .source()
         .read_exact_at(&mut head, 0)
         .unwrap();
     assert_eq!(&head, LSMT_MAGIC);
@@ -230,6 +231,7 @@ fn real_dev_image_blobs_unwrap_and_decompress() {
     for (name, payload_size) in [("dev-layer0.blob", 667_229), ("dev-layer1.blob", 2_705_456)] {
         let src = open(&fixture(&format!("real-dev-image/{name}")));
         let (plain, kind) = detect_layer_blob(src.clone()).unwrap();
+        let plain = plain.source();
         let BlobKind::TarZFile(tar, z) = &kind else {
             panic!("{name}: {kind}");
         };
@@ -262,7 +264,7 @@ fn detection_of_each_wrapping() {
     assert_eq!(kind, BlobKind::Raw);
     let (plain, kind) = detect_layer_blob(open(&v.path("layer1.zstd8k.zfile"))).unwrap();
     assert!(matches!(kind, BlobKind::ZFile(_)), "{kind}");
-    assert_eq!(plain.size(), 2_078_208);
+    assert_eq!(plain.source().size(), 2_078_208);
 
     // A tar around the plain layer.
     let data = std::fs::read(&lsmt).unwrap();
@@ -279,5 +281,5 @@ fn detection_of_each_wrapping() {
         panic!("{kind}")
     };
     assert_eq!((tar.offset, tar.pax), (512, false));
-    assert!(read_all(&*plain) == data);
+    assert!(read_all(&*plain.source()) == data);
 }

@@ -2,8 +2,10 @@
 //! io_uring.
 //!
 //! READ: the stack's plan says which bytes are zeros and which come from
-//! which layer file at which position. Every non-zero piece becomes one read
-//! SQE on the queue's own ring, all submitted before the first is awaited:
+//! which layer file at which position, and `Stack::access` says, as types,
+//! where each piece's bytes are stored and whether they must be decoded.
+//! Every piece stored in a local file becomes one read SQE on the queue's
+//! own ring, all submitted before the first is awaited:
 //! - a plain local layer (a file, or a window of one such as a tar payload)
 //!   is read at `base + position` straight into the request buffer;
 //! - a ZFile layer over a local file has its compressed span read into a
@@ -32,6 +34,7 @@ use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::sys;
 use overlaybd::stack::{PieceSource, Plan, Stack};
+use overlaybd::storage::{Access, At};
 use overlaybd::zfile::ZFileReader;
 
 use crate::offload::{Pool, POOL_THREADS};
@@ -55,9 +58,9 @@ enum Fetch<'a> {
         reader: &'a ZFileReader,
         position: u64,
     },
-    /// No local file underneath, but every byte is local (cached): a
-    /// synchronous read on the queue thread.
-    Sync,
+    /// No local file underneath, but nothing to wait for on the network
+    /// (cached, or in memory): a synchronous read on the queue thread.
+    Sync(Access<'a>),
     /// May wait on a registry: read on the offload pool.
     Offload,
 }
@@ -80,7 +83,7 @@ impl Job<'_, '_> {
             Fetch::ZFile { fd, offset, .. } => {
                 Some((fd, offset, stored.get_mut(self.stored)?.as_mut_slice()))
             }
-            Fetch::Sync | Fetch::Offload => None,
+            Fetch::Sync(_) | Fetch::Offload => None,
         }
     }
 }
@@ -149,44 +152,34 @@ impl Backend {
         }
     }
 
-    /// Where the bytes of `source` (`len` bytes) are read from.
-    fn fetch_of(&self, layer: usize, position: u64, len: usize) -> Result<Fetch<'_>, i32> {
-        let stack = &*self.stack;
-        if let Some(lower) = stack.lowers().get(layer) {
-            let src = lower.source();
-            if let Some((fd, base)) = src.local_file() {
-                return Ok(Fetch::Direct {
-                    fd: fd.as_raw_fd(),
-                    offset: base + position,
-                });
-            }
-            if let Some(reader) = src.zfile() {
-                if let Some((fd, base)) = reader.source().local_file() {
-                    let (start, stored) =
-                        reader.stored_span(position, len).map_err(|_| -libc::EIO)?;
-                    return Ok(Fetch::ZFile {
-                        fd: fd.as_raw_fd(),
-                        offset: base + start,
-                        stored_len: usize::try_from(stored).map_err(|_| -libc::EIO)?,
-                        reader,
-                        position,
-                    });
-                }
-            }
-            let source = PieceSource::Layer { layer, position };
-            return Ok(if stack.piece_is_local(source, len as u64) {
-                Fetch::Sync
-            } else {
-                Fetch::Offload
-            });
+    /// How the `len` bytes of plan piece `source` are read.
+    fn fetch_of(&self, source: PieceSource, len: usize) -> Result<Fetch<'_>, i32> {
+        let access = self
+            .stack
+            .access(source, len as u64)
+            .map_err(|e| -e.errno())?;
+        if access.may_fetch(len as u64) {
+            return Ok(Fetch::Offload);
         }
-        match stack.top() {
-            Some(top) if layer == stack.lowers().len() => Ok(Fetch::Direct {
-                fd: top.data_file().as_raw_fd(),
-                offset: position,
-            }),
-            _ => Err(-libc::EIO),
-        }
+        Ok(match access {
+            Access::Plain(At::File { file, offset }) => Fetch::Direct {
+                fd: file.as_raw_fd(),
+                offset,
+            },
+            Access::Compressed {
+                reader,
+                position,
+                stored: At::File { file, offset },
+                stored_len,
+            } => Fetch::ZFile {
+                fd: file.as_raw_fd(),
+                offset,
+                stored_len: usize::try_from(stored_len).map_err(|_| -libc::EIO)?,
+                reader,
+                position,
+            },
+            other => Fetch::Sync(other),
+        })
     }
 
     async fn read(
@@ -211,8 +204,8 @@ impl Backend {
             }
             let (chunk, tail) = rest.split_at_mut(len);
             rest = tail;
-            if let PieceSource::Layer { layer, position } = piece.source {
-                let fetch = self.fetch_of(layer, position, len)?;
+            if let PieceSource::Layer { .. } = piece.source {
+                let fetch = self.fetch_of(piece.source, len)?;
                 let stored = zfile_pieces;
                 if let Fetch::ZFile { .. } = fetch {
                     zfile_pieces += 1;
@@ -264,10 +257,10 @@ impl Backend {
                         None => Err(-libc::EIO),
                     }
                 }
-                None if matches!(job.fetch, Fetch::Offload) => {
-                    self.offload_read(q, job.chunk, job.source).await
-                }
-                None => self.sync_read(job.chunk, job.source),
+                None => match job.fetch {
+                    Fetch::Sync(access) => sync_read(access, job.chunk),
+                    _ => self.offload_read(q, job.chunk, job.source).await,
+                },
             };
             if let (Err(errno), Ok(())) = (step, &result) {
                 result = Err(errno);
@@ -288,14 +281,6 @@ impl Backend {
             }
         }
         Ok(())
-    }
-
-    /// The synchronous fallback for sources without a local file.
-    fn sync_read(&self, chunk: &mut [u8], source: PieceSource) -> Result<(), i32> {
-        self.stack.read_piece(chunk, source).map_err(|e| {
-            eprintln!("obd: {e}");
-            -e.errno()
-        })
     }
 
     /// A read that may wait on a registry, on the offload pool.
@@ -344,6 +329,14 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+/// The synchronous read of a piece without a local file underneath.
+fn sync_read(access: Access<'_>, chunk: &mut [u8]) -> Result<(), i32> {
+    access.read(chunk).map_err(|e| {
+        eprintln!("obd: {e}");
+        -overlaybd::error::errno_of(&e)
+    })
 }
 
 /// Complete a read whose first SQE returned `first`: short reads are

@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::CacheConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::io::{check_bounds, ReadAt, Source};
+use crate::storage::Fetch;
 
 use super::remote_error;
 
@@ -484,17 +485,6 @@ impl CachedBlob {
             .sum()
     }
 
-    /// Whether every chunk overlapping `[offset, offset + len)` is present.
-    pub fn is_present(&self, offset: u64, len: u64) -> bool {
-        if len == 0 {
-            return true;
-        }
-        let first = offset / self.chunk;
-        let last = (offset + len - 1) / self.chunk;
-        let state = self.state();
-        (first..=last).all(|i| matches!(state.chunks.get(i as usize), Some(Chunk::Present { .. })))
-    }
-
     pub fn chunk_size(&self) -> u64 {
         self.chunk
     }
@@ -732,7 +722,17 @@ impl ReadAt for CachedBlob {
     fn name(&self) -> &str {
         &self.name
     }
-    fn is_local(&self, offset: u64, len: u64) -> bool {
-        self.is_present(offset, len)
+}
+
+impl Fetch for CachedBlob {
+    /// Whether every chunk overlapping `[offset, offset + len)` is present.
+    fn is_present(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let first = offset / self.chunk;
+        let last = (offset + len - 1) / self.chunk;
+        let state = self.state();
+        (first..=last).all(|i| matches!(state.chunks.get(i as usize), Some(Chunk::Present { .. })))
     }
 }

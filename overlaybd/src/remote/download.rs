@@ -12,80 +12,82 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use crate::config::{DownloadConfig, LOCAL_LAYER_NAMES};
-use crate::io::{LocalFile, ReadAt, Source};
+use crate::io::{LocalFile, ReadAt};
+use crate::storage::Fetch;
 
 use super::cache::CachedBlob;
 
-/// A source whose backing can be replaced while it is in use (the cached
-/// registry blob, then the downloaded file holding the same bytes).
+/// A registry blob that a background download may replace, once, by a
+/// local file holding the same bytes: reads go to the blob (through the
+/// cache) until then, and to the file after.
 pub struct Switchable {
-    current: RwLock<Source>,
-    size: u64,
-    name: String,
-    switched: AtomicBool,
+    blob: Arc<dyn Fetch>,
+    downloaded: OnceLock<LocalFile>,
 }
 
 impl Switchable {
-    pub fn new(source: Source) -> Self {
+    pub fn new(blob: Arc<dyn Fetch>) -> Self {
         Switchable {
-            size: source.size(),
-            name: source.name().to_string(),
-            current: RwLock::new(source),
-            switched: AtomicBool::new(false),
+            blob,
+            downloaded: OnceLock::new(),
         }
     }
 
-    /// Read from `source` from now on; it must have the same size (and
-    /// bytes).
-    pub fn switch_to(&self, source: Source) -> io::Result<()> {
-        if source.size() != self.size {
+    /// Read from `file` from now on; it must have the blob's size (and
+    /// bytes). A second switch is an error.
+    pub fn switch_to(&self, file: LocalFile) -> io::Result<()> {
+        if file.size() != self.blob.size() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
                     "{}: has {} bytes, the blob {}",
-                    source.name(),
-                    source.size(),
-                    self.size
+                    file.name(),
+                    file.size(),
+                    self.blob.size()
                 ),
             ));
         }
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = source;
-        self.switched.store(true, Ordering::Relaxed);
-        Ok(())
+        self.downloaded.set(file).map_err(|file| {
+            io::Error::other(format!(
+                "{}: the blob was already switched to a downloaded file",
+                file.name()
+            ))
+        })
     }
 
-    /// Whether reads go to a switched-to source.
+    /// Whether reads go to the downloaded file.
     pub fn switched(&self) -> bool {
-        self.switched.load(Ordering::Relaxed)
-    }
-
-    fn current(&self) -> Source {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.downloaded.get().is_some()
     }
 }
 
 impl ReadAt for Switchable {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // Clone the handle so no lock is held during the read.
-        self.current().read_exact_at(buf, offset)
+        match self.downloaded.get() {
+            Some(file) => file.read_exact_at(buf, offset),
+            None => self.blob.read_exact_at(buf, offset),
+        }
     }
     fn size(&self) -> u64 {
-        self.size
+        self.blob.size()
     }
     fn name(&self) -> &str {
-        &self.name
+        self.blob.name()
     }
-    fn is_local(&self, offset: u64, len: u64) -> bool {
-        self.current().is_local(offset, len)
+}
+
+impl Fetch for Switchable {
+    fn is_present(&self, offset: u64, len: u64) -> bool {
+        self.switched() || self.blob.is_present(offset, len)
+    }
+    fn downloaded(&self) -> Option<&LocalFile> {
+        self.downloaded.get()
     }
 }
 
@@ -260,7 +262,7 @@ pub fn spawn(
                 Ok(path) => {
                     let switched = LocalFile::open(&path).map_err(io::Error::from).and_then(
                         |file| match target.upgrade() {
-                            Some(t) => t.switch_to(Arc::new(file)),
+                            Some(t) => t.switch_to(file),
                             None => Ok(()),
                         },
                     );
@@ -287,7 +289,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::Bytes;
+    use crate::io::{Bytes, Source};
     use crate::remote::cache::{BlobCache, CacheOptions};
 
     fn blob(data: &[u8], dir: &Path) -> Arc<CachedBlob> {

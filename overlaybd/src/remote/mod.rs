@@ -33,66 +33,14 @@ pub mod cache;
 pub mod download;
 pub mod registry;
 
-use std::fmt;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::config::{DownloadConfig, GlobalConfig, ImageConfig};
+pub use crate::error::{errno_of, remote_error, RemoteError};
 use crate::error::{Error, Result};
 use crate::io::Source;
-
-/// A failed remote read: the errno a block device should report, and what
-/// happened, for a person.
-#[derive(Debug)]
-pub struct RemoteError {
-    pub errno: i32,
-    pub message: String,
-}
-
-impl fmt::Display for RemoteError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for RemoteError {}
-
-/// An `io::Error` carrying `errno` (see [`errno_of`]) and `message`.
-pub fn remote_error(errno: i32, message: impl Into<String>) -> io::Error {
-    let kind = match errno {
-        libc::EPERM | libc::EACCES => io::ErrorKind::PermissionDenied,
-        libc::ENOENT => io::ErrorKind::NotFound,
-        libc::EBUSY => io::ErrorKind::ResourceBusy,
-        libc::ETIMEDOUT => io::ErrorKind::TimedOut,
-        _ => io::ErrorKind::Other,
-    };
-    io::Error::new(
-        kind,
-        RemoteError {
-            errno,
-            message: message.into(),
-        },
-    )
-}
-
-/// The errno for an I/O error: the OS error itself, the one a
-/// [`RemoteError`] carries, or `EIO`.
-pub fn errno_of(e: &io::Error) -> i32 {
-    if let Some(errno) = e.raw_os_error() {
-        return errno;
-    }
-    if let Some(remote) = e.get_ref().and_then(|r| r.downcast_ref::<RemoteError>()) {
-        return remote.errno;
-    }
-    match e.kind() {
-        io::ErrorKind::PermissionDenied => libc::EPERM,
-        io::ErrorKind::NotFound => libc::ENOENT,
-        io::ErrorKind::ResourceBusy => libc::EBUSY,
-        io::ErrorKind::TimedOut => libc::ETIMEDOUT,
-        _ => libc::EIO,
-    }
-}
 
 /// `url` without its query and fragment, for messages: a redirect to blob
 /// storage usually carries a signature there.

@@ -32,6 +32,7 @@ use crate::config::GlobalConfig;
 use crate::credentials::Credential;
 use crate::error::Result;
 use crate::io::{check_bounds, ReadAt};
+use crate::storage::Fetch;
 
 use super::auth::{
     basic_header, credential_source, parse_challenges, query_escape, token_lifetime, Challenge,
@@ -941,11 +942,15 @@ impl ReadAt for RegistryBlob {
     fn size(&self) -> u64 {
         self.size
     }
-    fn is_local(&self, _offset: u64, len: u64) -> bool {
-        len == 0
-    }
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+impl Fetch for RegistryBlob {
+    /// Nothing of a blob read straight from the registry is local.
+    fn is_present(&self, _offset: u64, len: u64) -> bool {
+        len == 0
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{fixtures, ReferenceVectors};
 use overlaybd::detect::open_layer_blob;
-use overlaybd::io::{LocalFile, ReadAt};
+use overlaybd::io::{LocalFile, ReadAt, Source};
 use overlaybd::lsmt::{CreateOptions, ReadOnlyLayer, WritableLayer};
 use overlaybd::stack::{PieceSource, Stack};
 use overlaybd::trace::{self, Op, PrefetchPath, TraceRecord};
@@ -45,7 +45,7 @@ fn counted_layer(path: &Path) -> (ReadOnlyLayer, Arc<AtomicU64>) {
         inner: LocalFile::open(path).unwrap(),
         bytes: Arc::clone(&bytes),
     };
-    let layer = ReadOnlyLayer::open(open_layer_blob(Arc::new(file)).unwrap()).unwrap();
+    let layer = ReadOnlyLayer::open(open_layer_blob(Arc::new(file) as Source).unwrap()).unwrap();
     (layer, bytes)
 }
 

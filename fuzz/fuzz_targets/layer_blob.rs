@@ -24,8 +24,9 @@ fn run(data: &[u8]) {
             .is_some_and(|end| end <= data.len() as u64));
     }
     if let Some(z) = kind.zfile() {
-        assert_eq!(plain.size(), z.original_size);
-        exercise_source(plain.as_ref(), u64::from(z.block_size), &mut knobs);
+        let decompressed = plain.source();
+        assert_eq!(decompressed.size(), z.original_size);
+        exercise_source(decompressed.as_ref(), u64::from(z.block_size), &mut knobs);
     }
     let Ok(layer) = ReadOnlyLayer::open(plain) else {
         return;

@@ -202,7 +202,7 @@ impl Disk {
                     Outcome::good(total)
                 })
             }
-            Command::Write { lba, blocks } => {
+            Command::Write { lba, blocks, fua } => {
                 if !self.info.writable {
                     return Outcome::check(Sense::WRITE_PROTECTED);
                 }
@@ -224,6 +224,13 @@ impl Disk {
                             return Outcome::failed(Sense::WRITE_ERROR, e);
                         }
                         done += n;
+                    }
+                    // FUA: the write is acknowledged only once it is
+                    // durable, like a write followed by SYNCHRONIZE CACHE.
+                    if fua {
+                        if let Err(e) = backend.flush() {
+                            return Outcome::failed(Sense::WRITE_ERROR, e);
+                        }
                     }
                     Outcome::good(0)
                 })
@@ -464,6 +471,24 @@ pub(crate) mod tests {
             Outcome::good(0)
         );
         assert_eq!(*mem.flushes.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_fua_write_is_flushed_before_it_completes() {
+        let mem = Arc::new(MemBackend::new(1 << 20, true));
+        let d = disk(mem.clone());
+        let mut buf = vec![7u8; 512];
+        let mut c = read10(3, 1);
+        c[0] = 0x2a;
+        assert_eq!(d.execute(&c, &mut buf), Outcome::good(0));
+        assert_eq!(*mem.flushes.lock().unwrap(), 0, "a plain write is cached");
+        c[1] = 0x08; // FUA
+        assert_eq!(d.execute(&c, &mut buf), Outcome::good(0));
+        assert_eq!(*mem.flushes.lock().unwrap(), 1, "a FUA write is flushed");
+        assert_eq!(
+            &mem.bytes.lock().unwrap()[3 * 512..4 * 512],
+            &[7u8; 512][..]
+        );
     }
 
     #[test]

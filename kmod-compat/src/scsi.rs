@@ -91,6 +91,9 @@ pub enum Command {
     Write {
         lba: u64,
         blocks: u32,
+        /// Force unit access: the data must be on stable storage before
+        /// the command completes (we advertise DPOFUA).
+        fua: bool,
     },
     SyncCache,
     /// UNMAP; the descriptors come in a parameter list of `param_len` bytes.
@@ -173,7 +176,12 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
             if opcode == 0x08 {
                 Command::Read { lba, blocks }
             } else {
-                Command::Write { lba, blocks }
+                // WRITE(6) has no FUA bit.
+                Command::Write {
+                    lba,
+                    blocks,
+                    fua: false,
+                }
             }
         }
         0x28 => Command::Read {
@@ -183,6 +191,7 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
         0x2a => Command::Write {
             lba: be32(c, 2) as u64,
             blocks: be16(c, 7),
+            fua: c[1] & 0x08 != 0,
         },
         0xa8 => Command::Read {
             lba: be32(c, 2) as u64,
@@ -191,6 +200,7 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
         0xaa => Command::Write {
             lba: be32(c, 2) as u64,
             blocks: be32(c, 6),
+            fua: c[1] & 0x08 != 0,
         },
         0x88 => Command::Read {
             lba: be64(c, 2),
@@ -199,6 +209,7 @@ pub fn parse(cdb: &[u8]) -> Result<Command, Sense> {
         0x8a => Command::Write {
             lba: be64(c, 2),
             blocks: be32(c, 10),
+            fua: c[1] & 0x08 != 0,
         },
         0x35 | 0x91 => Command::SyncCache,
         0x42 => Command::Unmap {
@@ -509,7 +520,8 @@ mod tests {
             parse(&[0x0a, 0xff, 0xff, 0xff, 4, 0]),
             Ok(Command::Write {
                 lba: 0x1fffff,
-                blocks: 4
+                blocks: 4,
+                fua: false
             })
         );
         assert_eq!(
@@ -523,7 +535,16 @@ mod tests {
             parse(&[0x2a, 0, 0x12, 0x34, 0x56, 0x78, 0, 0x01, 0x00, 0]),
             Ok(Command::Write {
                 lba: 0x12345678,
-                blocks: 256
+                blocks: 256,
+                fua: false
+            })
+        );
+        assert_eq!(
+            parse(&[0x2a, 0x08, 0, 0, 0, 1, 0, 0, 1, 0]),
+            Ok(Command::Write {
+                lba: 1,
+                blocks: 1,
+                fua: true
             })
         );
         assert_eq!(
@@ -535,7 +556,11 @@ mod tests {
         );
         assert_eq!(
             parse(&[0xaa, 0, 0, 0, 0, 9, 0, 0, 0, 1, 0, 0]),
-            Ok(Command::Write { lba: 9, blocks: 1 })
+            Ok(Command::Write {
+                lba: 9,
+                blocks: 1,
+                fua: false
+            })
         );
         let mut r16 = [0u8; 16];
         r16[0] = 0x88;
@@ -549,11 +574,13 @@ mod tests {
             })
         );
         r16[0] = 0x8a;
+        r16[1] = 0x08;
         assert_eq!(
             parse(&r16),
             Ok(Command::Write {
                 lba: 1 << 32,
-                blocks: 16
+                blocks: 16,
+                fua: true
             })
         );
     }

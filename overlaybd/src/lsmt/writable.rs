@@ -210,20 +210,26 @@ impl WritableLayer {
                 "not an LSMT index file (header flags)",
             ));
         }
-        // A torn last entry (crash during append) is ignored; appends continue after the last whole one.
+        // After a crash the index may hold what the data file does not: a
+        // torn last entry (ignored), or entries whose data never reached the
+        // disk (they point past its end; a FLUSH syncs the data before the
+        // index, so no flushed write is among them). Replay stops at the
+        // first such entry: the layer opens at the last state it was in.
         let count = ((index_size - HEADER_SIZE) / ENTRY_SIZE as u64).min(MAX_WRITABLE_ENTRIES);
         let data_end = data_size.div_ceil(SECTOR) * SECTOR;
         let data_end_sector = data_end / SECTOR;
         let mut map = IntervalMap::new();
         let mut raw = vec![0u8; 1 << 20];
         let mut done = 0u64;
-        while done < count {
+        let mut kept = count;
+        'replay: while done < count {
             let n = (count - done).min((raw.len() / ENTRY_SIZE) as u64);
             let bytes = &mut raw[..n as usize * ENTRY_SIZE];
             index
                 .read_exact_at(bytes, HEADER_SIZE + done * ENTRY_SIZE as u64)
                 .context(|| index_name.clone())?;
             for (i, chunk) in bytes.chunks_exact(ENTRY_SIZE).enumerate() {
+                let number = done + i as u64;
                 let entry = Entry::decode(chunk.try_into().expect("16 bytes"));
                 if entry.is_padding() || entry.length == 0 {
                     continue;
@@ -232,8 +238,7 @@ impl WritableLayer {
                     return Err(Error::corrupt(
                         &index_name,
                         format!(
-                            "entry {} covers sectors {}..{}, past the last sector an index entry can address",
-                            done + i as u64,
+                            "entry {number} covers sectors {}..{}, past the last sector an index entry can address",
                             entry.offset,
                             entry.end()
                         ),
@@ -243,27 +248,38 @@ impl WritableLayer {
                     return Err(Error::corrupt(
                         &index_name,
                         format!(
-                            "entry {} points at sectors {}..{}, inside the data file's header",
-                            done + i as u64,
+                            "entry {number} points at sectors {}..{}, inside the data file's header",
                             entry.moffset,
                             entry.moffset + entry.length
                         ),
                     ));
                 }
-                if !entry.zeroed && entry.moffset + entry.length > data_end_sector {
-                    return Err(Error::corrupt(
-                        &index_name,
-                        format!(
-                            "entry {} points at sectors {}..{}, past the end of the data file ({data_end_sector} sectors)",
-                            done + i as u64,
-                            entry.moffset,
-                            entry.moffset + entry.length
-                        ),
-                    ));
+                if entry.mend() > data_end_sector {
+                    kept = number;
+                    break 'replay;
                 }
                 map.insert(entry.offset, entry.extent(0));
             }
             done += n;
+        }
+        if kept < count {
+            eprintln!(
+                "obd: {index_name}: entries {kept}..{count} point past the end of the data file \
+                 ({data_end_sector} sectors): writes lost in a crash before they were flushed; \
+                 the layer opens without them{}",
+                if writable {
+                    " and they leave the index"
+                } else {
+                    ""
+                }
+            );
+            if writable {
+                // New entries must follow the kept ones, or the next open
+                // would stop at the dropped ones again and lose them too.
+                index
+                    .set_len(HEADER_SIZE + kept * ENTRY_SIZE as u64)
+                    .context(|| index_name.clone())?;
+            }
         }
         Ok(WritableLayer::assemble(
             header,
@@ -272,7 +288,7 @@ impl WritableLayer {
             name,
             map,
             data_end,
-            HEADER_SIZE + count * ENTRY_SIZE as u64,
+            HEADER_SIZE + kept * ENTRY_SIZE as u64,
         ))
     }
 

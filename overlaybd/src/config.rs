@@ -99,6 +99,9 @@ pub enum Lower {
         digest: String,
         size: u64,
     },
+    /// A layer that only exists in `dir` (one of [`LOCAL_LAYER_NAMES`]):
+    /// the acceleration layer `ctr record-trace` makes has only `dir`.
+    Dir { dir: PathBuf },
 }
 
 impl Lower {
@@ -107,7 +110,9 @@ impl Lower {
     pub fn local_candidates(&self) -> Vec<PathBuf> {
         match self {
             Lower::File { file } => vec![file.clone()],
-            Lower::Blob { dir, .. } => LOCAL_LAYER_NAMES.iter().map(|n| dir.join(n)).collect(),
+            Lower::Blob { dir, .. } | Lower::Dir { dir } => {
+                LOCAL_LAYER_NAMES.iter().map(|n| dir.join(n)).collect()
+            }
         }
     }
 }
@@ -224,7 +229,7 @@ impl ImageConfig {
         for lower in &mut self.lowers {
             paths.push(match lower {
                 Lower::File { file } => file,
-                Lower::Blob { dir, .. } => dir,
+                Lower::Blob { dir, .. } | Lower::Dir { dir } => dir,
             });
         }
         if let Some(upper) = &mut self.upper {
@@ -243,7 +248,7 @@ impl ImageConfig {
 }
 
 /// A lower as written: which keys are set decides the kind.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct RawLower {
     #[serde(
         default,
@@ -265,12 +270,43 @@ struct RawLower {
     digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     size: Option<u64>,
+    /// TurboOCI (data left in the original gzip layer): refused until
+    /// supported, never ignored.
+    #[serde(default, rename = "gzipIndex", skip_serializing_if = "Option::is_none")]
+    gzip_index: Option<serde_json::Value>,
+    #[serde(
+        default,
+        rename = "targetFile",
+        skip_serializing_if = "Option::is_none"
+    )]
+    target_file: Option<serde_json::Value>,
+    #[serde(
+        default,
+        rename = "targetDigest",
+        skip_serializing_if = "Option::is_none"
+    )]
+    target_digest: Option<serde_json::Value>,
 }
 
 impl TryFrom<RawLower> for Lower {
     type Error = String;
 
     fn try_from(raw: RawLower) -> std::result::Result<Self, String> {
+        let turbo_oci: Vec<&str> = [
+            ("gzipIndex", raw.gzip_index.is_some()),
+            ("targetFile", raw.target_file.is_some()),
+            ("targetDigest", raw.target_digest.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if !turbo_oci.is_empty() {
+            return Err(format!(
+                "a TurboOCI lower ({}) keeps its data in the original gzip layer, which obd \
+                 cannot serve yet; use an image converted to overlaybd layers",
+                turbo_oci.join(", ")
+            ));
+        }
         if let Some(file) = raw.file {
             return Ok(Lower::File { file });
         }
@@ -278,6 +314,7 @@ impl TryFrom<RawLower> for Lower {
         let size = raw.size.filter(|&s| s != 0);
         match (raw.dir, raw.digest, size) {
             (Some(dir), Some(digest), Some(size)) => Ok(Lower::Blob { dir, digest, size }),
+            (Some(dir), None, None) => Ok(Lower::Dir { dir }),
             (dir, digest, size) => {
                 let missing: Vec<&str> = [
                     ("`dir`", dir.is_none()),
@@ -288,8 +325,8 @@ impl TryFrom<RawLower> for Lower {
                 .filter_map(|(name, absent)| absent.then_some(name))
                 .collect();
                 Err(format!(
-                    "a lower layer needs either `file`, or `dir`, `digest` and `size`; \
-                     this one has no `file` and is missing {}",
+                    "a lower layer needs either `file`, `dir` alone (a layer file in it), \
+                     or `dir`, `digest` and `size`; this one has no `file` and is missing {}",
                     missing.join(", ")
                 ))
             }
@@ -302,15 +339,17 @@ impl From<Lower> for RawLower {
         match lower {
             Lower::File { file } => RawLower {
                 file: Some(file),
-                dir: None,
-                digest: None,
-                size: None,
+                ..RawLower::default()
             },
             Lower::Blob { dir, digest, size } => RawLower {
-                file: None,
                 dir: Some(dir),
                 digest: Some(digest),
                 size: Some(size),
+                ..RawLower::default()
+            },
+            Lower::Dir { dir } => RawLower {
+                dir: Some(dir),
+                ..RawLower::default()
             },
         }
     }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{GlobalConfig, ImageConfig, Lower};
+use crate::config::{GlobalConfig, ImageConfig, Lower, LOCAL_LAYER_NAMES};
 use crate::detect::open_layer_blob;
 use crate::error::{Error, IoContext, Result};
 use crate::io::{LocalFile, ReadAt};
@@ -202,6 +202,16 @@ fn open_config_inner(
             (None, Lower::File { file }) => {
                 return Err(Error::io(
                     file.display().to_string(),
+                    std::io::Error::from_raw_os_error(libc::ENOENT),
+                ))
+            }
+            (None, Lower::Dir { dir }) => {
+                return Err(Error::io(
+                    format!(
+                        "{}: no layer file ({})",
+                        dir.display(),
+                        LOCAL_LAYER_NAMES.join(", ")
+                    ),
                     std::io::Error::from_raw_os_error(libc::ENOENT),
                 ))
             }

@@ -113,7 +113,9 @@ fn lower_with_neither_file_nor_blob_is_a_clear_error() {
         "{msg}"
     );
     assert!(
-        msg.contains("needs either `file`, or `dir`, `digest` and `size`"),
+        msg.contains(
+            "needs either `file`, `dir` alone (a layer file in it), or `dir`, `digest` and `size`"
+        ),
         "{msg}"
     );
     assert!(
@@ -161,7 +163,7 @@ fn a_config_without_layers_is_an_error() {
 
 #[test]
 fn unknown_keys_are_ignored() {
-    let text = r#"{"lowers": [{"file": "/f", "gzipIndex": "/g"}], "upper": {"index": "/i", "data": "/d", "gzipIndex": ""},
+    let text = r#"{"lowers": [{"file": "/f", "someFutureLowerKey": "/g"}], "upper": {"index": "/i", "data": "/d", "gzipIndex": ""},
                    "someFutureKey": {"nested": [1, 2]}}"#;
     let c = ImageConfig::from_json(text, "c").unwrap();
     assert_eq!(c.lowers.len(), 1);
@@ -382,4 +384,50 @@ fn write_result_writes_success_or_reason() {
     let c = ImageConfig::from_json(text, "c").unwrap();
     let err = c.write_result(Ok(())).unwrap_err().to_string();
     assert!(err.contains("/nonexistent-dir-obd/"), "{err}");
+}
+
+#[test]
+fn an_acceleration_lower_with_only_dir_serves_the_layer_in_it() {
+    // `ctr record-trace` makes an acceleration layer whose lower has only
+    // `dir`, holding `overlaybd.commit`.
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/real-dev-image");
+    let accel = dir.path().join("accel");
+    fs::create_dir(&accel).unwrap();
+    fs::copy(
+        fixtures.join("dev-layer1.blob"),
+        accel.join("overlaybd.commit"),
+    )
+    .unwrap();
+    let text = format!(
+        r#"{{"lowers": [{{"file": "{}"}}, {{"dir": "{}"}}]}}"#,
+        fixtures.join("dev-layer0.blob").display(),
+        accel.display()
+    );
+    let config = ImageConfig::from_json(&text, "c").unwrap();
+    assert_eq!(config.lowers[1], Lower::Dir { dir: accel.clone() });
+    let stack = overlaybd::image::open_config(&config, false).unwrap();
+    assert_eq!(stack.lowers().len(), 2);
+    let mut block = vec![0u8; 4096];
+    stack.read(&mut block, 1024).unwrap();
+    assert_eq!(&block[56..58], &[0x53, 0xef], "ext4 superblock magic");
+
+    fs::remove_file(accel.join("overlaybd.commit")).unwrap();
+    let err = overlaybd::image::open_config(&config, false).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&accel.display().to_string()) && msg.contains("no layer file"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn turbo_oci_lowers_are_refused_not_ignored() {
+    let text = r#"{"lowers": [{"dir": "/d", "digest": "sha256:ab", "size": 9,
+        "gzipIndex": "/d/gzip.meta", "targetDigest": "sha256:cd"}]}"#;
+    let msg = err_text(ImageConfig::from_json(text, "c"));
+    assert!(
+        msg.contains("lowers[0]: a TurboOCI lower (gzipIndex, targetDigest)"),
+        "{msg}"
+    );
 }

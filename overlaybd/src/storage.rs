@@ -46,7 +46,7 @@ impl Container {
     pub fn source(&self) -> Source {
         match self {
             Container::Local(file) => file.clone(),
-            Container::Remote(blob) => Arc::new(FetchSource(blob.clone())),
+            Container::Remote(blob) => blob.clone(),
             Container::Other(source) => source.clone(),
         }
     }
@@ -99,21 +99,6 @@ impl From<Source> for Container {
 impl From<Arc<Bytes>> for Container {
     fn from(bytes: Arc<Bytes>) -> Self {
         Container::Other(bytes)
-    }
-}
-
-/// A [`Fetch`] blob seen as a plain source.
-struct FetchSource(Arc<dyn Fetch>);
-
-impl ReadAt for FetchSource {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn name(&self) -> &str {
-        self.0.name()
     }
 }
 

@@ -32,6 +32,12 @@ fn read(layer: WritableLayer, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// A power cut: the data file keeps only its first `len` bytes.
+fn lose_data_after(path: &Path, len: u64) {
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(len).unwrap();
+}
+
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().len()
 }
@@ -52,12 +58,7 @@ fn writes_lost_in_a_crash_are_dropped_and_flushed_ones_kept() {
     drop(layer);
     let index_with_lost = file_len(&index_path);
     assert_eq!(index_with_lost, flushed_index + 32);
-    OpenOptions::new()
-        .write(true)
-        .open(&data_path)
-        .unwrap()
-        .set_len(flushed_data)
-        .unwrap();
+    lose_data_after(&data_path, flushed_data);
 
     // Read-only: the flushed write is there, the lost ones are not, and
     // nothing is changed on disk.
@@ -93,11 +94,6 @@ fn a_discard_after_a_lost_write_is_dropped_with_it() {
     layer.write(&[0x22; 4096], 65536).unwrap();
     layer.discard(0, 4096).unwrap();
     drop(layer);
-    OpenOptions::new()
-        .write(true)
-        .open(&data_path)
-        .unwrap()
-        .set_len(flushed_data)
-        .unwrap();
+    lose_data_after(&data_path, flushed_data);
     assert_eq!(read(open(dir.path(), false), 0, 8192), vec![0x11; 8192]);
 }

@@ -3,23 +3,21 @@
 # overlaybd convertor made (tar-wrapped ZFile layers holding ext4) is
 # inspected, merged and exported to a raw disk, and its files are listed and
 # read without mounting anything; then a new layer is made from a directory
-# and stacked on top. Installs what it needs on a fresh Debian machine.
+# and stacked on top. Installs what it needs on a fresh Debian 12 machine
+# (the `build` and `demo` groups of scripts/packages.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-for pkg in e2fsprogs; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || {
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg"
-    }
-done
-command -v cargo >/dev/null || { echo "demo.sh: install the Rust toolchain (Rust 1.95) first" >&2; exit 1; }
-
-cargo build --release --locked -q
-obd=target/release/obd
-work=target/demo
-rm -rf "$work" && mkdir -p "$work"
+obd=${OBD_BIN:-target/release/obd}
+work=${OBD_DEMO_WORK:-target/demo}
 blobs=tests/fixtures/real-dev-image
+
+command -v cargo >/dev/null || { echo "demo.sh: install the Rust toolchain (rustup, Rust 1.95) first" >&2; exit 1; }
+source scripts/packages.sh
+obd_install build demo || { echo "demo.sh: could not install the Debian packages it needs" >&2; exit 1; }
+
+echo "== cargo build --release (the first build takes a while)"
+cargo build --release --locked -q
+rm -rf "$work" && mkdir -p "$work"
 
 echo "== the layers, as a registry stores them"
 for blob in "$blobs"/dev-layer0.blob "$blobs"/dev-layer1.blob; do
@@ -33,7 +31,11 @@ echo "== files in the merged ext4 (layer 1 deleted docs/doc007.txt and added dat
 debugfs -R "ls -l /data" "$work/dev.raw" 2>/dev/null
 docs=$(debugfs -R "ls -p /docs" "$work/dev.raw" 2>/dev/null | awk -F/ '$6 ~ /^doc/ {print $6}' | sort)
 echo "/docs holds $(echo "$docs" | wc -l) files: $(echo "$docs" | head -5 | tr '\n' ' ')..."
-echo "$docs" | grep -qx doc007.txt && echo "doc007.txt is still there (unexpected)" || echo "doc007.txt is gone (whiteout applied)"
+if echo "$docs" | grep -qx doc007.txt; then
+    echo "demo.sh: doc007.txt is still there: layer 1's whiteout was not applied" >&2
+    exit 1
+fi
+echo "doc007.txt is gone (whiteout applied)"
 echo "== /etc/os-release read from the image"
 debugfs -R "cat /etc/os-release" "$work/dev.raw" 2>/dev/null
 
@@ -45,5 +47,6 @@ mkfs.ext4 -q -F -d "$work/tree" "$work/app.raw"
 "$obd" import "$work/app.raw" "$work/app.layer" -z --algorithm zstd -t -m "demo app layer"
 "$obd" info "$work/app.layer"
 "$obd" export --output "$work/app.back.raw" "$work/app.layer"
-cmp "$work/app.raw" "$work/app.back.raw" && echo "round trip: the exported disk equals the imported one"
+cmp "$work/app.raw" "$work/app.back.raw" || { echo "demo.sh: the exported disk differs from the imported one" >&2; exit 1; }
+echo "round trip: the exported disk equals the imported one"
 debugfs -R "cat /app/hello.txt" "$work/app.back.raw" 2>/dev/null

@@ -63,10 +63,12 @@ host_mirror() {
             END { if (uri != "" && types ~ /(^|[[:space:]])deb([[:space:]]|$)/ && suites ~ "(^|[[:space:]])" suite "([[:space:]]|$)") print uri }
         ' "$f" | head -n1
     done
-    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-        | awk -v suite="$SUITE" '$1 == "deb" { i = 2; if ($2 ~ /^\[/) { while ($i !~ /\]$/) i++; i++ } if ($(i + 1) == suite) { print $i; exit } }'
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -f $f ]] || continue
+        awk -v suite="$SUITE" '$1 == "deb" { i = 2; if ($2 ~ /^\[/) { while ($i !~ /\]$/) i++; i++ } if ($(i + 1) == suite) { print $i; exit } }' "$f"
+    done
 }
-mirror=${OBD_FRESH_MIRROR:-$(host_mirror | head -n1)}
+mirror=${OBD_FRESH_MIRROR:-$( (host_mirror || true) | head -n1)}
 mirror=${mirror:-http://deb.debian.org/debian}
 
 # --- the pristine base, cached ------------------------------------------------

@@ -100,6 +100,7 @@ flock -u 9
 # --- a fresh copy of it ---------------------------------------------------------
 workdir=${OBD_FRESH_WORKDIR:-/var/tmp}
 root=$(mktemp -d "$workdir/obd-fresh.XXXXXX")
+chmod 755 "$root" # mktemp made it 0700: no user but root (e.g. apt's _apt) could enter /
 mounts=()
 
 cleanup() {
@@ -183,7 +184,7 @@ chroot "$root" /usr/bin/env -i \
     HOME=/root USER=root LOGNAME=root LANG=C.UTF-8 TERM=dumb \
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     RUSTUP_HOME=/root/.rustup CARGO_HOME=/root/.cargo \
-    bash -c "cd $src && bash scripts/demo.sh" </dev/null 2>&1 | tee "$out" | sed 's/^/  | /'
+    bash -c "cd $src && bash scripts/demo.sh" </dev/null 2>&1 | tee "$out" | sed -u 's/^/  | /'
 rc=${PIPESTATUS[0]}
 set -e
 t_end=$SECONDS

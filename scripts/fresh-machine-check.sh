@@ -86,6 +86,7 @@ if [[ ${OBD_FRESH_REFRESH:-0} == 1 ]] || [[ ! -s $base ]] || [[ -n $(find "$base
         rm -rf --one-file-system "$boot"
         die "debootstrap failed (log: $boot.log)"
     fi
+    chmod 755 "$boot"
     tar -C "$boot" --numeric-owner -czf "$base.tmp" .
     mv "$base.tmp" "$base"
     rm -rf --one-file-system "$boot" "$boot.log"
@@ -100,7 +101,6 @@ flock -u 9
 # --- a fresh copy of it ---------------------------------------------------------
 workdir=${OBD_FRESH_WORKDIR:-/var/tmp}
 root=$(mktemp -d "$workdir/obd-fresh.XXXXXX")
-chmod 755 "$root" # mktemp made it 0700: no user but root (e.g. apt's _apt) could enter /
 mounts=()
 
 cleanup() {
@@ -133,6 +133,10 @@ bind() {
 
 t_unpack=$SECONDS
 tar -C "$root" --numeric-owner -xzf "$base"
+# / is 0755 as on a real machine (mktemp makes 0700 dirs, and a base cached
+# by an earlier version has a 0700 root entry): otherwise no user but root,
+# e.g. apt's _apt, can enter it
+chmod 755 "$root"
 t_unpacked=$SECONDS
 
 # What a real machine has and a chroot does not: DNS, and the CA bundle the

@@ -21,12 +21,13 @@
 OBD_PKGS_BUILD=(gcc libc6-dev libclang-dev clang-16 libbpf-dev)
 # e2fsprogs: mkfs.ext4 -d and debugfs, which read the image's files.
 OBD_PKGS_DEMO=(e2fsprogs)
-# xz-utils: compressed fixtures. docker-registry, apache2-utils (htpasswd),
-# openssl, python3-jwt, python3-cryptography (a token issuer): the
-# registry-blob tests. mount (losetup, mount) and util-linux (setpriv): the
-# eBPF tests. fonts-dejavu-core labels `obd trace plot` images. git: the
-# fresh-machine check clones the commit under test.
-OBD_PKGS_TEST=(xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography
+# python3: the tests and tests/vm run /usr/bin/python3. xz-utils: compressed
+# fixtures. docker-registry, apache2-utils (htpasswd), openssl, python3-jwt,
+# python3-cryptography (a token issuer): the registry-blob tests. mount
+# (losetup, mount) and util-linux (setpriv): the eBPF tests.
+# fonts-dejavu-core labels `obd trace plot` images. git: the fresh-machine
+# check clones the commit under test.
+OBD_PKGS_TEST=(python3 xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography
     mount util-linux fonts-dejavu-core git)
 OBD_PKGS_VM=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs fio util-linux)
 OBD_PKGS_FRESH=(debootstrap)

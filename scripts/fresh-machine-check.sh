@@ -26,6 +26,9 @@
 #   OBD_FRESH_WORKTREE=1   also apply the work tree's uncommitted changes to
 #                          tracked files (to try a change before committing it)
 set -euo pipefail
+# The whole script is one { ... } block, read before any of it runs, so that
+# editing or checking out this file while a check runs cannot derail it.
+{
 cd "$(dirname "$0")/.."
 repo=$PWD
 SUITE=bookworm
@@ -103,6 +106,7 @@ workdir=${OBD_FRESH_WORKDIR:-/var/tmp}
 root=$(mktemp -d "$workdir/obd-fresh.XXXXXX")
 mounts=()
 
+# shellcheck disable=SC2317 # run by the EXIT trap
 cleanup() {
     local i left
     for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do
@@ -203,3 +207,5 @@ else
     ((skipped == 1)) || die "without ublk the demo should print one 'skipped serving' line, it printed $skipped"
 fi
 log "PASS: bash scripts/demo.sh works on a fresh Debian $SUITE with only Rust ($timing)"
+exit 0
+}

@@ -16,9 +16,11 @@
 #   fresh  scripts/fresh-machine-check.sh (a debootstrapped Debian 12)
 
 # gcc, libc6-dev: the linker rustc calls (cc) and the C parts of zstd-sys,
-# lz4-sys and ring. libclang-dev: bindgen in libublk-rs-sys (ublk UAPI
-# bindings). clang-16, libbpf-dev: ebpf/build.rs compiles the BPF probes.
-OBD_PKGS_BUILD=(gcc libc6-dev libclang-dev clang-16 libbpf-dev)
+# lz4-sys and ring. libclang1-16: the libclang that bindgen in
+# libublk-rs-sys loads for the ublk UAPI bindings (libclang-dev would add
+# all of LLVM 14 next to clang-16's LLVM 16, for nothing). clang-16,
+# libbpf-dev: ebpf/build.rs compiles the BPF probes.
+OBD_PKGS_BUILD=(gcc libc6-dev libclang1-16 clang-16 libbpf-dev)
 # e2fsprogs: mkfs.ext4 -d and debugfs, which read the image's files.
 OBD_PKGS_DEMO=(e2fsprogs)
 # python3: the tests and tests/vm run /usr/bin/python3. xz-utils: compressed

@@ -43,8 +43,7 @@ die() { printf 'fresh-machine: ERROR: %s\n' "$*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "needs root (debootstrap, chroot, mount)"
 # shellcheck source=scripts/packages.sh
 source scripts/packages.sh
-obd_install fresh || die "could not install debootstrap"
-command -v git >/dev/null || obd_install test || die "could not install git"
+obd_install fresh || die "could not install debootstrap and git"
 
 commit=$(git rev-parse HEAD) || die "$repo is not a git checkout"
 if [[ ${OBD_FRESH_WORKTREE:-0} != 1 ]] && ! git diff --quiet HEAD; then

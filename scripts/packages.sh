@@ -27,12 +27,12 @@ OBD_PKGS_DEMO=(e2fsprogs)
 # fixtures. docker-registry, apache2-utils (htpasswd), openssl, python3-jwt,
 # python3-cryptography (a token issuer): the registry-blob tests. mount
 # (losetup, mount) and util-linux (setpriv): the eBPF tests.
-# fonts-dejavu-core labels `obd trace plot` images. git: the fresh-machine
-# check clones the commit under test.
+# fonts-dejavu-core labels `obd trace plot` images.
 OBD_PKGS_TEST=(python3 xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography
-    mount util-linux fonts-dejavu-core git)
+    mount util-linux fonts-dejavu-core)
 OBD_PKGS_VM=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs fio util-linux)
-OBD_PKGS_FRESH=(debootstrap)
+# debootstrap makes the fresh Debian; git clones the commit under test into it.
+OBD_PKGS_FRESH=(debootstrap git)
 
 obd_packages() {
     local group

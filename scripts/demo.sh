@@ -31,9 +31,13 @@ serve() {
             "tests/vm/run.sh -- bash scripts/demo.sh serve"
         return 0
     fi
-    mkdir -p "$work"
     local dir cfg dev
-    dir=$(cd "$work" && pwd)
+    if mkdir -p "$work" 2>/dev/null && [[ -w $work ]]; then
+        dir=$(cd "$work" && pwd)
+    else
+        # e.g. in the test VM, which sees the repo read-only
+        dir=$(mktemp -d /tmp/obd-demo.XXXXXX)
+    fi
     cfg=$dir/config.v1.json
     case $repo$dir in
         *[\"\\]*) echo "demo.sh: the repo or work path holds a quote or backslash; cannot write $cfg" >&2; return 1 ;;

@@ -159,8 +159,8 @@ mount -t sysfs sysfs "$root/sys"
 mounts+=("$root/sys")
 mkdir -p "$root/dev"
 mount --rbind /dev "$root/dev"
-mount --make-rslave "$root/dev"
 mounts+=("$root/dev")
+mount --make-rslave "$root/dev"
 
 # Rust: the host's toolchains and the rustup proxies, read-only.
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}

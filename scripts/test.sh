@@ -4,22 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_debs=()
-# libclang-dev: bindgen in libublk-rs-sys generates the ublk UAPI bindings.
-# docker-registry, apache2-utils (htpasswd), openssl, python3-jwt and
-# python3-cryptography (a token issuer): the registry-blob tests.
-# clang-16 and libbpf-dev build the eBPF probes (ebpf/build.rs); mount
-# (losetup, mount) and util-linux (setpriv) run the eBPF tests, which need
-# root; fonts-dejavu-core labels `obd trace plot` images.
-for pkg in e2fsprogs xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography \
-    clang-16 libbpf-dev mount util-linux fonts-dejavu-core libclang-dev; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need_debs+=("$pkg")
-done
-if ((${#need_debs[@]})); then
-    echo "test.sh: installing ${need_debs[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}"
-fi
+# The Debian packages of every group in scripts/packages.sh (the build, the
+# demo, the tests, the VM harness and the fresh-machine check); what each is
+# for is written there.
+source scripts/packages.sh
+obd_install build demo test vm fresh || { echo "test.sh: could not install the Debian packages it needs" >&2; exit 1; }
 if ! command -v cargo >/dev/null; then
     echo "test.sh: cargo is missing; install the Rust toolchain (rustup, Rust 1.95) first" >&2
     exit 1
@@ -40,3 +29,5 @@ OBD_BIN=target/release/obd tests/vm/run.sh --timeout 1500 --env OBD_BIN -- bash 
 echo "== VM: TCMU (obd tcmu serving configfs/tcm_loop devices in a Debian 6.12 kernel under qemu)"
 cargo build --locked --bin obd
 tests/vm/run.sh --timeout 1500 -- tests/vm/tcmu/tcmu.sh
+echo "== fresh machine: bash scripts/demo.sh in a debootstrapped Debian 12 that has only Rust"
+bash scripts/fresh-machine-check.sh

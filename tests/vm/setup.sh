@@ -37,7 +37,10 @@ WANTED_MODULES=(
 read -r -a EXTRA_MODULES <<<"${OBD_VM_EXTRA_MODULES:-}"
 WANTED_MODULES+=("${EXTRA_MODULES[@]}")
 
-HOST_PACKAGES=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs fio util-linux)
+# The host packages: the `vm` group of the one package list.
+# shellcheck source=SCRIPTDIR/../../scripts/packages.sh
+source "$HERE/../../scripts/packages.sh"
+HOST_PACKAGES=("${OBD_PKGS_VM[@]}")
 
 log() { printf 'obd-vm setup: %s\n' "$*" >&2; }
 die() { printf 'obd-vm setup: ERROR: %s\n' "$*" >&2; exit 1; }

@@ -22,8 +22,8 @@
 //! The work is split by job: [`authorization`] (the probe, Basic, Bearer
 //! tokens), [`ranged_reads`] (blob reads, redirects, answer checks) and
 //! [`uploads`] (`HEAD`, `POST` + `PUT` of whole blobs). This file holds what
-//! they share: the client and its caches, the options and what a failed answer
-//! means.
+//! they share: the client and its caches, the options, the retry policy and
+//! what a failed answer means.
 
 mod authorization;
 mod ranged_reads;
@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use backon::ExponentialBuilder;
 use ureq::http::Response;
 use ureq::Body;
 
@@ -88,6 +89,17 @@ impl RegistryOptions {
             options.user_agent = agent.clone();
         }
         options
+    }
+
+    /// The waits between the attempts of one read or upload: `backoff`,
+    /// doubled each time up to `max_backoff`, `tries - 1` of them (no
+    /// jitter: `with_jitter()` would add up to one more wait at random).
+    fn retry_delays(&self) -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_min_delay(self.backoff)
+            .with_factor(2.0)
+            .with_max_delay(self.max_backoff)
+            .with_max_times(self.tries.saturating_sub(1) as usize)
     }
 }
 
@@ -240,28 +252,14 @@ pub fn repo_key(url: &str) -> &str {
     }
 }
 
-/// A `Location` made absolute against the URL that answered with it.
+/// A `Location` made absolute against the URL that answered with it (RFC
+/// 3986 reference resolution). One that does not resolve is kept as it is,
+/// and the request to it then fails as a bad URL.
 pub fn resolve_location(base: &str, location: &str) -> String {
-    if location.starts_with("http://") || location.starts_with("https://") {
-        return location.to_string();
-    }
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let authority_end = base[scheme_end..]
-        .find('/')
-        .map(|i| scheme_end + i)
-        .unwrap_or(base.len());
-    if let Some(rest) = location.strip_prefix("//") {
-        return format!("{}{rest}", &base[..scheme_end]);
-    }
-    if location.starts_with('/') {
-        return format!("{}{location}", &base[..authority_end]);
-    }
-    let path = redact_url(base);
-    let dir_end = path.rfind('/').filter(|&i| i >= authority_end);
-    match dir_end {
-        Some(i) => format!("{}/{location}", &path[..i]),
-        None => format!("{}/{location}", &base[..authority_end]),
-    }
+    url::Url::parse(base)
+        .and_then(|base| base.join(location))
+        .map(String::from)
+        .unwrap_or_else(|_| location.to_string())
 }
 
 /// What a non-success status means for the caller.
@@ -333,5 +331,35 @@ mod tests {
             resolve_location(base, "other"),
             "http://h:5000/v2/a/blobs/other"
         );
+        assert_eq!(
+            resolve_location("http://h/v2/a/blobs/uploads/?x=1", "u1?_state=s"),
+            "http://h/v2/a/blobs/uploads/u1?_state=s"
+        );
+        assert_eq!(
+            resolve_location(base, "../b/blobs/x"),
+            "http://h:5000/v2/a/b/blobs/x"
+        );
+    }
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        use backon::BackoffBuilder;
+        let options = RegistryOptions {
+            tries: 6,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(500),
+            ..RegistryOptions::default()
+        };
+        let delays: Vec<u128> = options
+            .retry_delays()
+            .build()
+            .map(|d| d.as_millis())
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        let once = RegistryOptions {
+            tries: 1,
+            ..RegistryOptions::default()
+        };
+        assert_eq!(once.retry_delays().build().count(), 0);
     }
 }

@@ -1,8 +1,8 @@
 //! Ranged reads of registry blobs: `GET` with `Range`, through a cached
 //! redirect to blob storage when there is one, and the checks every answer
 //! passes before a byte of it is used (status, `Content-Range`,
-//! `Content-Length`, body length). Transient failures are retried with
-//! exponential backoff, within the client's deadline.
+//! `Content-Length`, body length). Transient failures are retried with the
+//! client's backoff, within its deadline.
 //!
 //! `Content-Range` is parsed here by hand: the crates that parse it
 //! (`headers`, `http-content-range`) bring more than the twelve lines they
@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use backon::BackoffBuilder;
 use ureq::http::Response;
 use ureq::Body;
 
@@ -30,7 +31,9 @@ impl Registry {
         let started = Instant::now();
         let mut done = 0usize;
         let mut failures = 0u32;
-        let mut backoff = self.options.backoff;
+        // Not backon's `retry()`: a read that made progress goes on without
+        // counting a failure, and the deadline bounds the next wait.
+        let mut delays = self.options.retry_delays().build();
         while done < buf.len() {
             let at = offset + done as u64;
             match self.read_once(url, size, at, &mut buf[done..]) {
@@ -38,19 +41,19 @@ impl Registry {
                 Err(failure) => {
                     failures += 1;
                     let elapsed = started.elapsed();
-                    if !failure.retry
-                        || failures >= self.options.tries
-                        || elapsed + backoff >= self.options.deadline
-                    {
+                    // Give up when the failure will not pass, when the tries
+                    // are spent, or when the next wait would end past the
+                    // deadline.
+                    let next = if failure.retry { delays.next() } else { None };
+                    let Some(delay) = next.filter(|&d| elapsed + d < self.options.deadline) else {
                         let after = if failures > 1 {
                             format!(" (gave up after {failures} tries in {elapsed:.1?})")
                         } else {
                             String::new()
                         };
                         return Err(with_suffix(failure.error, &after));
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(self.options.max_backoff);
+                    };
+                    std::thread::sleep(delay);
                     continue;
                 }
             }

@@ -8,6 +8,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use backon::BlockingRetryable;
 use ureq::http::Response;
 use ureq::Body;
 
@@ -63,21 +64,12 @@ impl Registry {
     /// Send one request with the repository's credentials, learning a
     /// challenge and retrying once on 401, and retrying transient failures.
     fn exchange(&self, method: &str, url: &str, body: Option<&Path>) -> io::Result<Response<Body>> {
-        let mut failures = 0;
-        let mut backoff = self.options.backoff;
-        loop {
-            match self.exchange_once(method, url, body) {
-                Ok(response) => return Ok(response),
-                Err(failure) => {
-                    failures += 1;
-                    if !failure.retry || failures >= self.options.tries {
-                        return Err(failure.error);
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(self.options.max_backoff);
-                }
-            }
-        }
+        (|| self.exchange_once(method, url, body))
+            .retry(self.options.retry_delays())
+            .sleep(std::thread::sleep)
+            .when(|failure| failure.retry)
+            .call()
+            .map_err(|failure| failure.error)
     }
 
     fn exchange_once(

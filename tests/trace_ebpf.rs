@@ -135,8 +135,8 @@ impl Recording {
     }
 
     fn stop(mut self) -> EventFile {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
         let status = self.child.wait().unwrap();
         let stderr = self.stderr.take().unwrap().join().unwrap();
         assert!(status.success(), "obd trace record: {status}: {stderr}");

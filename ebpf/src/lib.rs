@@ -10,7 +10,7 @@
 //! (or CAP_BPF + CAP_PERFMON); without it [`Probes::attach`] fails with
 //! [`Error::NotPermitted`] and a plain message.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -142,12 +142,7 @@ pub enum RawEvent {
 
 /// CLOCK_MONOTONIC now, in nanoseconds (bpf_ktime_get_ns's clock).
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -174,8 +169,7 @@ fn not_permitted(error: &(dyn std::error::Error + 'static)) -> bool {
 
 fn bpf_error(what: &str, error: impl std::error::Error + 'static) -> Error {
     let text = format!("{what}: {error}");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = rustix::process::geteuid().is_root();
     if not_permitted(&error) || !root {
         Error::NotPermitted(text)
     } else {
@@ -189,19 +183,15 @@ fn ensure_tracefs() -> Result<()> {
     if events.is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
         return Ok(());
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: constant NUL-terminated strings; mount has no other inputs.
-    let rc = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    let mounted = rustix::mount::mount(
+        "tracefs",
+        "/sys/kernel/tracing",
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    );
+    if let Err(e) = mounted {
+        let e = std::io::Error::from(e);
         return Err(if not_permitted(&e) {
             Error::NotPermitted(format!("mounting tracefs on /sys/kernel/tracing: {e}"))
         } else {
@@ -220,12 +210,12 @@ impl Probes {
     /// process is not traced.
     pub fn attach(target: &Target, files: bool) -> Result<Probes> {
         // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-        let unlimited = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
+        // Failure is harmless (newer kernels, or a limit already high).
+        let unlimited = rustix::process::Rlimit {
+            current: None,
+            maximum: None,
         };
-        // SAFETY: setrlimit reads the struct we pass; failure is harmless.
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+        let _ = rustix::process::setrlimit(rustix::process::Resource::Memlock, unlimited);
         ensure_tracefs()?;
         let disk = kernel_dev(target.disk_major, target.disk_minor);
         let fs = kernel_dev(target.major, target.minor);
@@ -272,19 +262,18 @@ impl Probes {
     /// Wait up to `timeout` for records, then hand every available one to
     /// `sink`. Returns how many were handled.
     pub fn poll(&mut self, timeout: Duration, sink: &mut dyn FnMut(RawEvent)) -> Result<usize> {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let fd = self.ring.as_fd();
+        let mut fds = [PollFd::from_borrowed_fd(fd, PollFlags::IN)];
+        // Whole milliseconds, as before, and at most i32::MAX of them.
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i64;
+        let timeout = Timespec {
+            tv_sec: ms / 1000,
+            tv_nsec: ms % 1000 * 1_000_000,
         };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the ring buffer's fd, which we own.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(io_error("polling the eBPF ring buffer")(e));
-            }
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(io_error("polling the eBPF ring buffer")(e.into())),
         }
         let mut handled = 0;
         while let Some(item) = self.ring.next() {

@@ -108,11 +108,16 @@ pub fn run(options: Options, stop: &AtomicBool) {
     }
 }
 
-/// A stable 64-bit FNV-1a hash, for serial numbers and identifiers.
+/// A stable 64-bit FNV-1a hash, for serial numbers and identifiers: FNV's
+/// offset basis xor `seed` as the starting state. The values must not change
+/// (a disk keeps its serial across daemon restarts and upgrades), so not
+/// std's `DefaultHasher`, whose algorithm may.
 fn fnv64(seed: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    use std::hash::Hasher;
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hasher = fnv::FnvHasher::with_key(OFFSET_BASIS ^ seed);
+    hasher.write(bytes);
+    hasher.finish()
 }
 
 /// What the disk reports about itself, derived from its config path so it

@@ -11,9 +11,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::ring::SharedMem;
 
@@ -146,21 +149,19 @@ impl Mapping {
             ));
         }
         let file = OpenOptions::new().read(true).write(true).open(dev)?;
-        // SAFETY: a fresh shared mapping of the uio fd; the kernel checks
-        // the length against the device's map and we own the result.
+        // SAFETY: a fresh shared mapping of the uio fd at an address the
+        // kernel picks (no existing memory is replaced); the kernel checks
+        // the length against the device's map, and we own the result.
         let ptr = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &file,
                 0,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        }?;
         Ok(Mapping {
             file,
             ptr: ptr.cast(),
@@ -171,46 +172,46 @@ impl Mapping {
     /// Wait up to `timeout_ms` for the kernel's interrupt. `Ok(true)` when
     /// it came, `Ok(false)` on timeout, an error when the device is gone.
     pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [PollFd::new(&self.file, PollFlags::IN)];
+        // Negative: wait for ever, as poll(2) reads it.
+        let timeout = u64::try_from(timeout_ms).ok().map(|ms| Timespec {
+            tv_sec: (ms / 1000) as i64,
+            tv_nsec: (ms % 1000 * 1_000_000) as i64,
+        });
+        let n = match poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => n,
+            Err(Errno::INTR) => return Ok(false),
+            Err(e) => return Err(e.into()),
         };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            };
-        }
         if n == 0 {
             return Ok(false);
         }
-        if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        if fds[0]
+            .revents()
+            .intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the uio device went away",
             ));
         }
         let mut count = [0u8; 4];
-        // SAFETY: reading 4 bytes into a 4-byte buffer.
-        let r = unsafe { libc::read(self.file.as_raw_fd(), count.as_mut_ptr().cast(), 4) };
-        if r != 4 {
-            return Err(io::Error::last_os_error());
+        if rustix::io::read(&self.file, &mut count)? != 4 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short read of the uio interrupt count",
+            ));
         }
         Ok(true)
     }
 
     /// Tell the kernel completions are ready.
     pub fn kick(&self) -> io::Result<()> {
-        let one = 1u32.to_ne_bytes();
-        // SAFETY: writing 4 bytes from a 4-byte buffer.
-        let r = unsafe { libc::write(self.file.as_raw_fd(), one.as_ptr().cast(), 4) };
-        if r != 4 {
-            return Err(io::Error::last_os_error());
+        if rustix::io::write(&self.file, &1u32.to_ne_bytes())? != 4 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short write of the uio interrupt",
+            ));
         }
         Ok(())
     }
@@ -263,8 +264,9 @@ impl SharedMem for Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `open` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        // SAFETY: unmapping exactly what `open` mapped; nothing borrows it
+        // any more (every access goes through `&self`).
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use common::{sha256_hex, ReferenceVectors};
 use overlaybd::config::{GlobalConfig, ImageConfig};
 use overlaybd::image::open_config_remote;
@@ -116,7 +118,7 @@ fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
         &path,
         format!(
             r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{}"}}}}}}"#,
-            overlaybd::remote::auth::base64_encode(format!("{USER}:{PASSWORD}").as_bytes())
+            BASE64.encode(format!("{USER}:{PASSWORD}"))
         ),
     )
     .unwrap();

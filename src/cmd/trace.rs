@@ -143,8 +143,7 @@ fn record(args: RecordArgs) -> Result<()> {
     let start_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    // SAFETY: sysconf has no preconditions.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let page_size = rustix::param::page_size().max(4096) as u64;
     let header = Header {
         obd_events: trace_tools::events::VERSION,
         device: args.device.display().to_string(),

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -185,19 +184,11 @@ pub fn launch(
         return serve_foreground(loaded, stack, options, start, record, trace);
     }
     let log = log_path();
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(loaded.fail(format!(
-            "cannot create a pipe: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    // SAFETY: both fds were just created and are owned here only.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| loaded.fail(format!("cannot create a pipe: {e}")))?;
     // SAFETY: no other thread exists yet in this process, so the child may
-    // run arbitrary code after fork.
+    // run arbitrary code after fork. (No crate makes fork safe: rustix
+    // offers only a raw `kernel_fork`, and nix's `fork` is unsafe too.)
     match unsafe { libc::fork() } {
         -1 => Err(loaded.fail(format!(
             "cannot start the daemon: {}",
@@ -344,8 +335,9 @@ fn daemon_main(
     ready: File,
     log: &Path,
 ) -> i32 {
-    // SAFETY: setsid has no memory-safety preconditions.
-    unsafe { libc::setsid() };
+    // Fails only if this process already leads a group, which a fresh
+    // child does not.
+    let _ = rustix::process::setsid();
     redirect_stdio(log);
     if let Err(e) = ublk_target::device::private_mount_namespace() {
         eprintln!("obd: warning: {e}");
@@ -407,16 +399,12 @@ fn redirect_stdio(log: &Path) {
         .open(log)
         .or_else(|_| std::fs::OpenOptions::new().write(true).open("/dev/null"));
     let null = File::open("/dev/null");
-    use std::os::fd::AsRawFd;
-    // SAFETY: dup2 onto the standard descriptors of this process.
-    unsafe {
-        if let Ok(null) = &null {
-            libc::dup2(null.as_raw_fd(), 0);
-        }
-        if let Ok(out) = &out {
-            libc::dup2(out.as_raw_fd(), 1);
-            libc::dup2(out.as_raw_fd(), 2);
-        }
+    if let Ok(null) = &null {
+        let _ = rustix::stdio::dup2_stdin(null);
+    }
+    if let Ok(out) = &out {
+        let _ = rustix::stdio::dup2_stdout(out);
+        let _ = rustix::stdio::dup2_stderr(out);
     }
 }
 

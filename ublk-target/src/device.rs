@@ -231,30 +231,18 @@ async fn serve_tag(q: &UblkQueue<'_>, tag: u16, backend: &Backend) -> Result<(),
 /// daemon must not share mounts with the filesystems on its own devices:
 /// otherwise tearing one down can wait on the daemon that is serving it.
 pub fn private_mount_namespace() -> Result<(), String> {
-    // SAFETY: plain syscalls with valid, NUL-terminated arguments.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(format!(
-                "cannot create a mount namespace: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let none = c"none";
-        let root = c"/";
-        if libc::mount(
-            none.as_ptr(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(format!(
-                "cannot make / private in the new mount namespace: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
+    use rustix::mount::{mount_change, MountPropagationFlags};
+    use rustix::thread::{unshare_unsafe, UnshareFlags};
+    // SAFETY: only the mount namespace is unshared, never the fd table
+    // (`UnshareFlags::FILES`, what makes unshare unsafe): every descriptor
+    // stays valid in every thread.
+    unsafe { unshare_unsafe(UnshareFlags::NEWNS) }
+        .map_err(|e| format!("cannot create a mount namespace: {e}"))?;
+    mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(|e| format!("cannot make / private in the new mount namespace: {e}"))?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::{mpsc, Arc, Mutex};
 
 use io_uring::{opcode, types};
@@ -68,15 +68,8 @@ impl Pool {
     where
         F: FnOnce() -> Result<Vec<u8>, i32> + Send + 'static,
     {
-        // SAFETY: eventfd takes no pointers; the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(-std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
-        }
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let done = unsafe { OwnedFd::from_raw_fd(raw) };
+        let done = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+            .map_err(|e| -e.raw_os_error())?;
         let signal = Signal(File::from(done.try_clone().map_err(|_| -libc::EMFILE)?));
         let slot = ReadSlot::default();
         let filled = slot.clone();

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
 pub const USER: &str = "obd-user";
 pub const PASSWORD: &str = "s3cret-Pa55";
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -368,22 +371,9 @@ fn header<'a>(lines: &'a [String], name: &str) -> Option<&'a str> {
     })
 }
 
+/// Close with an RST instead of a FIN (SO_LINGER with a zero timeout).
 fn reset(stream: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    let _ = rustix::net::sockopt::set_socket_linger(stream, Some(Duration::ZERO));
 }
 
 fn stats_is_storage(head: &[String]) -> bool {
@@ -495,7 +485,7 @@ fn serve(
         // proxy wants credentials, so the proxy adds them.
         out.push_str(&format!(
             "Authorization: Basic {}\r\n",
-            overlaybd::remote::auth::base64_encode(format!("{USER}:{PASSWORD}").as_bytes())
+            BASE64.encode(format!("{USER}:{PASSWORD}"))
         ));
     }
     out.push_str("Connection: close\r\n\r\n");

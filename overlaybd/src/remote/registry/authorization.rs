@@ -1,0 +1,225 @@
+//! How a repository is authorized: the anonymous probe that learns how it
+//! wants to be read, the `Authorization` header for Basic auth or a Bearer
+//! token, and the token requests (cached per realm, service and scope until
+//! they expire, renewed once when the registry refuses one).
+//!
+//! Kept apart from the reads and uploads that use it because it is the one
+//! place credentials are handled: none is ever put in a message.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use ureq::http::Response;
+use ureq::Body;
+
+use crate::credentials::Credential;
+use crate::remote::auth::{
+    basic_header, parse_challenges, query_escape, token_lifetime, Challenge, Token,
+};
+use crate::remote::redact_url;
+
+use super::{
+    repo_key, status_failure, transport_failure, with_suffix, Failure, Registry, RepoAuth,
+};
+
+impl Registry {
+    /// How `url`'s repository authenticates; the first time, find out with
+    /// the anonymous probe.
+    pub(super) fn repo_auth(&self, url: &str) -> std::result::Result<RepoAuth, Failure> {
+        let key = repo_key(url);
+        if let Some(auth) = self.state().repos.get(key) {
+            return Ok(auth.clone());
+        }
+        let response = self.get(url, "bytes=0-0", None)?;
+        let auth = match response.status().as_u16() {
+            200 | 206 => RepoAuth::Anonymous,
+            301 | 302 | 303 | 307 | 308 => {
+                self.remember_redirect(url, &response)?;
+                RepoAuth::Anonymous
+            }
+            401 | 403 => match challenge_of(&response) {
+                Some(challenge) => return Ok(self.set_repo_auth(url, challenge)),
+                None => return Err(status_failure(&response, url)),
+            },
+            _ => return Err(status_failure(&response, url)),
+        };
+        self.state().repos.insert(key.to_string(), auth.clone());
+        Ok(auth)
+    }
+
+    pub(super) fn set_repo_auth(&self, url: &str, challenge: Challenge) -> RepoAuth {
+        let auth = match challenge {
+            Challenge::Basic => RepoAuth::Basic,
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => RepoAuth::Bearer {
+                realm,
+                service,
+                scope: scope.or_else(|| default_scope(url)),
+            },
+        };
+        self.state()
+            .repos
+            .insert(repo_key(url).to_string(), auth.clone());
+        auth
+    }
+
+    fn credential(&self, url: &str) -> io::Result<Option<Credential>> {
+        self.credentials.lookup(url)
+    }
+
+    /// The `Authorization` value for a request to `url`; `renew` forces a
+    /// new token.
+    pub(super) fn authorization(
+        &self,
+        url: &str,
+        auth: &RepoAuth,
+        renew: bool,
+    ) -> std::result::Result<Option<String>, Failure> {
+        match auth {
+            RepoAuth::Anonymous => Ok(None),
+            RepoAuth::Basic => match self.credential(url)? {
+                Some(credential) => Ok(Some(basic_header(&credential))),
+                None => Err(Failure::fatal(
+                    libc::EPERM,
+                    format!(
+                        "{}: the registry wants a user name and password (Basic auth) and no credential matches this repository",
+                        redact_url(url)
+                    ),
+                )),
+            },
+            RepoAuth::Bearer {
+                realm,
+                service,
+                scope,
+            } => {
+                let key = format!(
+                    "{realm} {} {}",
+                    service.as_deref().unwrap_or(""),
+                    scope.as_deref().unwrap_or("")
+                );
+                if !renew {
+                    if let Some(token) = self.state().tokens.get(&key) {
+                        if token.expires > Instant::now() {
+                            return Ok(Some(format!("Bearer {}", token.value)));
+                        }
+                    }
+                }
+                let token = self.fetch_token(url, realm, service.as_deref(), scope.as_deref())?;
+                let header = format!("Bearer {}", token.value);
+                self.state().tokens.insert(key, token);
+                Ok(Some(header))
+            }
+        }
+    }
+
+    fn fetch_token(
+        &self,
+        url: &str,
+        realm: &str,
+        service: Option<&str>,
+        scope: Option<&str>,
+    ) -> std::result::Result<Token, Failure> {
+        let mut query = Vec::new();
+        if let Some(service) = service {
+            query.push(format!("service={}", query_escape(service)));
+        }
+        if let Some(scope) = scope {
+            query.push(format!("scope={}", query_escape(scope)));
+        }
+        let separator = if realm.contains('?') { '&' } else { '?' };
+        let token_url = if query.is_empty() {
+            realm.to_string()
+        } else {
+            format!("{realm}{separator}{}", query.join("&"))
+        };
+        let mut request = self.agent.get(&token_url);
+        if let Some(credential) = self.credential(url)? {
+            request = request.header("Authorization", basic_header(&credential));
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut response = request
+            .call()
+            .map_err(|e| transport_failure(e, "token request to", realm))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let mut failure = status_failure(&response, realm);
+            failure.error = with_suffix(
+                failure.error,
+                &format!(" (token server, for {})", redact_url(url)),
+            );
+            return Err(failure);
+        }
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_string()
+            .map_err(|e| transport_failure(e, "token from", realm))?;
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            access_token: Option<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let bad = |what: &str| {
+            Failure::fatal(
+                libc::EPERM,
+                format!("token server {}: {what}", redact_url(realm)),
+            )
+        };
+        let answer: Answer =
+            serde_json::from_str(&text).map_err(|_| bad("the answer is not a token (JSON)"))?;
+        let value = answer
+            .token
+            .filter(|t| !t.is_empty())
+            .or(answer.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| bad("the answer has neither `token` nor `access_token`"))?;
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("the token holds characters a header cannot carry"));
+        }
+        Ok(Token {
+            value,
+            expires: Instant::now() + token_lifetime(answer.expires_in),
+        })
+    }
+}
+
+/// `repository:<name>:pull` for a `/v2/<name>/blobs/...` URL.
+fn default_scope(url: &str) -> Option<String> {
+    let key = repo_key(url);
+    let path = key.split_once("/v2/")?.1;
+    let name = path.strip_suffix("/blobs")?;
+    (!name.is_empty()).then(|| format!("repository:{name}:pull"))
+}
+
+pub(super) fn challenge_of(response: &Response<Body>) -> Option<Challenge> {
+    parse_challenges(
+        response
+            .headers()
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_scopes() {
+        let url = "https://r.example.com/v2/ns/app/blobs/sha256:ab";
+        assert_eq!(
+            default_scope(url).as_deref(),
+            Some("repository:ns/app:pull")
+        );
+        assert_eq!(default_scope("http://h/other"), None);
+    }
+}

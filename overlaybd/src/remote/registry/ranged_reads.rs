@@ -1,0 +1,414 @@
+//! Ranged reads of registry blobs: `GET` with `Range`, through a cached
+//! redirect to blob storage when there is one, and the checks every answer
+//! passes before a byte of it is used (status, `Content-Range`,
+//! `Content-Length`, body length). Transient failures are retried with the
+//! client's backoff, within its deadline.
+//!
+//! `Content-Range` is parsed here by hand: the crates that parse it
+//! (`headers`, `http-content-range`) bring more than the twelve lines they
+//! would replace, for one header of one form (`bytes FIRST-LAST/TOTAL`).
+
+use std::io::{self, Read};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use backon::BackoffBuilder;
+use ureq::http::Response;
+use ureq::Body;
+
+use crate::io::{check_bounds, ReadAt};
+use crate::storage::Fetch;
+use crate::remote::{redact_url, remote_error};
+
+use super::authorization::challenge_of;
+use super::{
+    resolve_location, status_failure, transport_failure, with_suffix, Failure, Registry, RepoAuth,
+};
+
+impl Registry {
+    /// Fill `buf` with the bytes at `offset` of the `size`-byte blob at `url`.
+    pub fn read_range(&self, url: &str, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let started = Instant::now();
+        let mut done = 0usize;
+        let mut failures = 0u32;
+        // Not backon's `retry()`: a read that made progress goes on without
+        // counting a failure, and the deadline bounds the next wait.
+        let mut delays = self.options.retry_delays().build();
+        while done < buf.len() {
+            let at = offset + done as u64;
+            match self.read_once(url, size, at, &mut buf[done..]) {
+                Ok(n) => done += n,
+                Err(failure) => {
+                    failures += 1;
+                    let elapsed = started.elapsed();
+                    // Give up when the failure will not pass, when the tries
+                    // are spent, or when the next wait would end past the
+                    // deadline.
+                    let next = if failure.retry { delays.next() } else { None };
+                    let Some(delay) = next.filter(|&d| elapsed + d < self.options.deadline) else {
+                        let after = if failures > 1 {
+                            format!(" (gave up after {failures} tries in {elapsed:.1?})")
+                        } else {
+                            String::new()
+                        };
+                        return Err(with_suffix(failure.error, &after));
+                    };
+                    std::thread::sleep(delay);
+                    continue;
+                }
+            }
+            if done < buf.len() && started.elapsed() >= self.options.deadline {
+                return Err(remote_error(
+                    libc::ETIMEDOUT,
+                    format!(
+                        "GET {}: only {done} of {} bytes arrived within {:?}",
+                        redact_url(url),
+                        buf.len(),
+                        self.options.deadline
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt at a ranged read through a p2p peer: `<peer>/<url>`,
+    /// no credentials, no retries (the caller falls back to the registry).
+    pub fn read_via_peer(
+        &self,
+        peer: &str,
+        url: &str,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let peer_url = format!("{}/{url}", peer.trim_end_matches('/'));
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let range = range_header(at, buf.len() - done);
+            let response = self.get(&peer_url, &range, None).map_err(|f| f.error)?;
+            match response.status().as_u16() {
+                200 | 206 => {
+                    done += self
+                        .take_body(response, &peer_url, size, at, &mut buf[done..])
+                        .map_err(|f| f.error)?
+                }
+                _ => return Err(status_failure(&response, &peer_url).error),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_once(
+        &self,
+        url: &str,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, Failure> {
+        let range = range_header(offset, buf.len());
+        if let Some(location) = self.cached_redirect(url) {
+            let response = self.get(&location, &range, None)?;
+            if matches!(response.status().as_u16(), 200 | 206) {
+                return self.take_body(response, &location, size, offset, buf);
+            }
+            // Expired signature, moved object...: ask the registry again.
+            self.state().redirects.remove(url);
+        }
+        let mut auth = self.repo_auth(url)?;
+        let mut renewed = false;
+        loop {
+            let authorization = self.authorization(url, &auth, renewed)?;
+            let response = self.get(url, &range, authorization.as_deref())?;
+            match response.status().as_u16() {
+                200 | 206 => return self.take_body(response, url, size, offset, buf),
+                301 | 302 | 303 | 307 | 308 => {
+                    let location = self.remember_redirect(url, &response)?;
+                    let response = self.get(&location, &range, None)?;
+                    return match response.status().as_u16() {
+                        200 | 206 => self.take_body(response, &location, size, offset, buf),
+                        _ => Err(status_failure(&response, &location)),
+                    };
+                }
+                401 if !renewed => {
+                    // The token expired, or the registry changed its mind:
+                    // learn the challenge again and renew once.
+                    if let Some(challenge) = challenge_of(&response) {
+                        auth = self.set_repo_auth(url, challenge);
+                    }
+                    if matches!(auth, RepoAuth::Anonymous) {
+                        return Err(status_failure(&response, url));
+                    }
+                    renewed = true;
+                }
+                _ => return Err(status_failure(&response, url)),
+            }
+        }
+    }
+
+    fn cached_redirect(&self, url: &str) -> Option<String> {
+        let mut state = self.state();
+        match state.redirects.get(url) {
+            Some((location, until)) if *until > Instant::now() => Some(location.clone()),
+            Some(_) => {
+                state.redirects.remove(url);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub(super) fn remember_redirect(
+        &self,
+        url: &str,
+        response: &Response<Body>,
+    ) -> std::result::Result<String, Failure> {
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Failure::retry(
+                    libc::EIO,
+                    format!(
+                        "GET {}: HTTP {} without a Location",
+                        redact_url(url),
+                        response.status().as_u16()
+                    ),
+                )
+            })?;
+        let location = resolve_location(url, location);
+        let ttl = self.options.redirect_ttl;
+        self.state()
+            .redirects
+            .insert(url.to_string(), (location.clone(), Instant::now() + ttl));
+        Ok(location)
+    }
+
+    pub(super) fn get(
+        &self,
+        url: &str,
+        range: &str,
+        authorization: Option<&str>,
+    ) -> std::result::Result<Response<Body>, Failure> {
+        let mut request = self.agent.get(url).header("Range", range);
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        request.call().map_err(|e| transport_failure(e, "GET", url))
+    }
+
+    /// Copy the answer to a range request for `[offset, offset +
+    /// buf.len())` into `buf`; the number of bytes filled (a 206 may cover
+    /// less than was asked).
+    fn take_body(
+        &self,
+        response: Response<Body>,
+        url: &str,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, Failure> {
+        let name = redact_url(url);
+        let bad = |what: String| Failure::retry(libc::EIO, format!("GET {name}: {what}"));
+        let status = response.status().as_u16();
+        let content_length = header_u64(&response, "content-length");
+        let (skip, n) = if status == 206 {
+            let text = response
+                .headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| bad("206 without a Content-Range".into()))?;
+            let (first, last, total) = parse_content_range(text)
+                .ok_or_else(|| bad(format!("unreadable Content-Range {text:?}")))?;
+            if let Some(total) = total {
+                if total != size {
+                    return Err(Failure::fatal(
+                        libc::EIO,
+                        format!(
+                            "GET {name}: the blob has {total} bytes, the image config says {size}"
+                        ),
+                    ));
+                }
+            }
+            let n = last - first + 1;
+            if first != offset || n > buf.len() as u64 {
+                return Err(bad(format!(
+                    "asked for {} bytes at {offset}, got Content-Range {text:?}",
+                    buf.len()
+                )));
+            }
+            if content_length.is_some_and(|len| len != n) {
+                return Err(bad(format!(
+                    "Content-Length {} does not match Content-Range {text:?}",
+                    content_length.unwrap_or_default()
+                )));
+            }
+            (0, n as usize)
+        } else {
+            // The whole blob: skip to the slice we want.
+            if let Some(len) = content_length {
+                if len != size {
+                    return Err(Failure::fatal(
+                        libc::EIO,
+                        format!(
+                            "GET {name}: the blob has {len} bytes, the image config says {size}"
+                        ),
+                    ));
+                }
+            }
+            (offset, buf.len())
+        };
+        let mut reader = response
+            .into_body()
+            .into_with_config()
+            .limit(u64::MAX)
+            .reader();
+        if skip > 0 {
+            let skipped = io::copy(&mut (&mut reader).take(skip), &mut io::sink())
+                .map_err(|e| body_failure(e, name))?;
+            if skipped != skip {
+                return Err(bad(format!(
+                    "the body ended after {skipped} bytes, before offset {skip}"
+                )));
+            }
+        }
+        let mut filled = 0;
+        while filled < n {
+            match reader.read(&mut buf[filled..n]) {
+                Ok(0) => return Err(bad(format!("the body ended after {filled} of {n} bytes"))),
+                Ok(k) => filled += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(body_failure(e, name)),
+            }
+        }
+        self.body_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A `Range` value for `len` (> 0) bytes at `offset`.
+fn range_header(offset: u64, len: usize) -> String {
+    format!("bytes={offset}-{}", offset + len as u64 - 1)
+}
+
+/// `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) → (first, last, total).
+pub fn parse_content_range(text: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = text.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.trim().split_once('-')?;
+    let first: u64 = first.trim().parse().ok()?;
+    let last: u64 = last.trim().parse().ok()?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    if last < first || total.is_some_and(|t| last >= t) {
+        return None;
+    }
+    Some((first, last, total))
+}
+
+fn header_u64(response: &Response<Body>, name: &str) -> Option<u64> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn body_failure(e: io::Error, name: &str) -> Failure {
+    let errno = if e.kind() == io::ErrorKind::TimedOut {
+        libc::ETIMEDOUT
+    } else {
+        libc::EIO
+    };
+    Failure::retry(errno, format!("GET {name}: reading the body: {e}"))
+}
+
+/// A registry blob as a byte source: `size` bytes at `url`, read with
+/// ranged GETs (through a p2p peer first, when one is given).
+pub struct RegistryBlob {
+    registry: Arc<Registry>,
+    url: String,
+    size: u64,
+    peer: Option<String>,
+    name: String,
+}
+
+impl RegistryBlob {
+    pub fn new(registry: Arc<Registry>, url: &str, size: u64, peer: Option<String>) -> Self {
+        RegistryBlob {
+            registry,
+            url: url.to_string(),
+            size,
+            peer,
+            name: redact_url(url).to_string(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl ReadAt for RegistryBlob {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_bounds(self, buf.len(), offset)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(peer) = &self.peer {
+            if self
+                .registry
+                .read_via_peer(peer, &self.url, self.size, offset, buf)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        self.registry.read_range(&self.url, self.size, offset, buf)
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Fetch for RegistryBlob {
+    /// Nothing of a blob read straight from the registry is local.
+    fn is_present(&self, _offset: u64, len: u64) -> bool {
+        len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 0-0/100"),
+            Some((0, 0, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 10-19/*"), Some((10, 19, None)));
+        for bad in [
+            "bytes 5-4/100",
+            "bytes 0-100/100",
+            "bytes -1/2",
+            "items 0-1/2",
+            "bytes 0-1",
+            "bytes 0-99999999999999999999999/1",
+            "",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
+}

@@ -6,9 +6,6 @@
 //! Everything read from a file is checked before use: sizes, counts and
 //! offsets come from untrusted bytes.
 
-use std::fs::File;
-use std::io::{self};
-
 use crate::error::{Error, IoContext, Result};
 use crate::index::{Entry, IntervalMap, PADDING_OFFSET};
 use crate::io::ReadAt;
@@ -147,21 +144,10 @@ pub fn normalize_uuid(text: &str) -> Result<String> {
 
 /// A fresh random (version 4) UUID, upper-case.
 pub fn random_uuid() -> String {
-    let mut bytes = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))
-        .expect("/dev/urandom is readable");
-    bytes[6] = (bytes[6] & 0x0F) | 0x40;
-    bytes[8] = (bytes[8] & 0x3F) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_upper(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
 }
 
 fn read_header_at(source: &dyn ReadAt, offset: u64) -> Result<Header> {

@@ -4,7 +4,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -565,27 +564,19 @@ fn push_split(entries: &mut Vec<Entry>, offset: u64, length: u64, moffset: u64, 
 
 /// The allocated extents of a sparse layer file, as a map of logical sectors.
 fn sparse_extents(file: &File, size: u64) -> io::Result<IntervalMap> {
-    let fd = file.as_raw_fd();
+    use rustix::fs::{seek, SeekFrom};
     let mut map = IntervalMap::new();
-    let mut position = HEADER_SIZE as i64;
-    let size = size as i64;
+    let mut position = HEADER_SIZE;
     while position < size {
-        // SAFETY: lseek on a valid, owned file descriptor.
-        let data = unsafe { libc::lseek(fd, position, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return Err(err);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let start = (data as u64).max(HEADER_SIZE);
-        let end = (hole as u64).min(size as u64);
+        let data = match seek(file, SeekFrom::Data(position)) {
+            Ok(data) => data,
+            // No data past `position`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = seek(file, SeekFrom::Hole(data))?;
+        let start = data.max(HEADER_SIZE);
+        let end = hole.min(size);
         // Extents round outwards to whole sectors.
         let first = (start - HEADER_SIZE) / SECTOR;
         let last = (end - HEADER_SIZE).div_ceil(SECTOR);
@@ -606,17 +597,7 @@ fn sparse_extents(file: &File, size: u64) -> io::Result<IntervalMap> {
 }
 
 fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a valid, owned file descriptor.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            length as libc::off_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    use rustix::fs::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    Ok(fallocate(file, flags, offset, length)?)
 }

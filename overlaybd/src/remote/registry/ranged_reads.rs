@@ -18,8 +18,8 @@ use ureq::http::Response;
 use ureq::Body;
 
 use crate::io::{check_bounds, ReadAt};
-use crate::storage::Fetch;
 use crate::remote::{redact_url, remote_error};
+use crate::storage::Fetch;
 
 use super::authorization::challenge_of;
 use super::{

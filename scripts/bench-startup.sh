@@ -36,38 +36,22 @@
 # registry's access log shows sent for the mode. The table is printed,
 # written to $OBD_VM_RESULTS/bench-startup.md and copied to target/bench/.
 set -euo pipefail
-
-if [[ ${1:-} == --guest ]]; then
-    shift
-    guest=1
-else
-    guest=0
-fi
-
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BENCH=$REPO/target/bench
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 DATA=$BENCH/startup
-PY=/usr/bin/python3
 
 seq_mb=160
 latency=20
 mbit=100
 mem=4096
-build=1
-remake=0
 while (($#)); do
     case $1 in
         --seq-mb) seq_mb=$2; shift 2 ;;
         --latency) latency=$2; shift 2 ;;
         --mbit) mbit=$2; shift 2 ;;
-        --mem) mem=$2; shift 2 ;;
-        --no-build) build=0; shift ;;
-        --remake-data) remake=1; shift ;;
-        *) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
+        *) bench_option "$@"; shift "$BENCH_OPTION_WORDS" ;;
     esac
 done
-
-say() { printf 'bench-startup: %s\n' "$*" >&2; }
 
 PYPROG='import json, re, hashlib, datetime, decimal, collections
 d = open("/app/data.bin", "rb").read()
@@ -193,13 +177,7 @@ PY
 }
 
 host_main() {
-    cd "$REPO"
-    mkdir -p "$BENCH"
-    if ((build)); then
-        say "cargo build --release -p obd"
-        cargo build --release -p obd
-    fi
-    cp target/release/obd "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
+    install_obd
     if ((remake)) || [[ ! -s $DATA/app.lsmt || $(cat "$DATA/seq_mb" 2>/dev/null) != "$seq_mb" ]]; then
         mkdir -p "$DATA"
         make_data
@@ -435,8 +413,4 @@ for w in ["seq", "small", "python", "gcc"]:
 PY
 }
 
-if ((guest)); then
-    guest_main
-else
-    host_main
-fi
+run_bench

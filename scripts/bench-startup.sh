@@ -36,38 +36,24 @@
 # registry's access log shows sent for the mode. The table is printed,
 # written to $OBD_VM_RESULTS/bench-startup.md and copied to target/bench/.
 set -euo pipefail
-
-if [[ ${1:-} == --guest ]]; then
-    shift
-    guest=1
-else
-    guest=0
-fi
-
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BENCH=$REPO/target/bench
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+# shellcheck source=tests/vm/ublk/chroot-lib.sh
+source "$REPO/tests/vm/ublk/chroot-lib.sh"
 DATA=$BENCH/startup
-PY=/usr/bin/python3
 
 seq_mb=160
 latency=20
 mbit=100
 mem=4096
-build=1
-remake=0
 while (($#)); do
     case $1 in
         --seq-mb) seq_mb=$2; shift 2 ;;
         --latency) latency=$2; shift 2 ;;
         --mbit) mbit=$2; shift 2 ;;
-        --mem) mem=$2; shift 2 ;;
-        --no-build) build=0; shift ;;
-        --remake-data) remake=1; shift ;;
-        *) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
+        *) bench_option "$@"; shift "$BENCH_OPTION_WORDS" ;;
     esac
 done
-
-say() { printf 'bench-startup: %s\n' "$*" >&2; }
 
 PYPROG='import json, re, hashlib, datetime, decimal, collections
 d = open("/app/data.bin", "rb").read()
@@ -93,46 +79,23 @@ int main(void) {
 # host side
 # ---------------------------------------------------------------------------
 
-# copy_traced ROOT STRACE_LOG: copy every file the traced run opened, exec'd,
-# stat'ed or access'ed successfully (outside /tmp, /proc, /sys, /dev and the
-# build dir) into ROOT at its real path, with symlinks and merged-/usr links.
-copy_traced() {
-    "$PY" - "$1" "$2" "$DATA" <<'PY'
-import os, re, shutil, sys
-root, log, skip = sys.argv[1:]
-paths = set()
+# traced_paths STRACE_LOG: every path the traced run opened, exec'd, stat'ed
+# or access'ed (outside /tmp, /proc, /sys, /dev, /run and the data dir), and
+# the dynamic loader, one a line.
+traced_paths() {
+    "$PY" - "$1" "$DATA" <<'PY'
+import os, re, sys
+log, skip = sys.argv[1:]
+paths = {"/lib64/ld-linux-x86-64.so.2"}
 pat = re.compile(r'^(?:\d+ +)?(?:openat|open|execve|newfstatat|stat|lstat|statx|access|faccessat2?|readlink)\((?:AT_FDCWD, )?"([^"]+)"')
-paths.add("/lib64/ld-linux-x86-64.so.2")
 for line in open(log):
     m = pat.match(line)
     if m and m.group(1).startswith("/"):
         paths.add(os.path.normpath(m.group(1)))
-for top in os.listdir("/"):
-    if os.path.islink("/" + top) and not os.path.lexists(f"{root}/{top}"):
-        os.symlink(os.readlink("/" + top), f"{root}/{top}")
-        os.makedirs(os.path.join(root, os.readlink("/" + top)), exist_ok=True)
-def place(path):
-    real_dir = os.path.realpath(os.path.dirname(path))
-    path = os.path.join(real_dir, os.path.basename(path))
-    dst = root + path
-    if os.path.lexists(dst):
-        return
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if os.path.islink(path):
-        os.symlink(os.readlink(path), dst)
-        place(os.path.normpath(os.path.join(real_dir, os.readlink(path))))
-    elif os.path.isdir(path):
-        os.makedirs(dst, exist_ok=True)
-    elif os.path.isfile(path):
-        shutil.copy2(path, dst)
-n = 0
 for p in sorted(paths):
     if p.split("/")[1] in ("tmp", "proc", "sys", "dev", "run") or p.startswith(skip) or p == "/":
         continue
-    if os.path.lexists(p):
-        place(p)
-        n += 1
-print(f"{n} paths copied from {log}", file=sys.stderr)
+    print(p)
 PY
 }
 
@@ -167,8 +130,10 @@ PY
     (cd "$t" && strace -f -qq -o "$t/py.strace" -e trace=file,process /usr/bin/python3 -B "$t/startup-host.py" >/dev/null)
     (cd "$t" && strace -f -qq -o "$t/gcc.strace" -e trace=file,process \
         gcc -O1 -o "$t/hello" "$t/root/src/hello.c" -lm)
-    copy_traced "$t/root" "$t/py.strace"
-    copy_traced "$t/root" "$t/gcc.strace"
+    traced_paths "$t/py.strace" >"$t/py.paths"
+    traced_paths "$t/gcc.strace" >"$t/gcc.paths"
+    copy_into_root "$t/root" "$t/py.paths"
+    copy_into_root "$t/root" "$t/gcc.paths"
     # The workloads must run from the tree alone.
     chroot "$t/root" /usr/bin/python3 -B /app/startup.py >"$t/py.expected"
     chroot "$t/root" /usr/bin/gcc -O1 -o /tmp/hello /src/hello.c -lm
@@ -193,13 +158,7 @@ PY
 }
 
 host_main() {
-    cd "$REPO"
-    mkdir -p "$BENCH"
-    if ((build)); then
-        say "cargo build --release -p obd"
-        cargo build --release -p obd
-    fi
-    cp target/release/obd "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
+    install_obd
     if ((remake)) || [[ ! -s $DATA/app.lsmt || $(cat "$DATA/seq_mb" 2>/dev/null) != "$seq_mb" ]]; then
         mkdir -p "$DATA"
         make_data
@@ -435,8 +394,4 @@ for w in ["seq", "small", "python", "gcc"]:
 PY
 }
 
-if ((guest)); then
-    guest_main
-else
-    host_main
-fi
+run_bench

@@ -43,26 +43,15 @@
 # written to $OBD_VM_RESULTS/bench-ublk.md and copied to target/bench/.
 # Emulated CPUs (TCG) distort absolutes: read the ratios.
 set -euo pipefail
-
-if [[ ${1:-} == --guest ]]; then
-    shift
-    guest=1
-else
-    guest=0
-fi
-
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BENCH=$REPO/target/bench
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 DATA=$BENCH/data
-PY=/usr/bin/python3
 
 runtime=15
 ramp=2
 rounds=2
 mem=6144
 smp=2
-build=1
-remake=0
 storage=disk
 cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 tcmu-lsmt tcmu-zfile"
 while (($#)); do
@@ -70,17 +59,12 @@ while (($#)); do
         --runtime) runtime=$2; shift 2 ;;
         --ramp) ramp=$2; shift 2 ;;
         --rounds) rounds=$2; shift 2 ;;
-        --mem) mem=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
-        --no-build) build=0; shift ;;
-        --remake-data) remake=1; shift ;;
         --cases) cases=$2; shift 2 ;;
         --storage) storage=$2; shift 2 ;;
-        *) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2 ;;
+        *) bench_option "$@"; shift "$BENCH_OPTION_WORDS" ;;
     esac
 done
-
-say() { printf 'bench-ublk: %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------------------
 # host side
@@ -203,13 +187,7 @@ make_data() {
 }
 
 host_main() {
-    cd "$REPO"
-    mkdir -p "$BENCH"
-    if ((build)); then
-        say "cargo build --release -p obd"
-        cargo build --release -p obd
-    fi
-    cp target/release/obd "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
+    install_obd
     if ((remake)) || [[ ! -s $DATA/flat.sha256 ]]; then
         make_data
     fi
@@ -528,8 +506,4 @@ PY
     cat "$OUT/bench-ublk.md"
 }
 
-if ((guest)); then
-    guest_main
-else
-    host_main
-fi
+run_bench

@@ -4,7 +4,7 @@
 mod common;
 
 mod obd_cli;
-use obd_cli::{obd_err, obd_ok, s};
+use obd_cli::{obd_err, obd_ok, obd_stdout, s};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -21,6 +21,20 @@ fn assert_raw_matches(v: &ReferenceVectors, raw: &Path, n: usize) {
             raw.display()
         );
     }
+}
+
+/// `obd export --length 16M INPUTS...` into `raw`, which must then hold the
+/// reference stack 0..=n.
+fn assert_export_matches(v: &ReferenceVectors, n: usize, raw: &Path, inputs: &[&str]) {
+    let mut args = vec!["export", "--output", s(raw), "--length", "16777216"];
+    args.extend_from_slice(inputs);
+    obd_ok(&args);
+    assert_raw_matches(v, raw, n);
+}
+
+/// `obd info --json SPEC`, parsed.
+fn info_json(spec: &str) -> serde_json::Value {
+    serde_json::from_slice(&obd_ok(&["info", spec, "--json"]).stdout).unwrap()
 }
 
 /// `obd commit` of vector layer `n` with the manifest's uuid, parent and
@@ -108,11 +122,9 @@ fn export_of_every_prefix_plain_and_compressed_matches() {
             let layers: Vec<PathBuf> = (0..=n)
                 .map(|i| v.path(&v.layer_str(i, kind).unwrap()))
                 .collect();
+            let inputs: Vec<&str> = layers.iter().map(|p| s(p)).collect();
             let raw = v.dir.path().join(format!("{kind}-{n}.raw"));
-            let mut args = vec!["export", "--output", s(&raw), "--length", "16777216"];
-            args.extend(layers.iter().map(|p| s(p)));
-            obd_ok(&args);
-            assert_raw_matches(&v, &raw, n);
+            assert_export_matches(&v, n, &raw, &inputs);
         }
     }
 }
@@ -121,23 +133,21 @@ fn export_of_every_prefix_plain_and_compressed_matches() {
 fn export_with_a_writable_top_and_a_config() {
     let v = ReferenceVectors::unpack();
     // Layers 0..1 committed, layer 2 still writable: same view as all committed.
-    let raw = v.dir.path().join("mixed.raw");
     let top = format!(
         "{}:{}",
         s(&v.path("layer2.data")),
         s(&v.path("layer2.index"))
     );
-    obd_ok(&[
-        "export",
-        "--output",
-        s(&raw),
-        "--length",
-        "16777216",
-        s(&v.path("layer0.lz44k.zfile")),
-        s(&v.path("layer1.zstd8k.zfile")),
-        &top,
-    ]);
-    assert_raw_matches(&v, &raw, 2);
+    assert_export_matches(
+        &v,
+        2,
+        &v.dir.path().join("mixed.raw"),
+        &[
+            s(&v.path("layer0.lz44k.zfile")),
+            s(&v.path("layer1.zstd8k.zfile")),
+            &top,
+        ],
+    );
 
     let config = v.dir.path().join("config.v1.json");
     let json = serde_json::json!({
@@ -148,17 +158,12 @@ fn export_with_a_writable_top_and_a_config() {
         "upper": {"data": v.path("layer2.data"), "index": v.path("layer2.index")},
     });
     std::fs::write(&config, json.to_string()).unwrap();
-    let raw = v.dir.path().join("config.raw");
-    obd_ok(&[
-        "export",
-        "--output",
-        s(&raw),
-        "--length",
-        "16777216",
-        "--config",
-        s(&config),
-    ]);
-    assert_raw_matches(&v, &raw, 2);
+    assert_export_matches(
+        &v,
+        2,
+        &v.dir.path().join("config.raw"),
+        &["--config", s(&config)],
+    );
 }
 
 #[test]
@@ -176,8 +181,7 @@ fn zfile_round_trip_and_verify() {
             "--bs",
             bs,
         ]);
-        let verified = obd_ok(&["zfile", "--verify", s(&z)]);
-        assert!(String::from_utf8_lossy(&verified.stdout).contains("ok"));
+        assert!(obd_stdout(&["zfile", "--verify", s(&z)]).contains("ok"));
         let back = v.dir.path().join(format!("l1-{algorithm}-{bs}.back"));
         obd_ok(&["zfile", "-x", s(&z), s(&back)]);
         assert!(std::fs::read(&back).unwrap() == std::fs::read(&input).unwrap());
@@ -218,23 +222,13 @@ fn commit_compressed_and_tar_wrapped_reads_back() {
         "32",
         "-t",
     ]);
-    let info = obd_ok(&["info", s(&out), "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = info_json(s(&out));
     let wrapping = info["wrapping"].as_str().unwrap();
     assert!(
         wrapping.contains("tar") && wrapping.contains("zfile"),
         "{wrapping}"
     );
-    let raw = v.dir.path().join("l0.raw");
-    obd_ok(&[
-        "export",
-        "--output",
-        s(&raw),
-        "--length",
-        "16777216",
-        s(&out),
-    ]);
-    assert_raw_matches(&v, &raw, 0);
+    assert_export_matches(&v, 0, &v.dir.path().join("l0.raw"), &[s(&out)]);
 }
 
 #[test]
@@ -273,8 +267,7 @@ fn legacy_zfile_reads_with_the_recorded_hash() {
         sha256_hex(&std::fs::read(&raw).unwrap()),
         "a7405d1545c7bdb63e3d5233a1ce3e34a2564eb8269bfb125202168fb1bdc596"
     );
-    let info = obd_ok(&["info", s(&z), "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = info_json(s(&z));
     assert_eq!(
         info["header"]["uuid"],
         "C02FB491-B4D4-4904-8684-A014D032AF78"
@@ -341,8 +334,7 @@ fn create_then_info_and_commit_an_empty_layer() {
         "00000001-0000-4000-8000-00000000000a",
     ]);
     let spec = format!("{}:{}", s(&data), s(&index));
-    let info = obd_ok(&["info", &spec, "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = info_json(&spec);
     assert_eq!(info["header"]["virtual_size"], 2u64 << 30);
     assert_eq!(
         info["header"]["parent_uuid"],
@@ -350,8 +342,7 @@ fn create_then_info_and_commit_an_empty_layer() {
     );
     let out = dir.path().join("empty.lsmt");
     obd_ok(&["commit", s(&data), s(&index), s(&out)]);
-    let info = obd_ok(&["info", s(&out), "--json"]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let info = info_json(s(&out));
     assert_eq!(info["index"]["mapped_bytes"], 0);
 
     let sparse = dir.path().join("up.sparse");

@@ -7,13 +7,13 @@ mod common;
 mod remote_support;
 
 mod obd_cli;
-use obd_cli::{obd, obd_ok, s};
-use std::path::Path;
+use obd_cli::{obd_err, obd_ok, obd_stdout, s};
+use std::path::{Path, PathBuf};
 
 use common::ReferenceVectors;
 use remote_support::{Auth, Registry, PASSWORD, USER};
 
-fn global_config(dir: &Path, port: u16) -> std::path::PathBuf {
+fn global_config(dir: &Path, port: u16) -> PathBuf {
     let creds = dir.join("cred.json");
     std::fs::write(
         &creds,
@@ -35,6 +35,23 @@ fn global_config(dir: &Path, port: u16) -> std::path::PathBuf {
     global
 }
 
+/// `obd push` of `layers` to the registry's repository team/ref, writing the
+/// image config to `config`. Returns its stdout.
+fn push(registry: &Registry, global: &Path, config: &Path, layers: &[PathBuf]) -> String {
+    let repo = format!("{}/v2/team/ref", registry.base());
+    let mut args = vec![
+        "push",
+        "--repo",
+        &repo,
+        "--global-config",
+        s(global),
+        "-o",
+        s(config),
+    ];
+    args.extend(layers.iter().map(|p| s(p)));
+    obd_stdout(&args)
+}
+
 fn push_then_export(auth: Auth) {
     let v = ReferenceVectors::unpack();
     let registry = Registry::start(auth);
@@ -46,34 +63,12 @@ fn push_then_export(auth: Auth) {
         v.path("layer2.lz416k.zfile"),
     ];
     let config = dir.path().join("config.v1.json");
-    let repo = format!("{}/v2/team/ref", registry.base());
-    let mut args = vec![
-        "push",
-        "--repo",
-        &repo,
-        "--global-config",
-        s(&global),
-        "-o",
-        s(&config),
-    ];
-    args.extend(layers.iter().map(|p| s(p)));
-    let out = obd_ok(&args);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .matches("pushed")
-            .count(),
-        3
-    );
+    let said = push(&registry, &global, &config, &layers);
+    assert_eq!(said.matches("pushed").count(), 3, "{said}");
     // Pushing again uploads nothing.
     let again = dir.path().join("again.json");
-    args[6] = s(&again);
-    let out = obd_ok(&args);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .matches("already")
-            .count(),
-        3
-    );
+    let said = push(&registry, &global, &again, &layers);
+    assert_eq!(said.matches("already").count(), 3, "{said}");
 
     // The span the reference layers write (the rest of the 1 GiB is holes).
     let span = v.span_bytes().to_string();
@@ -121,24 +116,14 @@ fn export_without_credentials_says_access_denied() {
     let dir = tempfile::tempdir().unwrap();
     let global = global_config(dir.path(), registry.port);
     let config = dir.path().join("config.v1.json");
-    let repo = format!("{}/v2/team/ref", registry.base());
-    obd_ok(&[
-        "push",
-        "--repo",
-        &repo,
-        "--global-config",
-        s(&global),
-        "-o",
-        s(&config),
-        s(&v.path("layer0.lsmt")),
-    ]);
+    push(&registry, &global, &config, &[v.path("layer0.lsmt")]);
     let empty = dir.path().join("empty.json");
     std::fs::write(
         &empty,
         serde_json::json!({"cacheConfig": {"cacheDir": dir.path().join("cache2")}}).to_string(),
     )
     .unwrap();
-    let out = obd(&[
+    let err = obd_err(&[
         "export",
         "--output",
         s(&dir.path().join("x.raw")),
@@ -147,8 +132,6 @@ fn export_without_credentials_says_access_denied() {
         "--global-config",
         s(&empty),
     ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("access denied") || err.contains("Basic"),
         "{err}"

@@ -5,7 +5,7 @@
 mod common;
 
 mod obd_cli;
-use obd_cli::{obd_err, s};
+use obd_cli::{obd_err, obd_stdout, s};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,19 +16,30 @@ use trace_tools::events::{BlockEvent, Event, EventWriter, Header, PageEvent, VER
 use trace_tools::ext4::Ext4;
 use trace_tools::StackSource;
 
-/// Run `obd ARGS...`; it must succeed. Returns its stdout.
-fn obd_stdout(args: &[&str]) -> String {
-    String::from_utf8_lossy(&obd_cli::obd_ok(args).stdout).into_owned()
-}
-
-fn layers() -> [PathBuf; 2] {
+/// The reference convertor's two-layer ext4 image.
+fn image_layers() -> [PathBuf; 2] {
     let dir = fixtures().join("real-dev-image");
     [dir.join("dev-layer0.blob"), dir.join("dev-layer1.blob")]
 }
 
 fn stack() -> Arc<Stack> {
-    let specs: Vec<LayerSpec> = layers().into_iter().map(LayerSpec::File).collect();
+    let specs: Vec<LayerSpec> = image_layers().into_iter().map(LayerSpec::File).collect();
     Arc::new(open_stack(&specs, false).unwrap())
+}
+
+/// `obd trace convert LAYER0 LAYER1 -i EVENTS -o OUTPUT`: the arguments.
+fn convert_args<'a>(layers: &'a [PathBuf; 2], events: &'a Path, output: &'a Path) -> Vec<&'a str> {
+    let [l0, l1] = layers;
+    vec![
+        "trace",
+        "convert",
+        s(l0),
+        s(l1),
+        "-i",
+        s(events),
+        "-o",
+        s(output),
+    ]
 }
 
 /// Events as if a process had read `files` (in order) from the image on a
@@ -104,19 +115,10 @@ fn convert_maps_device_reads_to_layer_records_and_files() {
     write_events(&stack, &files, &events);
     let trace = dir.path().join("app.trace");
     let list = dir.path().join("app.list");
-    let [l0, l1] = layers();
-    let said = obd_stdout(&[
-        "trace",
-        "convert",
-        s(&l0),
-        s(&l1),
-        "-i",
-        s(&events),
-        "-o",
-        s(&trace),
-        "--list",
-        s(&list),
-    ]);
+    let layers = image_layers();
+    let mut args = convert_args(&layers, &events, &trace);
+    args.extend(["--list", s(&list)]);
+    let said = obd_stdout(&args);
     assert!(said.contains("3 files"), "{said}");
     assert_eq!(
         std::fs::read_to_string(&list).unwrap(),
@@ -171,7 +173,7 @@ fn convert_maps_device_reads_to_layer_records_and_files() {
     let config = dir.path().join("config.v1.json");
     std::fs::write(
         &config,
-        serde_json::json!({"lowers": [{"file": l0}, {"file": l1}]}).to_string(),
+        serde_json::json!({"lowers": [{"file": layers[0]}, {"file": layers[1]}]}).to_string(),
     )
     .unwrap();
     let again = dir.path().join("again.trace");
@@ -190,16 +192,7 @@ fn convert_maps_device_reads_to_layer_records_and_files() {
         std::fs::read(&trace).unwrap()
     );
     // Outputs are never overwritten.
-    let err = obd_err(&[
-        "trace",
-        "convert",
-        s(&l0),
-        s(&l1),
-        "-i",
-        s(&events),
-        "-o",
-        s(&trace),
-    ]);
+    let err = obd_err(&convert_args(&layers, &events, &trace));
     assert!(err.contains("already exists"), "{err}");
 }
 
@@ -219,28 +212,10 @@ fn page_events_alone_are_mapped_through_file_extents() {
         .collect();
     let only_pages = dir.path().join("pages.events");
     std::fs::write(&only_pages, pages).unwrap();
-    let [l0, l1] = layers();
+    let layers = image_layers();
     let (a, b) = (dir.path().join("a.trace"), dir.path().join("b.trace"));
-    obd_stdout(&[
-        "trace",
-        "convert",
-        s(&l0),
-        s(&l1),
-        "-i",
-        s(&full),
-        "-o",
-        s(&a),
-    ]);
-    obd_stdout(&[
-        "trace",
-        "convert",
-        s(&l0),
-        s(&l1),
-        "-i",
-        s(&only_pages),
-        "-o",
-        s(&b),
-    ]);
+    obd_stdout(&convert_args(&layers, &full, &a));
+    obd_stdout(&convert_args(&layers, &only_pages, &b));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
 
@@ -254,18 +229,8 @@ fn plot_draws_png_and_svg_of_events_and_traces() {
         &["/data/blob.bin", "/docs/doc001.txt", "/etc/hello.sh"],
         &events,
     );
-    let [l0, l1] = layers();
     let trace = dir.path().join("app.trace");
-    obd_stdout(&[
-        "trace",
-        "convert",
-        s(&l0),
-        s(&l1),
-        "-i",
-        s(&events),
-        "-o",
-        s(&trace),
-    ]);
+    obd_stdout(&convert_args(&image_layers(), &events, &trace));
     for (input, name) in [(&events, "events"), (&trace, "trace")] {
         let png = dir.path().join(format!("{name}.png"));
         let svg = dir.path().join(format!("{name}.svg"));
@@ -334,7 +299,7 @@ fn damaged_inputs_are_clear_errors_naming_the_file() {
             "{err}"
         );
     }
-    let [l0, _] = layers();
+    let [l0, _] = image_layers();
     let err = obd_err(&[
         "trace",
         "convert",

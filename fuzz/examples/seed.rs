@@ -7,6 +7,9 @@
 //! Usage: `seed REF_VECTORS_DIR CORPUS_DIR` (the unpacked
 //! `tests/fixtures/overlaybd-ref-v1.tgz` and `fuzz/corpus`).
 
+#[path = "../../overlaybd/tests/config_samples/mod.rs"]
+mod config_samples;
+
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -211,37 +214,31 @@ fn main() {
     out.put("trace", "text-list-over-limit", &b"/a\n".repeat(21846));
 
     // JSON.
+    out.put(
+        "config",
+        "image-snapshotter.json",
+        snapshotter_config_with_every_key().as_bytes(),
+    );
     for (name, text) in JSON {
         out.put("config", name, text.as_bytes());
     }
     fs::remove_dir_all(&tmp).unwrap();
 }
 
-const JSON: [(&str, &str); 7] = [
-    (
-        "image-snapshotter.json",
-        r#"{
-  "repoBlobUrl": "https://registry.example.com/v2/library/redis/blobs",
-  "lowers": [
-    {
-      "digest": "sha256:1111111111111111111111111111111111111111111111111111111111111111",
-      "size": 4737695,
-      "dir": "/var/lib/overlaybd/snapshots/11/block"
-    },
-    { "file": "/opt/overlaybd/baselayers/ext4_64" }
-  ],
-  "upper": {
-    "index": "/var/lib/overlaybd/snapshots/12/block/writable_index",
-    "data": "/var/lib/overlaybd/snapshots/12/block/writable_data",
-    "target": "/t",
-    "vsize": 1073741824
-  },
-  "resultFile": "/var/lib/overlaybd/snapshots/12/block/init-debug.log",
-  "recordTracePath": "/var/lib/trace/redis.trace",
-  "accelerationLayer": true,
-  "download": {"enable": true, "delay": 1, "delayExtra": 2, "maxMBps": 5, "tryCnt": 3, "blockSize": 4096}
-}"#,
-    ),
+/// The containerd snapshotter's config for a writable container, with the
+/// optional keys it leaves out set as well (upper target and vsize, download).
+fn snapshotter_config_with_every_key() -> String {
+    let mut config: serde_json::Value =
+        serde_json::from_str(config_samples::SNAPSHOTTER_CONFIG).unwrap();
+    config["upper"]["target"] = "/t".into();
+    config["upper"]["vsize"] = (1u64 << 30).into();
+    config["download"] = serde_json::json!({
+        "enable": true, "delay": 1, "delayExtra": 2, "maxMBps": 5, "tryCnt": 3, "blockSize": 4096
+    });
+    serde_json::to_string_pretty(&config).unwrap()
+}
+
+const JSON: [(&str, &str); 6] = [
     (
         "image-readonly.json",
         r#"{"lowers": [{"file": "/f"}], "upper": {}, "resultFile": "", "lowers2": null}"#,

@@ -1,30 +1,14 @@
 //! The per-device image config (`config.v1.json`).
 
+mod config_samples;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use overlaybd::config::{DownloadConfig, DownloadOverride, ImageConfig, Lower, UpperConfig};
 use overlaybd::Error;
 
-/// The shape the containerd snapshotter writes for a writable container.
-const SNAPSHOTTER_CONFIG: &str = r#"{
-  "repoBlobUrl": "https://registry.example.com/v2/library/redis/blobs",
-  "lowers": [
-    {
-      "digest": "sha256:1111111111111111111111111111111111111111111111111111111111111111",
-      "size": 4737695,
-      "dir": "/var/lib/overlaybd/snapshots/11/block"
-    },
-    { "file": "/opt/overlaybd/baselayers/ext4_64" }
-  ],
-  "upper": {
-    "index": "/var/lib/overlaybd/snapshots/12/block/writable_index",
-    "data": "/var/lib/overlaybd/snapshots/12/block/writable_data"
-  },
-  "resultFile": "/var/lib/overlaybd/snapshots/12/block/init-debug.log",
-  "recordTracePath": "/var/lib/trace/redis.trace",
-  "accelerationLayer": true
-}"#;
+use config_samples::SNAPSHOTTER_CONFIG;
 
 fn err_text(result: Result<ImageConfig, Error>) -> String {
     match result {

@@ -5,6 +5,7 @@
 //! errors that change nothing.
 
 mod common;
+mod proptest_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use overlaybd::io::{Bytes, LocalFile};
 use overlaybd::lsmt::{CommitOptions, CreateOptions, ReadOnlyLayer, WritableLayer};
 use overlaybd::stack::Stack;
 use proptest::prelude::*;
+use proptest_support::config;
 
 const HT: usize = 4096;
 const MIB: u64 = 1 << 20;
@@ -989,14 +991,6 @@ fn committed_target() -> impl Strategy<Value = (usize, u8)> {
         prop_oneof![0..64usize, index..index + 64, t..t + 64],
         any::<u8>(),
     )
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 proptest! {

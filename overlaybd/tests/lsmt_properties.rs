@@ -12,6 +12,8 @@
 //!   layer is reopened: the index is then rebuilt from SEEK_DATA/SEEK_HOLE,
 //!   so the punched range becomes unmapped and reads through to the lowers.
 
+mod proptest_support;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use overlaybd::lsmt::{CommitOptions, CreateOptions, ReadOnlyLayer, WritableLayer
 use overlaybd::stack::Stack;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+use proptest_support::config;
 
 const SECTOR: u64 = 512;
 const MIB: u64 = 1 << 20;
@@ -585,16 +588,6 @@ fn host_blocks_fit(dir: &std::path::Path) -> bool {
 
 fn vsize_units(unit: u64) -> impl Strategy<Value = u64> {
     (MIB / unit)..=(4 * MIB / unit)
-}
-
-/// `cases` cases; failures are reported (with the shrunk op sequence), not
-/// saved to a regressions file in the source tree.
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
 }
 
 proptest! {

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{sha256_hex, ReferenceVectors};
+use common::ReferenceVectors;
 use overlaybd::io::LocalFile;
 use overlaybd::lsmt::{CommitOptions, ReadOnlyLayer, WritableLayer};
 use overlaybd::stack::Stack;
@@ -15,26 +15,21 @@ fn open_committed(v: &ReferenceVectors, n: usize) -> ReadOnlyLayer {
     ReadOnlyLayer::open(Arc::new(LocalFile::open(&path).unwrap())).unwrap()
 }
 
-fn assert_stack_matches(v: &ReferenceVectors, stack: &Stack, n: usize) {
-    let expected = v.stack_sha256_per_mib(n);
-    let mut buf = vec![0u8; 1 << 20];
-    for (mib, want) in expected.iter().enumerate() {
-        stack.read(&mut buf, (mib as u64) << 20).unwrap();
-        assert_eq!(&sha256_hex(&buf), want, "stack 0..={n}, MiB {mib}");
-    }
-    assert_eq!(expected.len() as u64, v.span_bytes() >> 20);
+/// Vector layer `n` before its commit: its writable data and index files.
+fn open_writable(v: &ReferenceVectors, n: usize) -> WritableLayer {
+    WritableLayer::open(
+        &v.path(&v.layer_str(n, "writable_data").unwrap()),
+        Some(&v.path(&v.layer_str(n, "writable_index").unwrap())),
+        false,
+    )
+    .unwrap()
 }
 
 #[test]
 fn commit_is_byte_identical_to_the_reference() {
     let v = ReferenceVectors::unpack();
     for n in 0..v.layers().len() {
-        let layer = WritableLayer::open(
-            &v.path(&v.layer_str(n, "writable_data").unwrap()),
-            Some(&v.path(&v.layer_str(n, "writable_index").unwrap())),
-            false,
-        )
-        .unwrap();
+        let layer = open_writable(&v, n);
         let options = CommitOptions {
             uuid: v.layer_str(n, "uuid"),
             parent_uuid: v.layer_str(n, "parent_uuid"),
@@ -58,7 +53,7 @@ fn committed_stacks_read_with_the_recorded_hashes() {
         let lowers = (0..=n).map(|i| open_committed(&v, i)).collect();
         let stack = Stack::new(lowers, None).unwrap();
         assert_eq!(stack.virtual_size(), 1 << 30);
-        assert_stack_matches(&v, &stack, n);
+        v.assert_stack_matches(&stack, n);
     }
 }
 
@@ -67,14 +62,9 @@ fn writable_top_over_committed_lowers_reads_the_same() {
     let v = ReferenceVectors::unpack();
     for n in 0..v.layers().len() {
         let lowers = (0..n).map(|i| open_committed(&v, i)).collect();
-        let top = WritableLayer::open(
-            &v.path(&v.layer_str(n, "writable_data").unwrap()),
-            Some(&v.path(&v.layer_str(n, "writable_index").unwrap())),
-            false,
-        )
-        .unwrap();
+        let top = open_writable(&v, n);
         let stack = Stack::new(lowers, Some(Arc::new(top))).unwrap();
-        assert_stack_matches(&v, &stack, n);
+        v.assert_stack_matches(&stack, n);
     }
 }
 
@@ -94,5 +84,5 @@ fn sealed_layer_opens_as_read_only_and_reads_the_same() {
         "a sealed layer keeps its data-file header"
     );
     let stack = Stack::new(vec![ro], None).unwrap();
-    assert_stack_matches(&v, &stack, 0);
+    v.assert_stack_matches(&stack, 0);
 }

@@ -6,6 +6,7 @@ mod common;
 mod remote_support;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,23 @@ fn make_remote(global: &GlobalConfig, cache: &Path, capacity: u64, refill: u64) 
     .unwrap()
 }
 
+/// A remote with the default global config and a 1 GiB cache in `cache`.
+fn plain_remote(cache: &Path, refill: u64) -> Remote {
+    make_remote(&GlobalConfig::default(), cache, 1 << 30, refill)
+}
+
+/// A remote with credentials for `port` (a credential file in `dir`) and a
+/// 1 GiB cache in `dir`/cache.
+fn remote_with_credentials(dir: &Path, port: u16, refill: u64) -> Remote {
+    let creds = write_credential_file(dir, port);
+    make_remote(
+        &global_with(Some(&creds)),
+        &dir.join("cache"),
+        1 << 30,
+        refill,
+    )
+}
+
 fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
     let path = dir.join("cred.json");
     std::fs::write(
@@ -125,15 +143,6 @@ fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
     path
 }
 
-fn assert_stack_matches(v: &ReferenceVectors, stack: &Stack, n: usize) {
-    let expected = v.stack_sha256_per_mib(n);
-    let mut buf = vec![0u8; 1 << 20];
-    for (mib, want) in expected.iter().enumerate() {
-        stack.read(&mut buf, (mib as u64) << 20).unwrap();
-        assert_eq!(&sha256_hex(&buf), want, "stack 0..={n}, MiB {mib}");
-    }
-}
-
 /// Every stack of the reference vectors through `remote`, from `base`.
 fn serve_all_stacks(v: &ReferenceVectors, remote: &Remote, base: &str, layers: &[(String, u64)]) {
     let work = tempfile::tempdir().unwrap();
@@ -141,17 +150,15 @@ fn serve_all_stacks(v: &ReferenceVectors, remote: &Remote, base: &str, layers: &
         let config = image(base, layers, n, work.path());
         let stack = open_config_remote(&config, remote, false).unwrap();
         assert_eq!(stack.virtual_size(), 1 << 30);
-        assert_stack_matches(v, &stack, n);
+        v.assert_stack_matches(&stack, n);
     }
 }
 
 #[test]
 fn anonymous_registry_serves_reference_stacks_lazily() {
-    let v = ReferenceVectors::unpack();
-    let registry = Registry::start(Auth::Anonymous);
-    let layers = push(&registry, &v);
+    let (v, registry, layers) = pushed(Auth::Anonymous);
     let cache = tempfile::tempdir().unwrap();
-    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 64 << 10);
+    let remote = plain_remote(cache.path(), 64 << 10);
     // Opening the image fetches headers and indexes only.
     let work = tempfile::tempdir().unwrap();
     let config = image(&registry.base(), &layers, 2, work.path());
@@ -187,17 +194,9 @@ fn anonymous_registry_serves_reference_stacks_lazily() {
 /// With credentials, `registry` serves every reference stack; without them,
 /// opening the image fails. Returns that error and how long it took.
 fn serves_with_credentials_refuses_without(auth: Auth) -> (overlaybd::Error, Duration) {
-    let v = ReferenceVectors::unpack();
-    let registry = Registry::start(auth);
-    let layers = push(&registry, &v);
+    let (v, registry, layers) = pushed(auth);
     let dir = tempfile::tempdir().unwrap();
-    let creds = write_credential_file(dir.path(), registry.port);
-    let with_credentials = make_remote(
-        &global_with(Some(&creds)),
-        &dir.path().join("c1"),
-        1 << 30,
-        256 << 10,
-    );
+    let with_credentials = remote_with_credentials(dir.path(), registry.port, 256 << 10);
     serve_all_stacks(&v, &with_credentials, &registry.base(), &layers);
 
     let without_credentials = make_remote(
@@ -250,10 +249,23 @@ fn missing_blob_is_enoent() {
     assert_eq!(errno_of(&err), libc::ENOENT, "{err}");
 }
 
-fn proxied(auth: Auth) -> (ReferenceVectors, Registry, Vec<(String, u64)>, Proxy) {
+/// The value of one of a proxy's counters.
+fn count(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// A registry with `auth` holding the reference layers: the vectors, the
+/// registry, and (digest, size) per layer.
+fn pushed(auth: Auth) -> (ReferenceVectors, Registry, Vec<(String, u64)>) {
     let v = ReferenceVectors::unpack();
     let registry = Registry::start(auth);
     let layers = push(&registry, &v);
+    (v, registry, layers)
+}
+
+/// [`pushed`], and a proxy in front of the registry.
+fn proxied(auth: Auth) -> (ReferenceVectors, Registry, Vec<(String, u64)>, Proxy) {
+    let (v, registry, layers) = pushed(auth);
     let proxy = Proxy::start(registry.port);
     (v, registry, layers, proxy)
 }
@@ -274,15 +286,9 @@ fn injected_faults_are_retried_and_never_give_wrong_bytes() {
         plan.every = Some((3, Fault::Truncate));
     }
     let cache = tempfile::tempdir().unwrap();
-    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 64 << 10);
+    let remote = plain_remote(cache.path(), 64 << 10);
     serve_all_stacks(&v, &remote, &proxy.base(), &layers);
-    assert!(
-        proxy
-            .stats
-            .faults
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 6
-    );
+    assert!(count(&proxy.stats.faults) >= 6);
 }
 
 #[test]
@@ -302,7 +308,7 @@ fn persistent_failures_fail_clearly_in_bounded_time() {
     for (fault, errno, text) in cases {
         proxy.plan().always = Some(fault);
         let cache = tempfile::tempdir().unwrap();
-        let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 64 << 10);
+        let remote = plain_remote(cache.path(), 64 << 10);
         let work = tempfile::tempdir().unwrap();
         let config = image(&proxy.base(), &layers, 0, work.path());
         let started = Instant::now();
@@ -325,7 +331,7 @@ fn throttled_link_with_latency_reads_correctly() {
         plan.rate = 20 << 20;
     }
     let cache = tempfile::tempdir().unwrap();
-    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 256 << 10);
+    let remote = plain_remote(cache.path(), 256 << 10);
     serve_all_stacks(&v, &remote, &proxy.base(), &layers[..1]);
 }
 
@@ -334,28 +340,17 @@ fn token_auth_through_faulty_proxy() {
     let (v, registry, layers, proxy) = proxied(Auth::Token);
     proxy.plan().every = Some((4, Fault::Status(502)));
     let dir = tempfile::tempdir().unwrap();
-    let creds = write_credential_file(dir.path(), proxy.port);
-    let remote = make_remote(
-        &global_with(Some(&creds)),
-        &dir.path().join("c"),
-        1 << 30,
-        256 << 10,
-    );
+    let remote = remote_with_credentials(dir.path(), proxy.port, 256 << 10);
     serve_all_stacks(&v, &remote, &proxy.base(), &layers);
     // One probe per repository, then tokens are reused: few non-blob requests.
-    let total = proxy
-        .stats
-        .requests
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let total = count(&proxy.stats.requests);
     assert!(total >= proxy.blob_gets());
     drop(registry);
 }
 
 #[test]
 fn eviction_keeps_usage_under_capacity() {
-    let v = ReferenceVectors::unpack();
-    let registry = Registry::start(Auth::Anonymous);
-    let layers = push(&registry, &v);
+    let (v, registry, layers) = pushed(Auth::Anonymous);
     let cache_dir = tempfile::tempdir().unwrap();
     let capacity = 3 << 20;
     let remote = make_remote(
@@ -399,7 +394,7 @@ fn restart_reuses_cached_chunks() {
     let (v, _registry, layers, proxy) = proxied(Auth::Anonymous);
     let cache = tempfile::tempdir().unwrap();
     {
-        let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 128 << 10);
+        let remote = plain_remote(cache.path(), 128 << 10);
         serve_all_stacks(&v, &remote, &proxy.base(), &layers);
     }
     let before = proxy.blob_gets();
@@ -410,7 +405,7 @@ fn restart_reuses_cached_chunks() {
         let mode = entry.unwrap().metadata().unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 128 << 10);
+    let remote = plain_remote(cache.path(), 128 << 10);
     serve_all_stacks(&v, &remote, &proxy.base(), &layers);
     assert_eq!(proxy.blob_gets(), before, "a restart fetched again");
 
@@ -424,7 +419,7 @@ fn restart_reuses_cached_chunks() {
     let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
     use std::os::unix::fs::FileExt;
     file.write_all_at(&[0x5a; 4096], 0).unwrap();
-    let remote = make_remote(&GlobalConfig::default(), cache.path(), 1 << 30, 128 << 10);
+    let remote = plain_remote(cache.path(), 128 << 10);
     serve_all_stacks(&v, &remote, &proxy.base(), &layers);
     assert!(proxy.blob_gets() > before);
 }
@@ -433,7 +428,7 @@ fn restart_reuses_cached_chunks() {
 fn concurrent_readers_of_one_chunk_fetch_it_once() {
     let (_v, _registry, layers, proxy) = proxied(Auth::Anonymous);
     let cache_dir = tempfile::tempdir().unwrap();
-    let remote = make_remote(&GlobalConfig::default(), cache_dir.path(), 1 << 30, 1 << 20);
+    let remote = plain_remote(cache_dir.path(), 1 << 20);
     let work = tempfile::tempdir().unwrap();
     let config = image(&proxy.base(), &layers, 0, work.path());
     let (digest, size) = &layers[0];
@@ -463,9 +458,7 @@ fn concurrent_readers_of_one_chunk_fetch_it_once() {
 
 #[test]
 fn background_download_installs_the_layer_and_switches_reads() {
-    let v = ReferenceVectors::unpack();
-    let mut registry = Registry::start(Auth::Anonymous);
-    let layers = push(&registry, &v);
+    let (v, mut registry, layers) = pushed(Auth::Anonymous);
     let mut global = GlobalConfig::default();
     global.download.enable = true;
     global.download.delay = 0;
@@ -491,14 +484,12 @@ fn background_download_installs_the_layer_and_switches_reads() {
     }
     // With the registry gone, every byte still reads (from the files).
     registry.stop();
-    assert_stack_matches(&v, &stack, 2);
+    v.assert_stack_matches(&stack, 2);
 }
 
 #[test]
 fn p2p_peer_failure_falls_back_to_the_registry() {
-    let v = ReferenceVectors::unpack();
-    let registry = Registry::start(Auth::Anonymous);
-    let layers = push(&registry, &v);
+    let (v, registry, layers) = pushed(Auth::Anonymous);
     let mut global = GlobalConfig::default();
     global.p2p_config.enable = true;
     global.p2p_config.address = Some(format!("http://127.0.0.1:{}", remote_support::free_port()));
@@ -512,22 +503,10 @@ fn redirects_to_storage_are_cached_and_followed_without_credentials() {
     let (v, _registry, layers, proxy) = proxied(Auth::Basic);
     proxy.plan().redirect = true;
     let dir = tempfile::tempdir().unwrap();
-    let creds = write_credential_file(dir.path(), proxy.port);
-    let remote = make_remote(
-        &global_with(Some(&creds)),
-        &dir.path().join("c"),
-        1 << 30,
-        64 << 10,
-    );
+    let remote = remote_with_credentials(dir.path(), proxy.port, 64 << 10);
     serve_all_stacks(&v, &remote, &proxy.base(), &layers);
-    let redirects = proxy
-        .stats
-        .redirects
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let storage = proxy
-        .stats
-        .storage_gets
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let redirects = count(&proxy.stats.redirects);
+    let storage = count(&proxy.stats.storage_gets);
     // One redirect per blob (the probe's, or the first read's), then the
     // cached location serves every read.
     assert!(
@@ -536,10 +515,7 @@ fn redirects_to_storage_are_cached_and_followed_without_credentials() {
     );
     assert!(storage > redirects * 3, "{storage} storage reads");
     assert_eq!(
-        proxy
-            .stats
-            .storage_with_auth
-            .load(std::sync::atomic::Ordering::Relaxed),
+        count(&proxy.stats.storage_with_auth),
         0,
         "credentials were sent to blob storage"
     );

@@ -23,6 +23,11 @@ pub fn obd_ok(args: &[&str]) -> Output {
     out
 }
 
+/// Run `obd ARGS...`; it must succeed. Returns its stdout.
+pub fn obd_stdout(args: &[&str]) -> String {
+    String::from_utf8_lossy(&obd_ok(args).stdout).into_owned()
+}
+
 /// Run `obd ARGS...`; it must fail. Returns its stderr.
 pub fn obd_err(args: &[&str]) -> String {
     let out = obd(args);

@@ -59,6 +59,18 @@ impl ReferenceVectors {
     pub fn span_bytes(&self) -> u64 {
         self.manifest["span_bytes"].as_u64().unwrap()
     }
+
+    /// `stack` reads as the reference stack 0..=n: the manifest's sha256 of
+    /// every MiB of the span.
+    pub fn assert_stack_matches(&self, stack: &overlaybd::stack::Stack, n: usize) {
+        let expected = self.stack_sha256_per_mib(n);
+        assert_eq!(expected.len() as u64, self.span_bytes() >> 20);
+        let mut buf = vec![0u8; 1 << 20];
+        for (mib, want) in expected.iter().enumerate() {
+            stack.read(&mut buf, (mib as u64) << 20).unwrap();
+            assert_eq!(&sha256_hex(&buf), want, "stack 0..={n}, MiB {mib}");
+        }
+    }
 }
 
 fn find(root: &Path, name: &str) -> PathBuf {

@@ -5,9 +5,7 @@
 SUITE=ublk-bad-configs
 source "$(dirname "$0")/lib.sh"
 
-VEC=$WORK/vectors
-mkdir -p "$VEC"
-tar xzf "$FIXTURES/overlaybd-ref-v1.tgz" -C "$VEC"
+unpack_vectors
 
 # refused CONFIG WORDS...: obd add fails, says each WORD on stderr and in
 # the resultFile, prints no device, leaves nothing.

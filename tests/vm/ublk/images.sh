@@ -27,28 +27,13 @@ real_dev_image() {
     return "$rc"
 }
 
-# make_tree DIR: many small files, a few large ones, a symlink, an empty dir.
+# make_tree DIR: many small files, a few large ones, a symlink (random_tree),
+# a file of 5 MiB of zeros and 4 bytes, an empty dir.
 make_tree() {
-    "$PY" - "$1" <<'PY'
-import os, random, sys
-root = sys.argv[1]
-rnd = random.Random(42)
-for d in range(20):
-    os.makedirs(f"{root}/dir{d:02d}/sub", exist_ok=True)
-    for f in range(40):
-        size = rnd.choice([0, 1, 100, 511, 512, 4095, 4096, 4097, 20000])
-        with open(f"{root}/dir{d:02d}/{'sub/' if f % 3 == 0 else ''}f{f:03d}", "wb") as out:
-            out.write(rnd.randbytes(size))
-os.makedirs(f"{root}/big", exist_ok=True)
-for i, mib in enumerate([3, 9, 17]):
-    with open(f"{root}/big/large{i}.bin", "wb") as out:
-        for _ in range(mib):
-            out.write(rnd.randbytes(1 << 20))
-with open(f"{root}/big/sparse-ish.bin", "wb") as out:
-    out.write(b"\0" * (5 << 20) + b"tail")
-os.symlink("dir00/f001", f"{root}/link")
-os.makedirs(f"{root}/empty")
-PY
+    random_tree "$1" seed=42 files_per_dir=40 sub_every=3 \
+        sizes=0,1,100,511,512,4095,4096,4097,20000 large_mib=3,9,17 || return 1
+    { head -c $((5 << 20)) /dev/zero && printf tail; } >"$1/big/sparse-ish.bin" || return 1
+    mkdir "$1/empty"
 }
 
 ext4_import() {

@@ -143,3 +143,39 @@ print(f"  {len(wa) - len(bad)}/{len(wa)} entries match")
 sys.exit(1 if bad else 0)
 PY
 }
+
+# The reference vectors (tests/fixtures/overlaybd-ref-v1.tgz), once unpacked
+# by unpack_vectors.
+VEC=$WORK/vectors
+unpack_vectors() {
+    mkdir -p "$VEC" && tar xzf "$FIXTURES/overlaybd-ref-v1.tgz" -C "$VEC"
+}
+
+# random_tree DIR seed=N files_per_dir=N sub_every=N sizes=N,N,... large_mib=N,N,...:
+# a tree to build an ext4 image from: dirs d00..d19 of files_per_dir files
+# fNNN of random bytes (every sub_every-th one in dNN/sub/), each of a size
+# picked from sizes; big/largeN.bin of large_mib[N] MiB each; a symlink
+# link -> d00/f001. The same arguments give the same tree.
+random_tree() {
+    "$PY" - "$@" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+opt = dict(a.split("=", 1) for a in sys.argv[2:])
+per_dir, sub_every = int(opt["files_per_dir"]), int(opt["sub_every"])
+sizes = [int(x) for x in opt["sizes"].split(",")]
+large_mib = [int(x) for x in opt["large_mib"].split(",")]
+rnd = random.Random(int(opt["seed"]))
+for d in range(20):
+    os.makedirs(f"{root}/d{d:02d}/sub", exist_ok=True)
+    for f in range(per_dir):
+        size = rnd.choice(sizes)
+        with open(f"{root}/d{d:02d}/{'sub/' if f % sub_every == 0 else ''}f{f:03d}", "wb") as out:
+            out.write(rnd.randbytes(size))
+os.makedirs(f"{root}/big", exist_ok=True)
+for i, mib in enumerate(large_mib):
+    with open(f"{root}/big/large{i}.bin", "wb") as out:
+        for _ in range(mib):
+            out.write(rnd.randbytes(1 << 20))
+os.symlink("d00/f001", f"{root}/link")
+PY
+}

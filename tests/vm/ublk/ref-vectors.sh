@@ -6,9 +6,7 @@
 SUITE=ublk-ref-vectors
 source "$(dirname "$0")/lib.sh"
 
-VEC=$WORK/vectors
-mkdir -p "$VEC"
-tar xzf "$FIXTURES/overlaybd-ref-v1.tgz" -C "$VEC"
+unpack_vectors
 
 # stack_reads_back NAME TOP_INDEX QUEUES LAYER_FILE...: serve the layers
 # and compare each MiB of the first 16 with the manifest's entry for layer

@@ -22,30 +22,10 @@ MNT=$WORK/mnt
 SRC=$WORK/tree
 mkdir -p "$MNT"
 
-# make_tree DIR: 600 small files in 20 dirs, three large ones, a symlink.
-make_tree() {
-    "$PY" - "$1" <<'PY'
-import os, random, sys
-root = sys.argv[1]
-rnd = random.Random(7)
-for d in range(20):
-    os.makedirs(f"{root}/d{d:02d}/sub", exist_ok=True)
-    for f in range(30):
-        size = rnd.choice([0, 1, 100, 511, 4096, 4097, 12000, 30000])
-        with open(f"{root}/d{d:02d}/{'sub/' if f % 4 == 0 else ''}f{f:03d}", "wb") as out:
-            out.write(rnd.randbytes(size))
-os.makedirs(f"{root}/big")
-for i, mib in enumerate([2, 4, 10]):
-    with open(f"{root}/big/large{i}.bin", "wb") as out:
-        for _ in range(mib):
-            out.write(rnd.randbytes(1 << 20))
-os.symlink("d00/f001", f"{root}/link")
-PY
-}
-
 # The image, built once: plain and ZFile layers of one ext4 filesystem.
 build_image() {
-    make_tree "$SRC" || return 1
+    random_tree "$SRC" seed=7 files_per_dir=30 sub_every=4 \
+        sizes=0,1,100,511,4096,4097,12000,30000 large_mib=2,4,10 || return 1
     mkfs.ext4 -q -F -d "$SRC" "$WORK/ext4.raw" 64M >/dev/null || { fail "mkfs.ext4"; return 1; }
     "$OBD" import "$WORK/ext4.raw" "$WORK/ext4.lsmt" >/dev/null 2>"$WORK/import.err" ||
         { fail "obd import: $(tail -c 300 "$WORK/import.err")"; return 1; }

@@ -17,6 +17,7 @@
 SUITE=ublk-trace
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/registry-lib.sh"
+source "$(dirname "$0")/chroot-lib.sh"
 
 MNT=$WORK/mnt
 ROOT=$WORK/root
@@ -28,12 +29,11 @@ PROG='import json, hashlib
 d = open("/data/input.bin", "rb").read()
 print(json.dumps({"n": len(d), "sha256": hashlib.sha256(d).hexdigest()}))'
 
-# make_root DIR: python3 and what `import json, hashlib` loads, with the
-# merged-/usr links and each library's soname links.
-make_root() {
-    "$PY" - "$1" <<'PY'
-import os, shutil, sys
-root = sys.argv[1]
+# program_files: python3 and every file `import json, hashlib` loads (its
+# modules, the mapped libraries and each library's soname links), one a line.
+program_files() {
+    "$PY" - <<'PY'
+import os, sys
 import json, hashlib  # noqa: F401 -- what the program imports
 files = {sys.executable, "/usr/bin/python3", "/lib64/ld-linux-x86-64.so.2"}
 for m in list(sys.modules.values()):
@@ -45,33 +45,27 @@ for line in open("/proc/self/maps"):
     parts = line.split()
     if len(parts) >= 6 and parts[5].startswith("/") and os.path.isfile(parts[5]):
         files.add(parts[5])
-os.makedirs(root, exist_ok=True)
-for top in os.listdir("/"):
-    if os.path.islink("/" + top):
-        os.symlink(os.readlink("/" + top), f"{root}/{top}")
-        os.makedirs(os.path.join(root, os.readlink("/" + top)), exist_ok=True)
-def place(path):
-    dst = root + path
-    if os.path.lexists(dst):
-        return
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if os.path.islink(path):
-        os.symlink(os.readlink(path), dst)
-        place(os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path))))
-        return
-    shutil.copyfile(path, dst)
-    shutil.copymode(path, dst)
 for f in sorted(files):
-    real_dir = os.path.realpath(os.path.dirname(f))
-    place(real_dir + "/" + os.path.basename(f))
+    print(f)
     if ".so" in f:
+        real_dir = os.path.realpath(os.path.dirname(f))
         for name in os.listdir(real_dir):
             p = f"{real_dir}/{name}"
             if os.path.islink(p) and os.path.realpath(p) == os.path.realpath(f):
-                place(p)
+                print(p)
+PY
+}
+
+# make_root DIR: the program's files (program_files) and its data: an input
+# it hashes and filler it never reads.
+make_root() {
+    program_files >"$WORK/program.files" || return 1
+    copy_into_root "$1" "$WORK/program.files" || return 1
+    "$PY" - "$1" <<'PY'
+import os, random, sys
+root = sys.argv[1]
 os.makedirs(f"{root}/usr/lib/python3.11/lib-dynload", exist_ok=True)
 os.makedirs(f"{root}/data")
-import random
 rnd = random.Random(11)
 open(f"{root}/data/input.bin", "wb").write(rnd.randbytes(2 << 20))
 for i in range(2):

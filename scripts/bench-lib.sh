@@ -1,0 +1,64 @@
+# shellcheck shell=bash disable=SC2034 # its variables are for the scripts that source it
+# Shared by the VM benchmarks scripts/bench-startup.sh and
+# scripts/bench-ublk.sh (sourced right after `set -euo pipefail`, not run).
+# Each script runs twice: on the host (it builds obd, makes its data once
+# under target/bench/ and boots the VM with tests/vm/run.sh) and, given
+# --guest, inside the VM (the workloads). A script sets the defaults of its
+# own options, then parses them with this as the last case:
+#     *) bench_option "$@"; shift "$BENCH_OPTION_WORDS" ;;
+# defines host_main and guest_main, and ends with run_bench.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=$REPO/target/bench
+# The system python: a pyenv shim costs ~20 s per cold start under TCG.
+PY=/usr/bin/python3
+BENCH_NAME=$(basename "$0" .sh)
+
+# The options every bench script takes (bench_option sets them).
+guest=0
+build=1
+remake=0
+BENCH_OPTION_WORDS=1
+
+say() { printf '%s: %s\n' "$BENCH_NAME" "$*" >&2; }
+
+# usage: print the script's header comment and exit 2.
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+# bench_option ARGS...: take the option in $1 that every bench script knows
+# (--guest, --mem MB, --no-build, --remake-data) and set BENCH_OPTION_WORDS
+# to the number of words it used. Anything else prints the usage, exit 2.
+bench_option() {
+    case $1 in
+        --guest) guest=1; BENCH_OPTION_WORDS=1 ;;
+        --mem) mem=$2; BENCH_OPTION_WORDS=2 ;;
+        --no-build) build=0; BENCH_OPTION_WORDS=1 ;;
+        --remake-data) remake=1; BENCH_OPTION_WORDS=1 ;;
+        *) usage ;;
+    esac
+}
+
+# install_obd: cd to the repo, build obd (release; not with --no-build) and
+# copy it to $BENCH/obd, so that a rebuild by someone else mid-run cannot
+# change the binary the VM runs.
+install_obd() {
+    cd "$REPO" || exit 1
+    mkdir -p "$BENCH"
+    if ((build)); then
+        say "cargo build --release -p obd"
+        cargo build --release -p obd
+    fi
+    cp target/release/obd "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
+}
+
+# run_bench: guest_main with --guest, host_main without.
+run_bench() {
+    if ((guest)); then
+        guest_main
+    else
+        host_main
+    fi
+}

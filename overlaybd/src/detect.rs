@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{IoContext, Result};
-use crate::io::ReadAt;
+use crate::io::{ReadAt, Source};
 use crate::storage::{Container, LayerData, Stored};
 use crate::tar::{self, TarPayload};
 use crate::zfile::{HeaderTrailer, ZFileInfo, ZFileReader, HT_SPACE};
@@ -80,21 +80,20 @@ fn looks_like_zfile(src: &dyn ReadAt) -> Result<bool> {
 pub fn detect_layer_blob(container: impl Into<Container>) -> Result<(LayerData, BlobKind)> {
     let container = container.into();
     let whole = container.source();
-    let (stored, tar) = match tar::detect(&*whole)? {
+    // The payload window both checks that the payload fits inside the blob
+    // and is the source the layer's bytes are read through.
+    let (stored, inner, tar): (Stored, Source, _) = match tar::detect(&*whole)? {
         Some(payload) => {
-            // Checks that the payload fits inside the blob.
-            payload.window(whole)?;
+            let window = Arc::new(payload.window(whole)?);
             let stored = Stored {
                 container,
                 base: payload.offset,
                 len: payload.size,
             };
-            (stored, Some(payload))
+            (stored, window, Some(payload))
         }
-        None => (Stored::whole(container), None),
+        None => (Stored::whole(container), whole, None),
     };
-    let name = whole_name(&stored);
-    let inner = stored.source().context(|| name.clone())?;
     let (data, zfile) = if looks_like_zfile(&*inner)? {
         let reader = Arc::new(ZFileReader::open(inner)?);
         let info = reader.info().clone();
@@ -115,10 +114,6 @@ pub fn detect_layer_blob(container: impl Into<Container>) -> Result<(LayerData, 
         (Some(t), Some(z)) => BlobKind::TarZFile(t, z),
     };
     Ok((data, kind))
-}
-
-fn whole_name(stored: &Stored) -> String {
-    stored.container.source().name().to_string()
 }
 
 /// The plain layer (LSMT) bytes of a blob, whatever wraps them.

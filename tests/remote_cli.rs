@@ -11,7 +11,7 @@ use obd_cli::{obd_err, obd_ok, obd_stdout, s};
 use std::path::{Path, PathBuf};
 
 use common::ReferenceVectors;
-use remote_support::{Auth, Registry, PASSWORD, USER};
+use remote_support::{Auth, Fault, Proxy, Registry, PASSWORD, USER};
 
 fn global_config(dir: &Path, port: u16) -> PathBuf {
     let creds = dir.join("cred.json");
@@ -137,4 +137,126 @@ fn export_without_credentials_says_access_denied() {
         "{err}"
     );
     assert!(!err.contains(PASSWORD));
+}
+
+/// Bytes the data files in `cache` occupy on disk.
+fn cache_bytes_on_disk(cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "data"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Several `obd export` processes read one registry image through one
+/// `cacheDir` that is far smaller than the image, behind a proxy that
+/// resets, stalls, truncates and refuses blob GETs: every export is right,
+/// none hangs, and the directory never holds more than its capacity.
+#[test]
+fn processes_share_one_small_cache_under_faults() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let proxy = Proxy::start(registry.port);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let capacity: u64 = 3 << 20;
+    let global = dir.path().join("overlaybd.json");
+    std::fs::write(
+        &global,
+        serde_json::json!({
+            "cacheConfig": {"cacheDir": cache, "cacheSizeMB": capacity >> 20, "refillSize": 65536},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let layers = [
+        v.path("layer0.lsmt"),
+        v.path("layer1.zstd8k.zfile"),
+        v.path("layer2.lz416k.zfile"),
+    ];
+    let pushed = dir.path().join("pushed.json");
+    push(&registry, &global, &pushed, &layers);
+    // The image as seen through the faulty proxy.
+    let text = std::fs::read_to_string(&pushed)
+        .unwrap()
+        .replace(&registry.base(), &proxy.base());
+    let config = dir.path().join("config.v1.json");
+    std::fs::write(&config, text).unwrap();
+    let span = v.span_bytes().to_string();
+    let local_raw = dir.path().join("local.raw");
+    let mut args = vec!["export", "--length", &span, "--output", s(&local_raw)];
+    args.extend(layers.iter().map(|p| s(p)));
+    obd_ok(&args);
+    let want = std::fs::read(&local_raw).unwrap();
+
+    proxy.plan().mix = Some((
+        3,
+        vec![
+            Fault::Reset,
+            Fault::Truncate,
+            Fault::Status(503),
+            Fault::Stall(std::time::Duration::from_millis(1500)),
+        ],
+    ));
+    let outputs: Vec<PathBuf> = (0..4)
+        .map(|i| dir.path().join(format!("remote{i}.raw")))
+        .collect();
+    let mut children: Vec<std::process::Child> = outputs
+        .iter()
+        .map(|out| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_obd"))
+                .args(["export", "--length", &span, "--output"])
+                .arg(out)
+                .arg("--config")
+                .arg(&config)
+                .arg("--global-config")
+                .arg(&global)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let mut largest = 0;
+    while children
+        .iter_mut()
+        .any(|c| c.try_wait().unwrap().is_none())
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(300),
+            "the exports hang"
+        );
+        largest = largest.max(cache_bytes_on_disk(&cache));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for (child, out) in children.into_iter().zip(&outputs) {
+        let done = child.wait_with_output().unwrap();
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        assert!(
+            std::fs::read(out).unwrap() == want,
+            "{} differs from the local export",
+            out.display()
+        );
+    }
+    let faults = proxy.stats.faults.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(faults >= 4, "the test needs faults: {faults}");
+    // The files' own rounding (a few pages per blob) on top of the bound.
+    assert!(
+        largest <= capacity + (64 << 10),
+        "the cache held {largest} bytes, capacity {capacity}"
+    );
+    assert!(
+        largest >= capacity / 2,
+        "the test should have filled the cache: {largest}"
+    );
 }

@@ -474,6 +474,10 @@ pub struct CacheConfig {
     pub cache_dir: PathBuf,
     #[serde(rename = "cacheSizeGB")]
     pub cache_size_gb: u64,
+    /// obd's own key: the capacity in MiB, for caches smaller than a GiB
+    /// (small hosts, tests). When set, it replaces `cacheSizeGB`.
+    #[serde(rename = "cacheSizeMB", skip_serializing_if = "Option::is_none")]
+    pub cache_size_mb: Option<u64>,
     /// Missing ranges are fetched in chunks of this many bytes, aligned.
     #[serde(deserialize_with = "non_zero")]
     pub refill_size: u64,
@@ -485,6 +489,7 @@ impl Default for CacheConfig {
             cache_type: "file".to_string(),
             cache_dir: PathBuf::from("/opt/overlaybd/registry_cache"),
             cache_size_gb: 4,
+            cache_size_mb: None,
             refill_size: 262_144,
         }
     }

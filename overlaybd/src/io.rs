@@ -22,6 +22,11 @@ pub trait ReadAt: Send + Sync {
     fn size(&self) -> u64;
     /// What to call this source in error messages (usually a path).
     fn name(&self) -> &str;
+    /// Forget any local copy of `[offset, offset + len)`, so that the next
+    /// read fetches those bytes from their origin again: a check above (a
+    /// ZFile block CRC) found them wrong. Sources without a cache have
+    /// nothing to forget.
+    fn drop_cached(&self, _offset: u64, _len: u64) {}
 }
 
 /// Shared handle to any source.
@@ -106,6 +111,9 @@ impl ReadAt for Window {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        self.inner.drop_cached(self.start + offset, len);
     }
 }
 

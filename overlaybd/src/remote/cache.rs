@@ -1,37 +1,54 @@
-//! The local cache of registry blobs (`cacheConfig`).
+//! The local cache of registry blobs (`cacheConfig`), shared by every obd
+//! process on the host that names the same `cacheDir`: any number of
+//! `obd add` daemons, `obd tcmu` with all its devices, CLI tools.
 //!
-//! Each blob is two files in `cacheDir`, both mode 0600:
+//! Files in `cacheDir`, all mode 0600:
 //! - `<key>.data`: a sparse file the size of the blob, holding the chunks
 //!   fetched so far at their own offsets;
-//! - `<key>.chunks`: the record of which `refillSize` chunks are present,
-//!   with each chunk's CRC32C, so a restart reuses what was fetched, and a
-//!   chunk whose data did not reach the disk (a crash between the two
-//!   writes) is noticed and fetched again instead of being served.
+//! - `<key>.chunks`: the record: a 32-byte header (`OBDCACH1`, blob size,
+//!   chunk size, zero) and one 8-byte entry per `refillSize` chunk, little
+//!   endian: the chunk's CRC32C, then a state word (bit 0 = present, the
+//!   other bits a sequence number that every change of the entry bumps);
+//! - `.obd-cache.lock`: the directory lock, holding the bytes cached as
+//!   last counted (u64).
 //!
-//! Record layout (little endian): 32-byte header (`OBDCACH1`, blob size,
-//! chunk size, zero), then 8 bytes per chunk (u32 CRC32C, u32 flags; bit 0
-//! = present).
+//! How processes share it without ever serving bytes that are not there:
+//! - **Readers take no lock.** They read a chunk's entry, then its data,
+//!   then the entry again, and use the bytes only if the chunk was present
+//!   and its entry did not change (a seqlock). Each process checks a chunk's
+//!   CRC the first time it uses it at a given sequence number, so a record
+//!   that a power cut left ahead of its data is caught, not served.
+//! - **Writers hold `flock(LOCK_EX)` on the data file**: storing a fetched
+//!   chunk (data first, then its entry), evicting (entries marked missing
+//!   first, then the hole punched) and dropping a chunk that failed a check
+//!   above. Writes are local I/O only; nothing holds a lock across the
+//!   network.
+//! - **A process with a blob open holds `flock(LOCK_SH)` on its record.**
+//!   Eviction deletes the files of blobs nobody has open (it gets
+//!   `LOCK_EX` without waiting) and empties open blobs in place, chunk
+//!   entries first, so their readers see a miss and fetch again.
+//! - **Capacity holds for the directory.** Before storing, a writer
+//!   reserves the bytes in the lock file's count under `flock(LOCK_EX)`,
+//!   evicting least recently used blobs (record mtime; the blob being
+//!   filled goes last) down to max(90 % of capacity, capacity − 50 GiB),
+//!   and a further tenth whenever the disk has less than 1 GiB free. The
+//!   count is recounted from the records when a cache is opened, so a
+//!   process that died between reserving and storing leaves no lasting
+//!   error; a miss bigger than the whole capacity is served, not stored.
 //!
-//! A miss fetches whole aligned chunks, contiguous missing chunks in one
-//! request. Concurrent misses for the same chunk are fetched once: the first
-//! reader marks the chunk as being fetched, the others wait for it. No lock
-//! is held across network or disk I/O; a generation number per blob tells a
-//! reader that the blob was evicted while it read the file, and it tries
-//! again.
-//!
-//! Capacity: when the bytes held pass the capacity, whole blobs are evicted,
-//! least recently used first, down to max(90 % of capacity, capacity − 50
-//! GiB), and by a further tenth whenever the disk has less than 1 GiB free.
-//! The blob being filled goes last; an open blob is emptied in place.
+//! Within one process, one [`CachedBlob`] per key serves all readers:
+//! concurrent misses of one chunk are fetched once.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{FallocateFlags, FlockOperation};
 
 use crate::config::CacheConfig;
 use crate::error::{Error, IoContext, Result};
@@ -44,13 +61,17 @@ const MAGIC: &[u8; 8] = b"OBDCACH1";
 const HEADER: u64 = 32;
 const ENTRY: u64 = 8;
 const PRESENT: u32 = 1;
+const LOCK_FILE: &str = ".obd-cache.lock";
+const TEMP_PREFIX: &str = ".tmp-";
 /// Below this much free disk, blobs are evicted whatever the capacity.
 const MIN_FREE_DISK: u64 = 1 << 30;
 /// Longest run of missing chunks fetched with one request.
 const MAX_RUN: u64 = 8 << 20;
-/// Rounds of "fetch, then read the file" before a read gives up because
-/// the blob keeps being evicted under it.
+/// Rounds of "read the file, fetch what is missing" before a read gives up
+/// because the blob keeps being evicted under it.
 const MAX_ROUNDS: usize = 16;
+/// A record's mtime (its last use, for LRU) is refreshed at most this often.
+const TOUCH_EVERY: Duration = Duration::from_secs(5);
 
 /// Where the cache lives and how big it may grow.
 #[derive(Clone, Debug)]
@@ -66,7 +87,10 @@ impl CacheOptions {
     pub fn from_config(config: &CacheConfig) -> Self {
         CacheOptions {
             dir: config.cache_dir.clone(),
-            capacity: config.cache_size_gb.saturating_mul(1 << 30),
+            capacity: match config.cache_size_mb {
+                Some(mb) => mb.saturating_mul(1 << 20),
+                None => config.cache_size_gb.saturating_mul(1 << 30),
+            },
             refill_size: config.refill_size.max(1),
         }
     }
@@ -78,31 +102,45 @@ impl CacheOptions {
     }
 }
 
-/// One blob known to the cache, open or only on disk.
-struct Entry {
-    /// Bytes of present chunks.
-    used: u64,
-    /// Last use, in seconds since the epoch (the record's mtime on load).
-    last_use: u64,
-    open: Weak<CachedBlob>,
+/// `flock` held until dropped.
+struct Flock<'a>(&'a File);
+
+impl<'a> Flock<'a> {
+    fn exclusive(file: &'a File) -> io::Result<Self> {
+        rustix::fs::flock(file, FlockOperation::LockExclusive)?;
+        Ok(Flock(file))
+    }
+
+    /// `None` when another open file description holds a lock on it.
+    fn try_exclusive(file: &'a File) -> io::Result<Option<Self>> {
+        match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Flock(file))),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
-struct Catalog {
-    blobs: HashMap<String, Entry>,
-    used: u64,
+impl Drop for Flock<'_> {
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(self.0, FlockOperation::Unlock);
+    }
 }
 
-/// The cache of every blob in one directory.
+/// The cache of every blob in one directory, as one process sees it.
 pub struct BlobCache {
     options: CacheOptions,
-    catalog: Mutex<Catalog>,
+    /// `.obd-cache.lock`; the mutex orders this process's threads, the
+    /// `flock` orders processes.
+    lock: Mutex<File>,
+    open: Mutex<HashMap<String, Weak<CachedBlob>>>,
     fetched: AtomicU64,
     evictions: AtomicU64,
 }
 
 impl BlobCache {
-    /// Open (creating it if needed) the cache directory and take stock of
-    /// the blobs already in it.
+    /// Open (creating it if needed) the cache directory and recount what it
+    /// holds.
     pub fn open(options: CacheOptions) -> Result<Arc<BlobCache>> {
         if options.refill_size == 0 || options.refill_size > (1 << 30) {
             return Err(Error::Invalid(format!(
@@ -116,37 +154,23 @@ impl BlobCache {
             .mode(0o700)
             .create(dir)
             .context(|| dir.display().to_string())?;
-        let mut catalog = Catalog {
-            blobs: HashMap::new(),
-            used: 0,
-        };
-        for entry in fs::read_dir(dir).context(|| dir.display().to_string())? {
-            let entry = entry.context(|| dir.display().to_string())?;
-            let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".chunks")) else {
-                continue;
-            };
-            let path = entry.path();
-            let Ok((used, last_use)) = scan_record(&path) else {
-                continue;
-            };
-            catalog.used += used;
-            catalog.blobs.insert(
-                key.to_string(),
-                Entry {
-                    used,
-                    last_use,
-                    open: Weak::new(),
-                },
-            );
-        }
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = open_rw(&lock_path)?;
         let cache = Arc::new(BlobCache {
             options,
-            catalog: Mutex::new(catalog),
+            lock: Mutex::new(lock),
+            open: Mutex::new(HashMap::new()),
             fetched: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         });
-        cache.evict_if_needed(None);
+        let context = || lock_path.display().to_string();
+        {
+            let file = cache.lock_file();
+            let _dir = Flock::exclusive(&file).context(context)?;
+            let (_, held) = cache.scan();
+            write_count(&file, held).context(context)?;
+            cache.evict_locked(&file, None, 0, held).context(context)?;
+        }
         Ok(cache)
     }
 
@@ -154,23 +178,28 @@ impl BlobCache {
         &self.options
     }
 
-    /// Bytes of blob data held.
+    /// Bytes of blob data the directory holds, as counted by every process
+    /// that shares it.
     pub fn used(&self) -> u64 {
-        self.catalog().used
+        let file = self.lock_file();
+        let Ok(_dir) = Flock::exclusive(&file) else {
+            return 0;
+        };
+        read_count(&file)
     }
 
-    /// Bytes fetched from origins through this cache.
+    /// Bytes fetched from origins through this cache (this process).
     pub fn fetched(&self) -> u64 {
         self.fetched.load(Ordering::Relaxed)
     }
 
-    /// Blobs evicted so far.
+    /// Blobs evicted or emptied so far by this process.
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }
 
-    fn catalog(&self) -> MutexGuard<'_, Catalog> {
-        self.catalog.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_file(&self) -> MutexGuard<'_, File> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The cached view of `origin`, stored under `key` (a digest such as
@@ -178,8 +207,8 @@ impl BlobCache {
     /// concurrent readers share its single-flight fetches.
     pub fn blob(self: &Arc<Self>, key: &str, origin: Source) -> Result<Arc<CachedBlob>> {
         let file_key = file_key(key)?;
-        let mut catalog = self.catalog();
-        if let Some(blob) = catalog.blobs.get(&file_key).and_then(|e| e.open.upgrade()) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(blob) = open.get(&file_key).and_then(Weak::upgrade) {
             if blob.size == origin.size() {
                 return Ok(blob);
             }
@@ -190,93 +219,220 @@ impl BlobCache {
             )));
         }
         let blob = Arc::new(CachedBlob::open(self.clone(), &file_key, origin)?);
-        let used = blob.present_bytes();
-        let old = catalog.blobs.get(&file_key).map_or(0, |e| e.used);
-        catalog.used = catalog.used - old.min(catalog.used) + used;
-        catalog.blobs.insert(
-            file_key,
-            Entry {
-                used,
-                last_use: now_secs(),
-                open: Arc::downgrade(&blob),
-            },
-        );
+        open.retain(|_, weak| weak.strong_count() > 0);
+        open.insert(file_key, Arc::downgrade(&blob));
         Ok(blob)
     }
 
-    /// Account `bytes` newly held by `key`, then evict if over capacity.
-    fn filled(&self, key: &str, bytes: u64) {
-        self.fetched.fetch_add(bytes, Ordering::Relaxed);
-        {
-            let mut catalog = self.catalog();
-            if let Some(entry) = catalog.blobs.get_mut(key) {
-                entry.used += bytes;
-                entry.last_use = now_secs();
-                catalog.used += bytes;
-            }
+    /// Reserve room for `bytes` about to be stored in blob `key`, evicting
+    /// if needed; false when they cannot be held (bigger than the cache).
+    fn reserve(&self, key: &str, bytes: u64) -> io::Result<bool> {
+        if bytes > self.options.capacity {
+            return Ok(false);
         }
-        self.evict_if_needed(Some(key));
-    }
-
-    fn touch(&self, key: &str) {
-        if let Some(entry) = self.catalog().blobs.get_mut(key) {
-            entry.last_use = now_secs();
-        }
-    }
-
-    /// Evict whole blobs, least recently used first (`current` last),
-    /// until the cache is at its eviction target.
-    fn evict_if_needed(&self, current: Option<&str>) {
-        let mut catalog = self.catalog();
+        let file = self.lock_file();
+        let _dir = Flock::exclusive(&file)?;
+        let count = read_count(&file);
         let low_disk = free_disk(&self.options.dir).is_some_and(|free| free < MIN_FREE_DISK);
-        if catalog.used <= self.options.capacity && !low_disk {
+        let count = if count + bytes > self.options.capacity || low_disk {
+            self.evict_locked(&file, Some(key), bytes, count)?
+        } else {
+            count
+        };
+        write_count(&file, count + bytes)?;
+        Ok(true)
+    }
+
+    /// Give back bytes reserved or held that are not held any more.
+    fn unreserve(&self, bytes: u64) {
+        if bytes == 0 {
             return;
         }
-        // Low on disk: give back an extra tenth of what the cache holds.
-        let target = if low_disk {
-            self.options.eviction_target().min(catalog.used / 10 * 9)
-        } else {
-            self.options.eviction_target()
+        let file = self.lock_file();
+        let Ok(_dir) = Flock::exclusive(&file) else {
+            return;
         };
-        // Low disk alone never empties the blob just filled: that would
-        // only make its next read fetch the same chunks again.
-        let over_capacity = catalog.used > self.options.capacity;
-        let mut order: Vec<(bool, u64, String)> = catalog
-            .blobs
-            .iter()
-            .filter(|(k, e)| e.used > 0 && (over_capacity || Some(k.as_str()) != current))
-            .map(|(k, e)| (Some(k.as_str()) == current, e.last_use, k.clone()))
-            .collect();
-        order.sort();
-        for (_, _, key) in order {
-            if catalog.used <= target {
-                break;
+        let count = read_count(&file);
+        let _ = write_count(&file, count.saturating_sub(bytes));
+    }
+
+    /// Every blob record in the directory; removes temporary files that a
+    /// crashed process left. Also returns the bytes held by all of them.
+    fn scan(&self) -> (Vec<BlobOnDisk>, u64) {
+        let mut blobs = Vec::new();
+        let Ok(entries) = fs::read_dir(&self.options.dir) else {
+            return (blobs, 0);
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.starts_with(TEMP_PREFIX) {
+                let old = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age > Duration::from_secs(60));
+                if old {
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
             }
-            let Some(entry) = catalog.blobs.get_mut(&key) else {
+            let Some(key) = name.strip_suffix(".chunks") else {
                 continue;
             };
-            let freed = entry.used;
-            match entry.open.upgrade() {
-                Some(blob) => {
-                    blob.empty();
-                    entry.used = 0;
-                }
-                None => {
-                    let _ = fs::remove_file(self.options.dir.join(format!("{key}.data")));
-                    let _ = fs::remove_file(self.options.dir.join(format!("{key}.chunks")));
-                    catalog.blobs.remove(&key);
-                }
+            if let Ok((held, last_use)) = scan_record(&path) {
+                blobs.push(BlobOnDisk {
+                    key: key.to_string(),
+                    held,
+                    last_use,
+                });
             }
-            catalog.used -= freed.min(catalog.used);
+        }
+        let total = blobs.iter().map(|b| b.held).sum();
+        (blobs, total)
+    }
+
+    /// With the directory lock held and `count` bytes counted: evict least
+    /// recently used blobs (`current` last) until `need` more bytes fit
+    /// under the eviction target. Writes and returns the new count.
+    fn evict_locked(
+        &self,
+        lock: &File,
+        current: Option<&str>,
+        need: u64,
+        mut count: u64,
+    ) -> io::Result<u64> {
+        let low_disk = free_disk(&self.options.dir).is_some_and(|free| free < MIN_FREE_DISK);
+        if count + need <= self.options.capacity && !low_disk {
+            return Ok(count);
+        }
+        let mut target = self
+            .options
+            .eviction_target()
+            .min(self.options.capacity - need.min(self.options.capacity));
+        if low_disk {
+            target = target.min(count / 10 * 9);
+        }
+        let (mut blobs, on_disk) = self.scan();
+        // Low disk alone never empties the blob being filled: that would
+        // only make its next read fetch the same chunks again.
+        let over_capacity = count + need > self.options.capacity;
+        blobs.retain(|b| b.held > 0 && (over_capacity || Some(b.key.as_str()) != current));
+        blobs.sort_by_key(|b| (Some(b.key.as_str()) == current, b.last_use));
+        for blob in blobs {
+            if count <= target {
+                break;
+            }
+            let freed = self.evict_blob(&blob.key)?;
+            count = count.saturating_sub(freed);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
+        // A count above what the records hold is drift (a process died
+        // between reserving and storing): the records are the truth.
+        if count > target {
+            count = count.min(on_disk);
+        }
+        write_count(lock, count)?;
+        Ok(count)
     }
+
+    /// Delete blob `key` if nobody has it open, else empty it in place.
+    /// Returns the bytes it held.
+    fn evict_blob(&self, key: &str) -> io::Result<u64> {
+        let dir = &self.options.dir;
+        let record_path = dir.join(format!("{key}.chunks"));
+        let data_path = dir.join(format!("{key}.data"));
+        let record = match OpenOptions::new().read(true).write(true).open(&record_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let held = scan_record(&record_path).map(|(held, _)| held).unwrap_or(0);
+        if let Some(_unused) = Flock::try_exclusive(&record)? {
+            let _ = fs::remove_file(&data_path);
+            fs::remove_file(&record_path)?;
+            return Ok(held);
+        }
+        let data = match OpenOptions::new().read(true).write(true).open(&data_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let Some(layout) = read_header(&record) else {
+            return Ok(0);
+        };
+        let _writer = Flock::exclusive(&data)?;
+        let chunks = layout.chunks();
+        let entries = read_entries(&record, 0, chunks)?;
+        let mut freed = 0;
+        let mut bytes = Vec::with_capacity((chunks * ENTRY) as usize);
+        for (i, &entry) in entries.iter().enumerate() {
+            let entry = if is_present(entry) {
+                freed += layout.chunk_len(i as u64);
+                missing_after(entry)
+            } else {
+                entry
+            };
+            bytes.extend_from_slice(&entry.to_le_bytes());
+        }
+        if freed > 0 {
+            record.write_all_at(&bytes, HEADER)?;
+            punch_hole(&data, 0, layout.size)?;
+        }
+        Ok(freed)
+    }
+}
+
+/// A blob record found by a directory scan.
+struct BlobOnDisk {
+    key: String,
+    held: u64,
+    last_use: u64,
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .context(|| path.display().to_string())
+}
+
+fn read_count(lock: &File) -> u64 {
+    let mut bytes = [0u8; 8];
+    match lock.read_exact_at(&mut bytes, 0) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => 0,
+    }
+}
+
+fn write_count(lock: &File, count: u64) -> io::Result<()> {
+    lock.write_all_at(&count.to_le_bytes(), 0)
 }
 
 /// Free bytes for unprivileged users on the file system holding `dir`.
 fn free_disk(dir: &Path) -> Option<u64> {
     let stat = rustix::fs::statvfs(dir).ok()?;
     Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match rustix::fs::fallocate(file, mode, offset, len) {
+        Ok(()) => Ok(()),
+        // A file system without holes: zeros take the same space, but the
+        // entry is what says the chunk is gone.
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A file name for a cache key: `sha256:abc` → `sha256_abc`; anything
@@ -306,6 +462,73 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether an entry says its chunk is present.
+fn is_present(entry: u64) -> bool {
+    (entry >> 32) as u32 & PRESENT != 0
+}
+
+fn entry_crc(entry: u64) -> u32 {
+    entry as u32
+}
+
+/// The next entry of a chunk: `crc`, present or not, sequence bumped.
+fn next_entry(old: u64, present: bool, crc: u32) -> u64 {
+    let sequence = ((old >> 32) as u32 >> 1).wrapping_add(1);
+    let state = (sequence << 1) | u32::from(present);
+    (u64::from(state) << 32) | u64::from(crc)
+}
+
+fn missing_after(old: u64) -> u64 {
+    next_entry(old, false, 0)
+}
+
+/// Blob and chunk size, as a record's header says.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Layout {
+    size: u64,
+    chunk: u64,
+}
+
+impl Layout {
+    fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk)
+    }
+
+    fn chunk_len(&self, index: u64) -> u64 {
+        self.chunk.min(self.size - index * self.chunk)
+    }
+
+    fn record_len(&self) -> u64 {
+        HEADER + self.chunks() * ENTRY
+    }
+}
+
+fn parse_header(bytes: &[u8]) -> Option<Layout> {
+    if bytes.len() < HEADER as usize || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let size = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
+    let chunk = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
+    (chunk > 0 && chunk <= 1 << 30 && size > 0).then_some(Layout { size, chunk })
+}
+
+fn read_header(record: &File) -> Option<Layout> {
+    let mut header = [0u8; HEADER as usize];
+    record.read_exact_at(&mut header, 0).ok()?;
+    let layout = parse_header(&header)?;
+    let len = record.metadata().ok()?.len();
+    (len == layout.record_len()).then_some(layout)
+}
+
+fn read_entries(record: &File, first: u64, count: u64) -> io::Result<Vec<u64>> {
+    let mut bytes = vec![0u8; (count * ENTRY) as usize];
+    record.read_exact_at(&mut bytes, HEADER + first * ENTRY)?;
+    Ok(bytes
+        .chunks_exact(ENTRY as usize)
+        .map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()))
+        .collect())
+}
+
 /// (bytes present, mtime in seconds) of a record file.
 fn scan_record(path: &Path) -> io::Result<(u64, u64)> {
     let bytes = fs::read(path)?;
@@ -316,32 +539,18 @@ fn scan_record(path: &Path) -> io::Result<(u64, u64)> {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (size, chunk) = parse_header(&bytes).ok_or(io::ErrorKind::InvalidData)?;
-    let chunks = size.div_ceil(chunk);
-    let mut used = 0;
-    for i in 0..chunks {
-        let at = (HEADER + i * ENTRY) as usize;
-        let Some(entry) = bytes.get(at..at + 8) else {
-            break;
-        };
-        if u32::from_le_bytes(entry[4..8].try_into().unwrap_or_default()) & PRESENT != 0 {
-            used += chunk_len(size, chunk, i);
+    let layout = parse_header(&bytes).ok_or(io::ErrorKind::InvalidData)?;
+    let mut held = 0;
+    for (i, entry) in bytes[HEADER as usize..]
+        .chunks_exact(ENTRY as usize)
+        .take(layout.chunks() as usize)
+        .enumerate()
+    {
+        if is_present(u64::from_le_bytes(entry.try_into().unwrap_or_default())) {
+            held += layout.chunk_len(i as u64);
         }
     }
-    Ok((used, mtime))
-}
-
-fn parse_header(bytes: &[u8]) -> Option<(u64, u64)> {
-    if bytes.len() < HEADER as usize || &bytes[..8] != MAGIC {
-        return None;
-    }
-    let size = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
-    let chunk = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
-    (chunk > 0 && size > 0).then_some((size, chunk))
-}
-
-fn chunk_len(size: u64, chunk: u64, index: u64) -> u64 {
-    chunk.min(size - index * chunk)
+    Ok((held, mtime))
 }
 
 /// A caller's read in progress: its buffer, where it starts, and which of
@@ -353,22 +562,17 @@ struct PendingRead<'a> {
     served: Vec<bool>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Chunk {
-    Missing,
-    Fetching,
-    /// On disk with this CRC32C; `verified` once read back (or written)
-    /// by this process.
-    Present {
-        crc: u32,
-        verified: bool,
-    },
-}
-
-struct BlobState {
-    chunks: Vec<Chunk>,
-    /// Bumped when the blob is emptied by eviction.
-    generation: u64,
+impl PendingRead<'_> {
+    /// The part of the caller's buffer inside chunk `index`, and where it
+    /// starts in the blob.
+    fn part(&mut self, layout: Layout, index: u64) -> (&mut [u8], u64) {
+        let end = self.offset + self.buf.len() as u64;
+        let c_start = index * layout.chunk;
+        let from = c_start.max(self.offset);
+        let to = (c_start + layout.chunk_len(index)).min(end);
+        let at = (from - self.offset) as usize;
+        (&mut self.buf[at..at + (to - from) as usize], from)
+    }
 }
 
 /// One blob seen through the cache: a [`ReadAt`] that serves present
@@ -378,70 +582,89 @@ pub struct CachedBlob {
     key: String,
     origin: Source,
     data: File,
+    /// Holds `flock(LOCK_SH)` while the blob is open here.
     record: File,
     size: u64,
-    chunk: u64,
-    state: Mutex<BlobState>,
+    layout: Layout,
+    /// The entry each chunk's bytes were last checked at (0: never).
+    verified: Vec<AtomicU64>,
+    /// Chunks a thread of this process is fetching.
+    fetching: Mutex<Vec<bool>>,
     fetched_one: Condvar,
+    /// Orders this process's writers; `flock` on `data` orders processes.
+    writer: Mutex<()>,
+    last_touch: AtomicU64,
+    store_failed: AtomicBool,
     name: String,
 }
 
 impl CachedBlob {
     fn open(cache: Arc<BlobCache>, key: &str, origin: Source) -> Result<CachedBlob> {
-        let dir = &cache.options.dir;
+        let dir = cache.options.dir.clone();
         let size = origin.size();
-        let chunk = cache.options.refill_size;
-        let data_path = dir.join(format!("{key}.data"));
         let record_path = dir.join(format!("{key}.chunks"));
-        let open = |path: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .context(|| path.display().to_string())
+        let data_path = dir.join(format!("{key}.data"));
+        let context = || record_path.display().to_string();
+        let wanted = Layout {
+            size,
+            chunk: cache.options.refill_size,
         };
-        let data = open(&data_path)?;
-        let record = open(&record_path)?;
-        let chunks = size.div_ceil(chunk);
-        let record_len = HEADER + chunks * ENTRY;
-        let mut bytes = Vec::new();
-        let existing = record.metadata().map(|m| m.len()).unwrap_or(0);
-        if existing == record_len {
-            bytes = fs::read(&record_path).context(|| record_path.display().to_string())?;
-        }
-        let mut states = vec![Chunk::Missing; chunks as usize];
-        let reusable = parse_header(&bytes) == Some((size, chunk))
-            && data.metadata().map(|m| m.len()).ok() == Some(size);
-        if reusable {
-            for (i, state) in states.iter_mut().enumerate() {
-                let at = HEADER as usize + i * ENTRY as usize;
-                let crc = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
-                let flags =
-                    u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
-                if flags & PRESENT != 0 {
-                    *state = Chunk::Present {
-                        crc,
-                        verified: false,
-                    };
+        let mut tries = 0;
+        let (record, layout) = loop {
+            tries += 1;
+            if tries > 8 {
+                return Err(Error::Invalid(format!(
+                    "{}: the cache record keeps being replaced while it is opened",
+                    record_path.display()
+                )));
+            }
+            let record = match OpenOptions::new().read(true).write(true).open(&record_path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    create_record(&dir, &record_path, wanted).context(context)?;
+                    continue;
+                }
+                Err(e) => return Err(e).context(context),
+            };
+            rustix::fs::flock(&record, FlockOperation::LockShared)
+                .map_err(io::Error::from)
+                .context(context)?;
+            if record.metadata().context(context)?.nlink() == 0 {
+                continue; // Evicted while we waited for the lock.
+            }
+            match read_header(&record) {
+                // Another process's refillSize wins: chunks are only a unit.
+                Some(layout) if layout.size == size => break (record, layout),
+                _ => {
+                    // Not a record of this blob (an older layout, a torn
+                    // create, a corrupt file): replace it if nobody uses it.
+                    rustix::fs::flock(&record, FlockOperation::Unlock)
+                        .map_err(io::Error::from)
+                        .context(context)?;
+                    match Flock::try_exclusive(&record).context(context)? {
+                        Some(_alone) => {
+                            let _ = fs::remove_file(&data_path);
+                            fs::remove_file(&record_path).context(context)?;
+                        }
+                        None => {
+                            return Err(Error::corrupt(
+                                record_path.display().to_string(),
+                                format!(
+                                    "not a cache record of a {size} byte blob, and another \
+                                     process has it open"
+                                ),
+                            ))
+                        }
+                    }
                 }
             }
-        } else {
-            // New, or from another blob size or chunk size: start empty.
-            let context = || record_path.display().to_string();
-            record.set_len(0).context(context)?;
-            record.set_len(record_len).context(context)?;
-            let mut header = [0u8; HEADER as usize];
-            header[..8].copy_from_slice(MAGIC);
-            header[8..16].copy_from_slice(&size.to_le_bytes());
-            header[16..24].copy_from_slice(&chunk.to_le_bytes());
-            record.write_all_at(&header, 0).context(context)?;
-            data.set_len(0)
-                .and_then(|()| data.set_len(size))
+        };
+        let data = open_rw(&data_path)?;
+        if data.metadata().context(context)?.len() < size {
+            data.set_len(size)
                 .context(|| data_path.display().to_string())?;
         }
+        let chunks = layout.chunks() as usize;
         Ok(CachedBlob {
             name: origin.name().to_string(),
             cache,
@@ -450,189 +673,279 @@ impl CachedBlob {
             data,
             record,
             size,
-            chunk,
-            state: Mutex::new(BlobState {
-                chunks: states,
-                generation: 0,
-            }),
+            layout,
+            verified: (0..chunks).map(|_| AtomicU64::new(0)).collect(),
+            fetching: Mutex::new(vec![false; chunks]),
             fetched_one: Condvar::new(),
+            writer: Mutex::new(()),
+            last_touch: AtomicU64::new(0),
+            store_failed: AtomicBool::new(false),
         })
     }
 
-    fn state(&self) -> MutexGuard<'_, BlobState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn chunk_len(&self, index: u64) -> u64 {
-        chunk_len(self.size, self.chunk, index)
-    }
-
-    /// Bytes of present chunks.
-    pub fn present_bytes(&self) -> u64 {
-        let state = self.state();
-        state
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| matches!(c, Chunk::Present { .. }))
-            .map(|(i, _)| self.chunk_len(i as u64))
-            .sum()
-    }
-
     pub fn chunk_size(&self) -> u64 {
-        self.chunk
+        self.layout.chunk
     }
 
     pub fn origin(&self) -> &Source {
         &self.origin
     }
 
-    /// Drop every chunk (eviction of an open blob): readers that were
-    /// reading the file notice the new generation and fetch again.
-    fn empty(&self) {
+    fn fetching(&self) -> MutexGuard<'_, Vec<bool>> {
+        self.fetching.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn entry(&self, index: u64) -> io::Result<u64> {
+        let mut bytes = [0u8; ENTRY as usize];
+        self.record
+            .read_exact_at(&mut bytes, HEADER + index * ENTRY)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Mark the blob used now (its record's mtime orders eviction).
+    fn touch(&self) {
+        let now = now_secs();
+        let last = self.last_touch.load(Ordering::Relaxed);
+        if now >= last + TOUCH_EVERY.as_secs()
+            && self
+                .last_touch
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
         {
-            let mut state = self.state();
-            state.generation += 1;
-            for c in state.chunks.iter_mut() {
-                if matches!(c, Chunk::Present { .. }) {
-                    *c = Chunk::Missing;
+            let _ = self.record.set_modified(SystemTime::now());
+        }
+    }
+
+    /// Take the writer lock of this blob, in this process and on the host.
+    fn write_lock(&self) -> io::Result<(MutexGuard<'_, ()>, Flock<'_>)> {
+        let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let flock = Flock::exclusive(&self.data)?;
+        Ok((guard, flock))
+    }
+
+    /// Read `out` (at blob offset `from`, inside chunk `index`) from the
+    /// local file: `Ok(false)` when the chunk is not (or no longer) there.
+    fn read_local(&self, index: u64, out: &mut [u8], from: u64) -> io::Result<bool> {
+        for _ in 0..MAX_ROUNDS {
+            let before = self.entry(index)?;
+            if !is_present(before) {
+                return Ok(false);
+            }
+            let checked = self.verified[index as usize].load(Ordering::Relaxed) == before;
+            if checked {
+                self.data.read_exact_at(out, from)?;
+                if self.entry(index)? == before {
+                    return Ok(true);
                 }
+                continue;
             }
-        }
-        let record_len = HEADER + self.size.div_ceil(self.chunk) * ENTRY;
-        let _ = self.record.set_len(HEADER);
-        let _ = self.record.set_len(record_len);
-        let _ = self.data.set_len(0);
-        let _ = self.data.set_len(self.size);
-    }
-
-    /// Claim the missing chunks in `first..=last`; say whether some are
-    /// being fetched by another reader.
-    fn claim(&self, first: u64, last: u64) -> (Vec<u64>, bool, u64) {
-        let mut state = self.state();
-        let mut claimed = Vec::new();
-        let mut busy = false;
-        for i in first..=last {
-            match state.chunks[i as usize] {
-                Chunk::Missing => {
-                    state.chunks[i as usize] = Chunk::Fetching;
-                    claimed.push(i);
-                }
-                Chunk::Fetching => busy = true,
-                Chunk::Present { .. } => {}
-            }
-        }
-        (claimed, busy, state.generation)
-    }
-
-    /// Give claimed chunks back as missing (a fetch failed).
-    fn release(&self, chunks: &[u64]) {
-        let mut state = self.state();
-        for &i in chunks {
-            if state.chunks[i as usize] == Chunk::Fetching {
-                state.chunks[i as usize] = Chunk::Missing;
-            }
-        }
-        drop(state);
-        self.fetched_one.notify_all();
-    }
-
-    /// Fetch chunks `first..=last` (all claimed by us) in one request,
-    /// store them, and copy what overlaps the caller's read into `read`.
-    fn fetch_run(
-        &self,
-        first: u64,
-        last: u64,
-        generation: u64,
-        read: &mut PendingRead<'_>,
-    ) -> io::Result<()> {
-        let start = first * self.chunk;
-        let end = (last * self.chunk + self.chunk_len(last)).min(self.size);
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.origin.read_exact_at(&mut buf, start)?;
-        self.data.write_all_at(&buf, start)?;
-        let mut entries = Vec::with_capacity(((last - first + 1) * ENTRY) as usize);
-        let mut crcs = Vec::new();
-        for i in first..=last {
-            let from = ((i - first) * self.chunk) as usize;
-            let to = from + self.chunk_len(i) as usize;
-            let crc = crc32c::crc32c(&buf[from..to]);
-            crcs.push(crc);
-            entries.extend_from_slice(&crc.to_le_bytes());
-            entries.extend_from_slice(&PRESENT.to_le_bytes());
-        }
-        let kept = {
-            let mut state = self.state();
-            let kept = state.generation == generation;
-            for (k, i) in (first..=last).enumerate() {
-                state.chunks[i as usize] = if kept {
-                    Chunk::Present {
-                        crc: crcs[k],
-                        verified: true,
-                    }
-                } else {
-                    Chunk::Missing
-                };
-            }
-            kept
-        };
-        self.fetched_one.notify_all();
-        if kept {
-            self.record.write_all_at(&entries, HEADER + first * ENTRY)?;
-            self.cache.filled(&self.key, end - start);
-        }
-        // Serve the caller from memory: the chunks may be evicted already.
-        let out_end = read.offset + read.buf.len() as u64;
-        for i in first..=last {
-            let c_start = i * self.chunk;
-            let c_end = c_start + self.chunk_len(i);
-            let from = c_start.max(read.offset);
-            let to = c_end.min(out_end);
-            if from < to {
-                read.buf[(from - read.offset) as usize..(to - read.offset) as usize]
-                    .copy_from_slice(&buf[(from - start) as usize..(to - start) as usize]);
-                read.served[(i - read.first) as usize] = true;
-            }
-        }
-        Ok(())
-    }
-
-    /// Read `[from, to)` (inside chunk `i`) from the local file if the
-    /// chunk is present; `Ok(false)` if it is not (or was evicted meanwhile).
-    fn read_local(&self, i: u64, out: &mut [u8], from: u64) -> io::Result<bool> {
-        let (crc, verified, generation) = {
-            let state = self.state();
-            match state.chunks[i as usize] {
-                Chunk::Present { crc, verified } => (crc, verified, state.generation),
-                _ => return Ok(false),
-            }
-        };
-        if verified {
-            self.data.read_exact_at(out, from)?;
-        } else {
-            // First use since the cache was reopened: check the whole chunk.
-            let c_start = i * self.chunk;
-            let mut whole = vec![0u8; self.chunk_len(i) as usize];
+            // First use here at this sequence number: check the whole chunk.
+            let c_start = index * self.layout.chunk;
+            let mut whole = vec![0u8; self.layout.chunk_len(index) as usize];
             self.data.read_exact_at(&mut whole, c_start)?;
-            let ok = crc32c::crc32c(&whole) == crc;
-            let mut state = self.state();
-            if state.generation != generation {
+            if self.entry(index)? != before {
+                continue;
+            }
+            if crc32c::crc32c(&whole) != entry_crc(before) {
+                self.drop_chunks(index, index, Some(before))?;
                 return Ok(false);
             }
-            if !ok {
-                state.chunks[i as usize] = Chunk::Missing;
-                return Ok(false);
-            }
-            state.chunks[i as usize] = Chunk::Present {
-                crc,
-                verified: true,
-            };
+            self.verified[index as usize].store(before, Ordering::Relaxed);
             let at = (from - c_start) as usize;
             out.copy_from_slice(&whole[at..at + out.len()]);
             return Ok(true);
         }
-        Ok(self.state().generation == generation)
+        Ok(false)
     }
+
+    /// Mark chunks `first..=last` missing and punch their bytes out;
+    /// with `only_if`, just the one chunk still at that entry.
+    fn drop_chunks(&self, first: u64, last: u64, only_if: Option<u64>) -> io::Result<()> {
+        let mut freed = 0;
+        {
+            let _lock = self.write_lock()?;
+            let entries = read_entries(&self.record, first, last - first + 1)?;
+            for (k, &entry) in entries.iter().enumerate() {
+                let index = first + k as u64;
+                let wanted = only_if.is_none_or(|expected| expected == entry);
+                if !is_present(entry) || !wanted {
+                    continue;
+                }
+                self.record
+                    .write_all_at(&missing_after(entry).to_le_bytes(), HEADER + index * ENTRY)?;
+                punch_hole(
+                    &self.data,
+                    index * self.layout.chunk,
+                    self.layout.chunk_len(index),
+                )?;
+                self.verified[index as usize].store(0, Ordering::Relaxed);
+                freed += self.layout.chunk_len(index);
+            }
+        }
+        self.cache.unreserve(freed);
+        Ok(())
+    }
+
+    /// Store fetched chunks `first..=last` (`buf` holds them all): data
+    /// first, then their entries. Chunks another process stored meanwhile
+    /// are kept as they are.
+    fn store(&self, first: u64, last: u64, buf: &[u8]) -> io::Result<()> {
+        let total = buf.len() as u64;
+        if !self.cache.reserve(&self.key, total)? {
+            return Ok(());
+        }
+        let mut kept = 0;
+        let result = (|| {
+            let _lock = self.write_lock()?;
+            let count = last - first + 1;
+            let old = read_entries(&self.record, first, count)?;
+            let start = first * self.layout.chunk;
+            if old.iter().all(|&e| !is_present(e)) {
+                self.data.write_all_at(buf, start)?;
+            }
+            let mut entries = Vec::with_capacity((count * ENTRY) as usize);
+            let mut written = Vec::with_capacity(count as usize);
+            for (k, &entry) in old.iter().enumerate() {
+                let index = first + k as u64;
+                let from = (index * self.layout.chunk - start) as usize;
+                let bytes = &buf[from..from + self.layout.chunk_len(index) as usize];
+                let entry = if is_present(entry) {
+                    kept += bytes.len() as u64;
+                    entry
+                } else {
+                    if old.iter().any(|&e| is_present(e)) {
+                        self.data.write_all_at(bytes, start + from as u64)?;
+                    }
+                    let new = next_entry(entry, true, crc32c::crc32c(bytes));
+                    written.push((index, new));
+                    new
+                };
+                entries.extend_from_slice(&entry.to_le_bytes());
+            }
+            self.record
+                .write_all_at(&entries, HEADER + first * ENTRY)?;
+            for (index, entry) in written {
+                self.verified[index as usize].store(entry, Ordering::Relaxed);
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.cache.unreserve(kept),
+            Err(_) => self.cache.unreserve(total),
+        }
+        result
+    }
+
+    /// Fetch chunks `first..=last` (claimed by this thread) in one request,
+    /// store them, and copy what overlaps the caller's read into `read`.
+    fn fetch_run(&self, first: u64, last: u64, read: &mut PendingRead<'_>) -> io::Result<()> {
+        let start = first * self.layout.chunk;
+        let end = last * self.layout.chunk + self.layout.chunk_len(last);
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.origin.read_exact_at(&mut buf, start)?;
+        self.cache.fetched.fetch_add(end - start, Ordering::Relaxed);
+        if let Err(e) = self.store(first, last, &buf) {
+            // The bytes are in hand: serve them, say once that the cache
+            // could not keep them.
+            if !self.store_failed.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "obd: cache {}: cannot store chunks of {}: {e}",
+                    self.cache.options.dir.display(),
+                    self.name
+                );
+            }
+        }
+        for index in first..=last {
+            let slot = (index - read.first) as usize;
+            if slot >= read.served.len() {
+                continue;
+            }
+            let (part, from) = read.part(self.layout, index);
+            if part.is_empty() {
+                continue;
+            }
+            let at = (from - start) as usize;
+            part.copy_from_slice(&buf[at..at + part.len()]);
+            read.served[slot] = true;
+        }
+        Ok(())
+    }
+
+    /// Claim chunks of `wanted` that nobody here fetches and the record
+    /// does not hold; say whether some are being fetched by another thread.
+    fn claim(&self, wanted: &[u64]) -> io::Result<(Vec<u64>, bool)> {
+        let mut fetching = self.fetching();
+        let mut claimed = Vec::new();
+        let mut busy = false;
+        for &index in wanted {
+            if fetching[index as usize] {
+                busy = true;
+            } else if !is_present(self.entry(index)?) {
+                fetching[index as usize] = true;
+                claimed.push(index);
+            }
+        }
+        Ok((claimed, busy))
+    }
+
+    fn release(&self, chunks: &[u64]) {
+        let mut fetching = self.fetching();
+        for &index in chunks {
+            fetching[index as usize] = false;
+        }
+        drop(fetching);
+        self.fetched_one.notify_all();
+    }
+
+    /// Fetch the claimed chunks, adjacent ones in one request.
+    fn fetch_claimed(&self, claimed: &[u64], read: &mut PendingRead<'_>) -> io::Result<()> {
+        let mut k = 0;
+        while k < claimed.len() {
+            let run_first = claimed[k];
+            let mut run_last = run_first;
+            while k + 1 < claimed.len()
+                && claimed[k + 1] == run_last + 1
+                && (claimed[k + 1] - run_first + 1) * self.layout.chunk <= MAX_RUN
+            {
+                k += 1;
+                run_last = claimed[k];
+            }
+            k += 1;
+            self.fetch_run(run_first, run_last, read)?;
+        }
+        Ok(())
+    }
+}
+
+/// Create the record of a new blob: written whole under a temporary name,
+/// then linked into place, so nobody ever sees half a header. Losing the
+/// race to another process is fine: its record is used.
+fn create_record(dir: &Path, record_path: &Path, layout: Layout) -> io::Result<()> {
+    let temp = dir.join(format!(
+        "{TEMP_PREFIX}{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let result = (|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.set_len(layout.record_len())?;
+        let mut header = [0u8; HEADER as usize];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&layout.size.to_le_bytes());
+        header[16..24].copy_from_slice(&layout.chunk.to_le_bytes());
+        file.write_all_at(&header, 0)?;
+        match fs::hard_link(&temp, record_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = fs::remove_file(&temp);
+    result
 }
 
 impl ReadAt for CachedBlob {
@@ -642,63 +955,51 @@ impl ReadAt for CachedBlob {
             return Ok(());
         }
         let end = offset + buf.len() as u64;
-        let first = offset / self.chunk;
-        let last = (end - 1) / self.chunk;
+        let first = offset / self.layout.chunk;
+        let last = (end - 1) / self.layout.chunk;
         let mut read = PendingRead {
             buf,
             offset,
             first,
             served: vec![false; (last - first + 1) as usize],
         };
-        self.cache.touch(&self.key);
+        self.touch();
         for _ in 0..MAX_ROUNDS {
-            // 1. Fetch what nobody has, as runs of adjacent chunks.
-            let (claimed, busy, generation) = self.claim(first, last);
-            let mut k = 0;
-            while k < claimed.len() {
-                let run_first = claimed[k];
-                let mut run_last = run_first;
-                while k + 1 < claimed.len()
-                    && claimed[k + 1] == run_last + 1
-                    && (claimed[k + 1] - run_first + 1) * self.chunk <= MAX_RUN
-                {
-                    k += 1;
-                    run_last = claimed[k];
+            // 1. What the file holds.
+            let mut missing = Vec::new();
+            for index in first..=last {
+                if read.served[(index - first) as usize] {
+                    continue;
                 }
-                k += 1;
-                if let Err(e) = self.fetch_run(run_first, run_last, generation, &mut read) {
-                    self.release(&claimed);
-                    return Err(e);
+                let (part, from) = read.part(self.layout, index);
+                if self.read_local(index, part, from)? {
+                    read.served[(index - first) as usize] = true;
+                } else {
+                    missing.push(index);
                 }
             }
-            // 2. Wait for chunks others are fetching.
+            if missing.is_empty() {
+                return Ok(());
+            }
+            // 2. Fetch what nobody here is fetching, as runs of adjacent
+            // chunks; the caller is served from the fetched bytes.
+            let (claimed, busy) = self.claim(&missing)?;
+            let fetched = self.fetch_claimed(&claimed, &mut read);
+            self.release(&claimed);
+            fetched?;
+            // 3. Wait for chunks another thread is fetching, then go round
+            // again to read them from the file.
             if busy {
-                let mut state = self.state();
-                while (first..=last).any(|i| state.chunks[i as usize] == Chunk::Fetching) {
-                    state = self
+                let mut fetching = self.fetching();
+                while missing.iter().any(|&i| fetching[i as usize]) {
+                    fetching = self
                         .fetched_one
-                        .wait_timeout(state, Duration::from_millis(200))
+                        .wait_timeout(fetching, Duration::from_millis(200))
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
                 }
             }
-            // 3. Read the rest from the file.
-            let mut complete = true;
-            for i in first..=last {
-                if read.served[(i - first) as usize] {
-                    continue;
-                }
-                let c_start = i * self.chunk;
-                let from = c_start.max(offset);
-                let to = (c_start + self.chunk_len(i)).min(end);
-                let part = &mut read.buf[(from - offset) as usize..(to - offset) as usize];
-                if self.read_local(i, part, from)? {
-                    read.served[(i - first) as usize] = true;
-                } else {
-                    complete = false;
-                }
-            }
-            if complete {
+            if read.served.iter().all(|&s| s) {
                 return Ok(());
             }
         }
@@ -716,6 +1017,17 @@ impl ReadAt for CachedBlob {
     fn name(&self) -> &str {
         &self.name
     }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let end = (offset + len).min(self.size);
+        let first = offset / self.layout.chunk;
+        let last = (end - 1) / self.layout.chunk;
+        if let Err(e) = self.drop_chunks(first, last, None) {
+            eprintln!("obd: cache: cannot drop chunks of {}: {e}", self.name);
+        }
+    }
 }
 
 impl Fetch for CachedBlob {
@@ -724,9 +1036,172 @@ impl Fetch for CachedBlob {
         if len == 0 {
             return true;
         }
-        let first = offset / self.chunk;
-        let last = (offset + len - 1) / self.chunk;
-        let state = self.state();
-        (first..=last).all(|i| matches!(state.chunks.get(i as usize), Some(Chunk::Present { .. })))
+        if offset.saturating_add(len) > self.size {
+            return false;
+        }
+        let first = offset / self.layout.chunk;
+        let last = (offset + len - 1) / self.layout.chunk;
+        read_entries(&self.record, first, last - first + 1)
+            .is_ok_and(|entries| entries.into_iter().all(is_present))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::Bytes;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn options(dir: &Path, capacity: u64, chunk: u64) -> CacheOptions {
+        CacheOptions {
+            dir: dir.to_path_buf(),
+            capacity,
+            refill_size: chunk,
+        }
+    }
+
+    fn origin(data: &[u8]) -> Source {
+        Arc::new(Bytes::new(data.to_vec(), "origin"))
+    }
+
+    #[test]
+    fn entries_bump_their_sequence_on_every_change() {
+        let a = next_entry(0, true, 0xdead_beef);
+        assert!(is_present(a));
+        assert_eq!(entry_crc(a), 0xdead_beef);
+        let b = missing_after(a);
+        assert!(!is_present(b));
+        let c = next_entry(b, true, 0xdead_beef);
+        assert!(is_present(c));
+        assert_ne!(a, c, "same CRC, new sequence");
+    }
+
+    #[test]
+    fn two_caches_on_one_directory_share_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(1 << 20);
+        let first = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let second = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let a = first.blob("sha256:aa", origin(&data)).unwrap();
+        let b = second.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        a.read_exact_at(&mut buf, 12_345).unwrap();
+        assert_eq!(buf, data[12_345..112_345]);
+        assert!(b.is_present(12_345, 100_000), "stored for every process");
+        b.read_exact_at(&mut buf, 12_345).unwrap();
+        assert_eq!(buf, data[12_345..112_345]);
+        assert_eq!(second.fetched(), 0);
+        assert_eq!(second.used(), first.used());
+    }
+
+    #[test]
+    fn eviction_by_another_process_is_a_miss_not_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(4 << 20);
+        let other = pattern(4 << 20).into_iter().map(|b| !b).collect::<Vec<_>>();
+        let capacity = 5 << 20;
+        let reader_cache = BlobCache::open(options(dir.path(), capacity, 64 << 10)).unwrap();
+        let filler_cache = BlobCache::open(options(dir.path(), capacity, 64 << 10)).unwrap();
+        let blob = reader_cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data);
+        // Another process fills the cache with another blob: ours is open,
+        // so it is emptied in place.
+        let filler = filler_cache.blob("sha256:bb", origin(&other)).unwrap();
+        let mut other_buf = vec![0u8; other.len()];
+        filler.read_exact_at(&mut other_buf, 0).unwrap();
+        assert!(filler_cache.evictions() > 0);
+        assert!(filler_cache.used() <= capacity);
+        buf.fill(0xaa);
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data, "re-fetched, never holes");
+    }
+
+    #[test]
+    fn a_closed_blob_is_deleted_by_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(2 << 20);
+        let cache = BlobCache::open(options(dir.path(), 3 << 20, 64 << 10)).unwrap();
+        {
+            let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+            let mut buf = vec![0u8; data.len()];
+            blob.read_exact_at(&mut buf, 0).unwrap();
+        }
+        let blob = cache.blob("sha256:bb", origin(&data)).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert!(!dir.path().join("sha256_aa.chunks").exists());
+        assert!(!dir.path().join("sha256_aa.data").exists());
+        assert!(cache.used() <= 3 << 20);
+    }
+
+    #[test]
+    fn a_chunk_whose_bytes_are_wrong_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(1 << 20);
+        {
+            let cache = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+            let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+            let mut buf = vec![0u8; data.len()];
+            blob.read_exact_at(&mut buf, 0).unwrap();
+        }
+        // The record says present, the data is not what it was (a power cut
+        // before the data reached the disk, a bit flipped on disk).
+        let data_file = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("sha256_aa.data"))
+            .unwrap();
+        data_file.write_all_at(&[0u8; 4096], 200_000).unwrap();
+        let cache = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; 1000];
+        blob.read_exact_at(&mut buf, 201_000).unwrap();
+        assert_eq!(buf, data[201_000..202_000]);
+        assert_eq!(cache.fetched(), 64 << 10, "one chunk fetched again");
+    }
+
+    #[test]
+    fn dropped_chunks_come_from_the_origin_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(1 << 20);
+        let cache = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        blob.read_exact_at(&mut buf, 70_000).unwrap();
+        let used = cache.used();
+        blob.drop_cached(70_000, 4096);
+        assert!(!blob.is_present(70_000, 4096));
+        assert_eq!(cache.used(), used - (64 << 10));
+        blob.read_exact_at(&mut buf, 70_000).unwrap();
+        assert_eq!(buf, data[70_000..74_096]);
+        assert_eq!(cache.fetched(), 2 * (64 << 10));
+    }
+
+    #[test]
+    fn a_record_of_another_layout_is_replaced_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("sha256_aa.chunks"), b"not a record").unwrap();
+        let data = pattern(100_000);
+        let cache = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data);
+    }
+
+    #[test]
+    fn a_miss_bigger_than_the_cache_is_served_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(1 << 20);
+        let cache = BlobCache::open(options(dir.path(), 100 << 10, 256 << 10)).unwrap();
+        let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, data);
+        assert_eq!(cache.used(), 0);
     }
 }

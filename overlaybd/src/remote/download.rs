@@ -80,6 +80,9 @@ impl ReadAt for Switchable {
     fn name(&self) -> &str {
         self.blob.name()
     }
+    fn drop_cached(&self, offset: u64, len: u64) {
+        self.blob.drop_cached(offset, len);
+    }
 }
 
 impl Fetch for Switchable {

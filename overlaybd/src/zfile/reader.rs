@@ -159,7 +159,24 @@ pub(super) fn build_offsets(src: &dyn ReadAt, table: &[u8], layout: &Layout) -> 
 impl ZFileReader {
     /// Open and check a ZFile. Fails with [`Error::Corrupt`] naming the
     /// problem when anything in the header, trailer or jump table is off.
+    ///
+    /// When the header, trailer or jump table fail their checks, the file is
+    /// read again from its origin (the bytes may be a bad copy in a cache),
+    /// up to [`BLOCK_REREADS`] times.
     pub fn open(src: Source) -> Result<ZFileReader> {
+        let mut attempt = 0;
+        loop {
+            match Self::open_once(src.clone()) {
+                Err(Error::Corrupt { .. }) if attempt < BLOCK_REREADS => {
+                    attempt += 1;
+                    src.drop_cached(0, src.size());
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn open_once(src: Source) -> Result<ZFileReader> {
         let s = &*src;
         let size = s.size();
         if size < HT_SPACE_U64 {
@@ -315,6 +332,8 @@ impl ZFileReader {
             }
             attempt += 1;
             let (off, len) = self.block_span(index);
+            // The bytes may have come from a cache: fetch them afresh.
+            self.src.drop_cached(off, len);
             reread.resize(len as usize, 0);
             self.src.read_exact_at(&mut reread, off)?;
         }

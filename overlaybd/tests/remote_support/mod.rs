@@ -253,6 +253,9 @@ pub enum Fault {
     Stall(Duration),
     /// Forward, but cut the body in half.
     Truncate,
+    /// Forward, with one byte of the body flipped (a corrupting middlebox
+    /// or a bad NIC: the status and length are right, the bytes are not).
+    FlipByte,
 }
 
 #[derive(Default)]
@@ -263,6 +266,8 @@ pub struct Plan {
     pub every: Option<(u64, Fault)>,
     /// Applied to every blob GET once the queue is empty.
     pub always: Option<Fault>,
+    /// Every n-th blob GET gets the next fault of this list, in turn.
+    pub mix: Option<(u64, Vec<Fault>)>,
     /// Delay before each answer.
     pub latency: Duration,
     /// Bytes per second for bodies (0: unlimited).
@@ -441,6 +446,10 @@ fn serve(
                 if n.is_multiple_of(every) {
                     fault = f;
                 }
+            } else if let Some((every, faults)) = &plan.mix {
+                if n.is_multiple_of(*every) && !faults.is_empty() {
+                    fault = faults[(n / every) as usize % faults.len()];
+                }
             }
         }
         (fault, plan.latency, plan.rate)
@@ -465,7 +474,7 @@ fn serve(
             std::thread::sleep(d);
             return client.shutdown(Shutdown::Both);
         }
-        Fault::Pass | Fault::Truncate => {}
+        Fault::Pass | Fault::Truncate | Fault::FlipByte => {}
     }
     // Forward on a fresh upstream connection.
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
@@ -512,11 +521,15 @@ fn serve(
     new_head.push_str("Connection: close\r\n\r\n");
     std::thread::sleep(latency);
     client.write_all(new_head.as_bytes())?;
-    let body = if matches!(fault, Fault::Truncate) {
-        &body[..body.len() / 2]
-    } else {
-        body
-    };
+    let mut body = body.to_vec();
+    match fault {
+        Fault::Truncate => body.truncate(body.len() / 2),
+        Fault::FlipByte if !body.is_empty() => {
+            let at = body.len() / 2;
+            body[at] ^= 0x5a;
+        }
+        _ => {}
+    }
     let started = Instant::now();
     let mut sent = 0u64;
     for piece in body.chunks(16 * 1024) {

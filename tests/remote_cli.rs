@@ -224,10 +224,7 @@ fn processes_share_one_small_cache_under_faults() {
         .collect();
     let started = std::time::Instant::now();
     let mut largest = 0;
-    while children
-        .iter_mut()
-        .any(|c| c.try_wait().unwrap().is_none())
-    {
+    while children.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(300),
             "the exports hang"
@@ -248,7 +245,10 @@ fn processes_share_one_small_cache_under_faults() {
             out.display()
         );
     }
-    let faults = proxy.stats.faults.load(std::sync::atomic::Ordering::Relaxed);
+    let faults = proxy
+        .stats
+        .faults
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(faults >= 4, "the test needs faults: {faults}");
     // The files' own rounding (a few pages per blob) on top of the bound.
     assert!(

@@ -27,6 +27,21 @@ pub trait Fetch: ReadAt {
     fn downloaded(&self) -> Option<&LocalFile> {
         None
     }
+    /// Make `[offset, offset + len)` present (prefetch) without handing
+    /// the bytes to anyone; returns the bytes fetched from the network.
+    fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
+        if self.is_present(offset, len) {
+            return Ok(0);
+        }
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(buf.len() as u64) as usize;
+            self.read_exact_at(&mut buf[..n], at)?;
+            at += n as u64;
+        }
+        Ok(len)
+    }
 }
 
 /// A layer blob as stored.

@@ -593,6 +593,8 @@ pub struct CachedBlob {
     fetched_one: Condvar,
     /// Orders this process's writers; `flock` on `data` orders processes.
     writer: Mutex<()>,
+    /// Where the last read started and ended, and the read-ahead window.
+    sequential: Mutex<(u64, u64, u64)>,
     last_touch: AtomicU64,
     store_failed: AtomicBool,
     name: String,
@@ -678,6 +680,7 @@ impl CachedBlob {
             fetching: Mutex::new(vec![false; chunks]),
             fetched_one: Condvar::new(),
             writer: Mutex::new(()),
+            sequential: Mutex::new((0, 0, 0)),
             last_touch: AtomicU64::new(0),
             store_failed: AtomicBool::new(false),
         })
@@ -822,8 +825,7 @@ impl CachedBlob {
                 };
                 entries.extend_from_slice(&entry.to_le_bytes());
             }
-            self.record
-                .write_all_at(&entries, HEADER + first * ENTRY)?;
+            self.record.write_all_at(&entries, HEADER + first * ENTRY)?;
             for (index, entry) in written {
                 self.verified[index as usize].store(entry, Ordering::Relaxed);
             }
@@ -836,9 +838,10 @@ impl CachedBlob {
         result
     }
 
-    /// Fetch chunks `first..=last` (claimed by this thread) in one request,
-    /// store them, and copy what overlaps the caller's read into `read`.
-    fn fetch_run(&self, first: u64, last: u64, read: &mut PendingRead<'_>) -> io::Result<()> {
+    /// Fetch chunks `first..=last` (claimed by this thread) in one request
+    /// and store them; the bytes are returned, to serve the caller even if
+    /// another process evicts them at once.
+    fn fetch_run(&self, first: u64, last: u64) -> io::Result<Vec<u8>> {
         let start = first * self.layout.chunk;
         let end = last * self.layout.chunk + self.layout.chunk_len(last);
         let mut buf = vec![0u8; (end - start) as usize];
@@ -855,25 +858,32 @@ impl CachedBlob {
                 );
             }
         }
-        for index in first..=last {
+        Ok(buf)
+    }
+
+    /// Copy what run `first..` (its bytes in `buf`) holds of the caller's
+    /// read into it.
+    fn serve(&self, first: u64, buf: &[u8], read: &mut PendingRead<'_>) {
+        let start = first * self.layout.chunk;
+        let last = first + (buf.len() as u64).div_ceil(self.layout.chunk) - 1;
+        for index in first.max(read.first)..=last {
             let slot = (index - read.first) as usize;
             if slot >= read.served.len() {
-                continue;
+                break;
             }
             let (part, from) = read.part(self.layout, index);
-            if part.is_empty() {
-                continue;
-            }
             let at = (from - start) as usize;
             part.copy_from_slice(&buf[at..at + part.len()]);
             read.served[slot] = true;
         }
-        Ok(())
     }
 
-    /// Claim chunks of `wanted` that nobody here fetches and the record
-    /// does not hold; say whether some are being fetched by another thread.
-    fn claim(&self, wanted: &[u64]) -> io::Result<(Vec<u64>, bool)> {
+    /// Claim the chunks of `wanted` that nobody here fetches and the record
+    /// does not hold, then, when the last of them is ours to fetch, the
+    /// missing chunks right after it up to `ahead` (read-ahead: stops at
+    /// the first chunk that is present or being fetched). Says whether some of `wanted` are being fetched by
+    /// another thread.
+    fn claim(&self, wanted: &[u64], ahead: u64) -> io::Result<(Vec<u64>, bool)> {
         let mut fetching = self.fetching();
         let mut claimed = Vec::new();
         let mut busy = false;
@@ -881,6 +891,17 @@ impl CachedBlob {
             if fetching[index as usize] {
                 busy = true;
             } else if !is_present(self.entry(index)?) {
+                fetching[index as usize] = true;
+                claimed.push(index);
+            }
+        }
+        // Read ahead only as part of a fetch of our own.
+        if let Some(&last) = wanted.last().filter(|&&last| claimed.last() == Some(&last)) {
+            let end = (last + 1 + ahead).min(self.layout.chunks());
+            for index in last + 1..end {
+                if fetching[index as usize] || is_present(self.entry(index)?) {
+                    break;
+                }
                 fetching[index as usize] = true;
                 claimed.push(index);
             }
@@ -897,23 +918,99 @@ impl CachedBlob {
         self.fetched_one.notify_all();
     }
 
-    /// Fetch the claimed chunks, adjacent ones in one request.
+    /// Wait until no thread here fetches any chunk of `chunks`.
+    fn wait_for(&self, chunks: &[u64]) {
+        let mut fetching = self.fetching();
+        while chunks.iter().any(|&i| fetching[i as usize]) {
+            fetching = self
+                .fetched_one
+                .wait_timeout(fetching, Duration::from_millis(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Fetch the claimed chunks, adjacent ones in one request, separate
+    /// runs at the same time; serve the caller's read from them.
     fn fetch_claimed(&self, claimed: &[u64], read: &mut PendingRead<'_>) -> io::Result<()> {
-        let mut k = 0;
-        while k < claimed.len() {
-            let run_first = claimed[k];
-            let mut run_last = run_first;
-            while k + 1 < claimed.len()
-                && claimed[k + 1] == run_last + 1
-                && (claimed[k + 1] - run_first + 1) * self.layout.chunk <= MAX_RUN
-            {
-                k += 1;
-                run_last = claimed[k];
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &index in claimed {
+            match runs.last_mut() {
+                Some((first, last))
+                    if index == *last + 1
+                        && (index - *first + 1) * self.layout.chunk <= MAX_RUN =>
+                {
+                    *last = index
+                }
+                _ => runs.push((index, index)),
             }
-            k += 1;
-            self.fetch_run(run_first, run_last, read)?;
+        }
+        let results: Vec<io::Result<Vec<u8>>> = match runs.len() {
+            0 => Vec::new(),
+            1 => vec![self.fetch_run(runs[0].0, runs[0].1)],
+            _ => std::thread::scope(|scope| {
+                let others: Vec<_> = runs[1..]
+                    .iter()
+                    .map(|&(first, last)| scope.spawn(move || self.fetch_run(first, last)))
+                    .collect();
+                let mut results = vec![self.fetch_run(runs[0].0, runs[0].1)];
+                for other in others {
+                    results.push(
+                        other
+                            .join()
+                            .unwrap_or_else(|_| Err(io::Error::other("a fetch thread panicked"))),
+                    );
+                }
+                results
+            }),
+        };
+        for (&(first, _), result) in runs.iter().zip(results) {
+            self.serve(first, &result?, read);
         }
         Ok(())
+    }
+
+    /// Chunks to read ahead of a read of `[offset, end)`: a window that
+    /// doubles while each read starts after where the last one started
+    /// (and no further than a chunk past its end), up to [`MAX_RUN`].
+    fn read_ahead(&self, offset: u64, end: u64) -> u64 {
+        let mut sequential = self.sequential.lock().unwrap_or_else(|e| e.into_inner());
+        let (last_start, last_end, window) = *sequential;
+        let follows = last_end > 0 && offset > last_start && offset <= last_end + self.layout.chunk;
+        let window = if follows {
+            (window * 2).clamp(self.layout.chunk, MAX_RUN)
+        } else {
+            0
+        };
+        *sequential = (offset, end, window);
+        window / self.layout.chunk
+    }
+
+    /// Fetch every missing chunk of `[offset, offset + len)` into the cache
+    /// (prefetch); returns the bytes fetched.
+    fn warm_range(&self, offset: u64, len: u64) -> io::Result<u64> {
+        if len == 0 || offset >= self.size {
+            return Ok(0);
+        }
+        let end = (offset + len).min(self.size);
+        let first = offset / self.layout.chunk;
+        let last = (end - 1) / self.layout.chunk;
+        let wanted: Vec<u64> = (first..=last).collect();
+        let before = self.cache.fetched();
+        let mut nothing = PendingRead {
+            buf: &mut [],
+            offset,
+            first,
+            served: Vec::new(),
+        };
+        let (claimed, busy) = self.claim(&wanted, 0)?;
+        let fetched = self.fetch_claimed(&claimed, &mut nothing);
+        self.release(&claimed);
+        fetched?;
+        if busy {
+            self.wait_for(&wanted);
+        }
+        Ok(self.cache.fetched().saturating_sub(before))
     }
 }
 
@@ -964,6 +1061,7 @@ impl ReadAt for CachedBlob {
             served: vec![false; (last - first + 1) as usize],
         };
         self.touch();
+        let ahead = self.read_ahead(offset, end);
         for _ in 0..MAX_ROUNDS {
             // 1. What the file holds.
             let mut missing = Vec::new();
@@ -981,23 +1079,17 @@ impl ReadAt for CachedBlob {
             if missing.is_empty() {
                 return Ok(());
             }
-            // 2. Fetch what nobody here is fetching, as runs of adjacent
-            // chunks; the caller is served from the fetched bytes.
-            let (claimed, busy) = self.claim(&missing)?;
+            // 2. Fetch what nobody here is fetching (and, for a reader that
+            // goes on where it stopped, what comes next), as runs of
+            // adjacent chunks; the caller is served from the fetched bytes.
+            let (claimed, busy) = self.claim(&missing, ahead)?;
             let fetched = self.fetch_claimed(&claimed, &mut read);
             self.release(&claimed);
             fetched?;
             // 3. Wait for chunks another thread is fetching, then go round
             // again to read them from the file.
             if busy {
-                let mut fetching = self.fetching();
-                while missing.iter().any(|&i| fetching[i as usize]) {
-                    fetching = self
-                        .fetched_one
-                        .wait_timeout(fetching, Duration::from_millis(200))
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
+                self.wait_for(&missing);
             }
             if read.served.iter().all(|&s| s) {
                 return Ok(());
@@ -1043,6 +1135,9 @@ impl Fetch for CachedBlob {
         let last = (offset + len - 1) / self.layout.chunk;
         read_entries(&self.record, first, last - first + 1)
             .is_ok_and(|entries| entries.into_iter().all(is_present))
+    }
+    fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
+        self.warm_range(offset, len)
     }
 }
 

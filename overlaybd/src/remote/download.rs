@@ -92,6 +92,12 @@ impl Fetch for Switchable {
     fn downloaded(&self) -> Option<&LocalFile> {
         self.downloaded.get()
     }
+    fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
+        if self.switched() {
+            return Ok(0);
+        }
+        self.blob.warm(offset, len)
+    }
 }
 
 /// Why a download did not install a file.

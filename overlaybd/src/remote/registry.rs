@@ -168,18 +168,20 @@ pub struct Registry {
 
 impl Registry {
     /// A client using the global config's credentials.
+    /// A client using the global config's credentials and `certConfig`.
     pub fn new(options: RegistryOptions, global: &GlobalConfig) -> Result<Registry> {
-        let agent = make_agent(&options);
-        let credentials = credential_source(&global.credential_config, &agent)?;
+        let agent = make_agent(&options, super::tls::registry_tls(&global.cert_config)?);
+        let credentials = credential_source(&global.credential_config, &options.user_agent)?;
         Ok(Self::from_parts(agent, options, credentials))
     }
 
-    /// A client with explicit credentials.
+    /// A client with explicit credentials and the default TLS roots.
     pub fn with_credentials(
         options: RegistryOptions,
         credentials: Box<dyn CredentialSource>,
     ) -> Registry {
-        Self::from_parts(make_agent(&options), options, credentials)
+        let agent = make_agent(&options, super::tls::default_tls());
+        Self::from_parts(agent, options, credentials)
     }
 
     fn from_parts(
@@ -216,8 +218,9 @@ impl Registry {
     }
 }
 
-fn make_agent(options: &RegistryOptions) -> ureq::Agent {
+fn make_agent(options: &RegistryOptions, tls: ureq::tls::TlsConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
+        .tls_config(tls)
         .http_status_as_error(false)
         .max_redirects(0)
         .timeout_connect(Some(options.connect_timeout))

@@ -148,6 +148,32 @@ pub fn basic_header(credential: &Credential) -> String {
     format!("Basic {}", BASE64.encode(pair))
 }
 
+/// Whether credentials may be sent to `url`: over https to any host, over
+/// plain http only to a loopback address (`127.0.0.0/8`, `::1`,
+/// `localhost`), where nothing crosses a network. Anything else (another
+/// scheme, a URL that does not parse) gets none.
+pub fn may_send_credentials(url: &str) -> bool {
+    let Ok(url) = url::Url::parse(url) else {
+        return false;
+    };
+    match url.scheme() {
+        "https" => url.host().is_some(),
+        "http" => match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+            Some(url::Host::Domain(name)) => {
+                let name = name.trim_end_matches('.');
+                name.eq_ignore_ascii_case("localhost")
+                    || name.to_ascii_lowercase().ends_with(".localhost")
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
 /// Where credentials for a blob URL come from.
 pub trait CredentialSource: Send + Sync {
     /// The credential to use for `blob_url`, if any.
@@ -648,6 +674,35 @@ mod tests {
             "repository%3Aa%2Fb%3Apull%2Cpush"
         );
         assert_eq!(query_escape("a-._~Z9 é"), "a-._~Z9%20%C3%A9");
+    }
+
+    #[test]
+    fn credentials_only_over_https_or_to_loopback() {
+        for yes in [
+            "https://registry.example.com/v2/a/blobs/sha256:1",
+            "https://10.0.0.1:5000/v2/a/blobs",
+            "http://127.0.0.1:5000/v2/a/blobs/sha256:1",
+            "http://127.8.9.10/token",
+            "http://[::1]:5000/v2/",
+            "http://localhost:5000/v2/",
+            "http://LOCALHOST./v2/",
+            "http://[::ffff:127.0.0.1]/v2/",
+        ] {
+            assert!(may_send_credentials(yes), "{yes}");
+        }
+        for no in [
+            "http://registry.example.com/v2/a/blobs/sha256:1",
+            "http://10.0.0.1:5000/v2/a/blobs",
+            "http://192.168.1.2/token",
+            "http://[fe80::1]/v2/",
+            "http://localhost.example.com/v2/",
+            "http://128.0.0.1/v2/",
+            "ftp://127.0.0.1/x",
+            "not a url",
+            "",
+        ] {
+            assert!(!may_send_credentials(no), "{no}");
+        }
     }
 
     #[test]

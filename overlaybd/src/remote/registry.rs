@@ -10,6 +10,14 @@
 //! without credentials; if storage refuses the cached location, the
 //! registry is asked again.
 //!
+//! Where credentials go: Basic credentials only to the host of the URL they
+//! were looked up for, a token request with credentials only to the realm
+//! the registry's challenge names, nothing to a redirect target or a p2p
+//! peer, and credentials at all only over https or plain http to a
+//! loopback address ([`super::auth::may_send_credentials`]): a Basic
+//! registry on plain http elsewhere is refused with a message saying why,
+//! and a plain-http token realm elsewhere is asked for an anonymous token.
+//!
 //! Every answer is checked before a byte is used: the status, the
 //! `Content-Range` (start, end and total size), the `Content-Length`, and
 //! the body length. A 200 to a range request is accepted by skipping to the
@@ -123,6 +131,9 @@ struct State {
     tokens: HashMap<String, Token>,
     /// Blob URL → (storage location, valid until).
     redirects: HashMap<String, (String, Instant)>,
+    /// Token realms already reported as getting no credentials (plain
+    /// http to a host that is not loopback), so the log says it once.
+    warned: std::collections::HashSet<String>,
 }
 
 /// A failed attempt, and whether trying again may help.

@@ -206,8 +206,9 @@ fn an_unknown_credential_mode_names_the_accepted_ones() {
     for bad in ["ftp", "HTTP", "files"] {
         let msg = err_text(&format!(r#"{{"credentialConfig": {{"mode": "{bad}"}}}}"#));
         assert!(
-            msg.contains(&format!("credentialConfig.mode {bad:?} is not a credential mode"))
-                && msg.contains("`file`, `http`, `https`, `uds`, or empty"),
+            msg.contains(&format!(
+                "credentialConfig.mode {bad:?} is not a credential mode"
+            )) && msg.contains("`file`, `http`, `https`, `uds`, or empty"),
             "{msg}"
         );
     }

@@ -206,7 +206,10 @@ const ANSWER_LIMIT: u64 = 1 << 20;
 /// How a credential server is reached.
 enum Transport {
     /// `GET <endpoint>?remote_url=<blob url>` (`mode: http` or `https`).
-    Url { agent: ureq::Agent, endpoint: String },
+    Url {
+        agent: ureq::Agent,
+        endpoint: String,
+    },
     /// `GET /auth?remote_url=<blob url>` with `Host: localhost` over the
     /// unix socket `path` (`mode: uds`), as the reference asks it.
     Uds { path: PathBuf, timeout: Duration },
@@ -413,8 +416,7 @@ pub fn uds_get(
         loop {
             let size_line = read_line(&mut reader)?;
             let size_text = size_line.split(';').next().unwrap_or("").trim();
-            let size =
-                u64::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
+            let size = u64::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
             if size == 0 {
                 break;
             }
@@ -559,7 +561,11 @@ pub fn credential_source(
                 return Err(Error::Invalid(format!(
                     "credentialConfig.path {} is not an {}:// URL (credentialConfig.mode {:?})",
                     redact_endpoint(&path),
-                    if mode == CredentialMode::Https { "https" } else { "http(s)" },
+                    if mode == CredentialMode::Https {
+                        "https"
+                    } else {
+                        "http(s)"
+                    },
                     mode_name(mode)
                 )));
             }

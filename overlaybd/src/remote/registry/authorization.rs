@@ -242,6 +242,37 @@ pub(super) fn challenge_of(response: &Response<Body>) -> Option<Challenge> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::auth::CredentialSource;
+    use crate::remote::registry::RegistryOptions;
+
+    /// A source that must not be asked.
+    struct Untouchable;
+
+    impl CredentialSource for Untouchable {
+        fn lookup(&self, url: &str) -> io::Result<Option<Credential>> {
+            panic!("credentials were looked up for {url}");
+        }
+    }
+
+    #[test]
+    fn basic_is_not_sent_over_plain_http_to_other_hosts() {
+        let registry =
+            Registry::with_credentials(RegistryOptions::default(), Box::new(Untouchable));
+        for url in [
+            "http://registry.example.com/v2/a/blobs/sha256:1",
+            "http://10.1.2.3:5000/v2/a/blobs/sha256:1",
+        ] {
+            let Err(failure) = registry.authorization(url, &RepoAuth::Basic, false) else {
+                panic!("{url}: Basic credentials would be sent");
+            };
+            let msg = failure.error.to_string();
+            assert!(!failure.retry);
+            assert!(
+                msg.contains("only over https, or plain http to a loopback address"),
+                "{msg}"
+            );
+        }
+    }
 
     #[test]
     fn default_scopes() {

@@ -495,27 +495,107 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The credential file read when `credentialConfig.mode` is empty or
+/// missing and no path is given (the reference's `credentialFilePath`
+/// default).
+pub const DEFAULT_CREDENTIAL_FILE: &str = "/opt/overlaybd/cred.json";
+
+/// `credentialConfig`: where registry credentials come from.
+///
+/// The keys after `path` are the reference's own, in its snake_case:
+/// `timeout` (seconds, for the credential server modes) and, for
+/// `mode: https`, `client_cert_path`, `client_key_path` (when empty the key
+/// is looked for in the certificate file, as libcurl does) and
+/// `server_ca_path` (when set, the only CA trusted for the server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CredentialConfig {
-    pub mode: CredentialMode,
-    /// A credential file for [`CredentialMode::File`], a URL for
-    /// [`CredentialMode::Http`].
+    /// `None` when empty or missing: the credential file `path`, or
+    /// [`DEFAULT_CREDENTIAL_FILE`].
+    #[serde(
+        deserialize_with = "credential_mode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mode: Option<CredentialMode>,
+    /// A credential file ([`CredentialMode::File`]), a URL
+    /// ([`CredentialMode::Http`], [`CredentialMode::Https`]) or a unix
+    /// socket ([`CredentialMode::Uds`]).
     #[serde(
         deserialize_with = "non_empty",
         skip_serializing_if = "Option::is_none"
     )]
     pub path: Option<String>,
+    /// Seconds a credential server may take to answer (the reference's
+    /// default is 1; 0 means the longest wait, 60 s).
+    pub timeout: u64,
+    #[serde(
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_cert_path: Option<PathBuf>,
+    #[serde(
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_key_path: Option<PathBuf>,
+    #[serde(
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub server_ca_path: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+impl Default for CredentialConfig {
+    fn default() -> Self {
+        CredentialConfig {
+            mode: None,
+            path: None,
+            timeout: 1,
+            client_cert_path: None,
+            client_key_path: None,
+            server_ca_path: None,
+        }
+    }
+}
+
+/// The `credentialConfig.mode` values the reference accepts (besides empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CredentialMode {
     /// Read a credential file (see [`crate::credentials`]).
-    #[default]
     File,
     /// `GET <path>?remote_url=<blob url>` returns the credentials.
     Http,
+    /// As [`CredentialMode::Http`], over TLS (`path` is an `https://` URL).
+    Https,
+    /// As [`CredentialMode::Http`], over the unix socket `path`:
+    /// `GET /auth?remote_url=<blob url>` with `Host: localhost`.
+    Uds,
+}
+
+impl CredentialMode {
+    pub const ACCEPTED: &'static str =
+        "`file`, `http`, `https`, `uds`, or empty for the credential file";
+}
+
+/// `mode` as written: `""` and `null` mean "not set"; anything but the
+/// accepted modes is an error naming them.
+fn credential_mode<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<CredentialMode>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    match text.as_str() {
+        "file" => Ok(Some(CredentialMode::File)),
+        "http" => Ok(Some(CredentialMode::Http)),
+        "https" => Ok(Some(CredentialMode::Https)),
+        "uds" => Ok(Some(CredentialMode::Uds)),
+        _ => Err(de::Error::custom(format!(
+            "credentialConfig.mode {text:?} is not a credential mode: use {}",
+            CredentialMode::ACCEPTED
+        ))),
+    }
 }
 
 /// Background download of whole blobs into each lower's `dir`.
@@ -596,7 +676,15 @@ impl Default for PrefetchConfig {
     }
 }
 
-/// TLS client certificate for registry requests.
+/// TLS settings for registry requests.
+///
+/// `certFile` and `keyFile` are the reference's: a client certificate
+/// (PEM, with its chain) and its private key, offered to every registry
+/// that asks for one. `caFile` and `caDir` are obd's: CA certificates
+/// (PEM) trusted on top of the bundled Mozilla roots and the system store,
+/// for every registry. `caDir` reads each `*.crt` and `*.pem` in the
+/// directory and in its subdirectories one level down (the layout of
+/// docker's `certs.d/<host>/ca.crt`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct CertConfig {
@@ -610,6 +698,16 @@ pub struct CertConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub key_file: Option<PathBuf>,
+    #[serde(
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ca_file: Option<PathBuf>,
+    #[serde(
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ca_dir: Option<PathBuf>,
 }
 
 impl GlobalConfig {

@@ -84,8 +84,9 @@ fn absent_keys_take_the_spec_defaults() {
     );
     assert_eq!(c.cache_config.cache_size_gb, 4);
     assert_eq!(c.cache_config.refill_size, 262_144);
-    assert_eq!(c.credential_config.mode, CredentialMode::File);
+    assert_eq!(c.credential_config.mode, None);
     assert_eq!(c.credential_config.path, None);
+    assert_eq!(c.credential_config.timeout, 1);
     assert_eq!(c.io_engine, None);
     assert!(!c.download.enable);
     assert_eq!(c.download.delay, 300);
@@ -160,16 +161,57 @@ fn example_config_parses_and_ignores_unknown_keys() {
 fn http_credential_mode() {
     let c =
         parse(r#"{"credentialConfig": {"mode": "http", "path": "http://127.0.0.1:9000/auth"}}"#);
-    assert_eq!(c.credential_config.mode, CredentialMode::Http);
+    assert_eq!(c.credential_config.mode, Some(CredentialMode::Http));
     assert_eq!(
         c.credential_config.path.as_deref(),
         Some("http://127.0.0.1:9000/auth")
     );
-    let msg = err_text(r#"{"credentialConfig": {"mode": "ftp"}}"#);
-    assert!(
-        msg.contains("unknown variant `ftp`, expected `file` or `http`"),
-        "{msg}"
+}
+
+#[test]
+fn every_reference_credential_mode_loads() {
+    for (text, mode) in [
+        ("file", Some(CredentialMode::File)),
+        ("http", Some(CredentialMode::Http)),
+        ("https", Some(CredentialMode::Https)),
+        ("uds", Some(CredentialMode::Uds)),
+        ("", None),
+    ] {
+        let c = parse(&format!(
+            r#"{{"credentialConfig": {{"mode": "{text}", "path": "/run/x"}}}}"#
+        ));
+        assert_eq!(c.credential_config.mode, mode, "{text}");
+    }
+    assert_eq!(
+        parse(r#"{"credentialConfig": {"mode": null}}"#)
+            .credential_config
+            .mode,
+        None
     );
+    // The reference's other keys, in its snake_case.
+    let c = parse(
+        r#"{"credentialConfig": {"mode": "https", "path": "https://127.0.0.1:9443/auth",
+            "timeout": 3, "client_cert_path": "/c.pem", "client_key_path": "/k.pem",
+            "server_ca_path": "/ca.pem"}}"#,
+    );
+    let cred = &c.credential_config;
+    assert_eq!(cred.timeout, 3);
+    assert_eq!(cred.client_cert_path.as_deref(), Some(Path::new("/c.pem")));
+    assert_eq!(cred.client_key_path.as_deref(), Some(Path::new("/k.pem")));
+    assert_eq!(cred.server_ca_path.as_deref(), Some(Path::new("/ca.pem")));
+}
+
+#[test]
+fn an_unknown_credential_mode_names_the_accepted_ones() {
+    for bad in ["ftp", "HTTP", "files"] {
+        let msg = err_text(&format!(r#"{{"credentialConfig": {{"mode": "{bad}"}}}}"#));
+        assert!(
+            msg.contains(&format!(
+                "credentialConfig.mode {bad:?} is not a credential mode"
+            )) && msg.contains("`file`, `http`, `https`, `uds`, or empty"),
+            "{msg}"
+        );
+    }
 }
 
 #[test]

@@ -6,15 +6,17 @@
 //! password or token into a message.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use crate::config::{CredentialConfig, CredentialMode};
+use crate::config::{CredentialConfig, CredentialMode, DEFAULT_CREDENTIAL_FILE};
 use crate::credentials::{candidate_keys, Credential, Credentials};
 use crate::error::{Error, Result};
 
@@ -146,6 +148,32 @@ pub fn basic_header(credential: &Credential) -> String {
     format!("Basic {}", BASE64.encode(pair))
 }
 
+/// Whether credentials may be sent to `url`: over https to any host, over
+/// plain http only to a loopback address (`127.0.0.0/8`, `::1`,
+/// `localhost`), where nothing crosses a network. Anything else (another
+/// scheme, a URL that does not parse) gets none.
+pub fn may_send_credentials(url: &str) -> bool {
+    let Ok(url) = url::Url::parse(url) else {
+        return false;
+    };
+    match url.scheme() {
+        "https" => url.host().is_some(),
+        "http" => match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+            Some(url::Host::Domain(name)) => {
+                let name = name.trim_end_matches('.');
+                name.eq_ignore_ascii_case("localhost")
+                    || name.to_ascii_lowercase().ends_with(".localhost")
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
 /// Where credentials for a blob URL come from.
 pub trait CredentialSource: Send + Sync {
     /// The credential to use for `blob_url`, if any.
@@ -167,96 +195,399 @@ impl CredentialSource for Credentials {
     }
 }
 
-/// `credentialConfig.mode: http`: `GET <endpoint>?remote_url=<blob url>`,
-/// answered with `{traceId, success, data: {auths}}`. Answers are kept per
-/// repository for the life of the process.
+/// How long a credential server's answer is reused.
+pub const CREDENTIAL_TTL: Duration = Duration::from_secs(300);
+/// How long after a failed request the credential server is left alone
+/// (lookups in that time fail at once with the same error).
+pub const CREDENTIAL_BACKOFF: Duration = Duration::from_secs(5);
+/// The largest credential server answer read.
+const ANSWER_LIMIT: u64 = 1 << 20;
+
+/// How a credential server is reached.
+enum Transport {
+    /// `GET <endpoint>?remote_url=<blob url>` (`mode: http` or `https`).
+    Url {
+        agent: ureq::Agent,
+        endpoint: String,
+    },
+    /// `GET /auth?remote_url=<blob url>` with `Host: localhost` over the
+    /// unix socket `path` (`mode: uds`), as the reference asks it.
+    Uds { path: PathBuf, timeout: Duration },
+}
+
+/// One repository's last answer.
+enum Answer {
+    /// A successful answer (which may hold no credential for the
+    /// repository), reused until the instant.
+    Known(Option<Credential>, Instant),
+    /// The last request failed; not asked again before the instant.
+    Failed(String, Instant),
+}
+
+/// `credentialConfig.mode: http`, `https` or `uds`: the credential server
+/// answers `{traceId, success, data: {auths}}` for one blob URL. Successful
+/// answers are kept per repository for [`CREDENTIAL_TTL`]; a failure is
+/// not kept: the server is asked again on a lookup [`CREDENTIAL_BACKOFF`]
+/// later.
 pub struct CredentialServer {
-    agent: ureq::Agent,
-    endpoint: String,
-    answers: Mutex<HashMap<String, Option<Credential>>>,
+    transport: Transport,
+    ttl: Duration,
+    backoff: Duration,
+    answers: Mutex<HashMap<String, Answer>>,
 }
 
 impl CredentialServer {
+    /// A server at an `http://` or `https://` endpoint, asked with `agent`.
     pub fn new(agent: ureq::Agent, endpoint: &str) -> Self {
-        CredentialServer {
+        Self::with_transport(Transport::Url {
             agent,
             endpoint: endpoint.to_string(),
+        })
+    }
+
+    /// A server listening on the unix socket `path`.
+    pub fn unix(path: impl Into<PathBuf>, timeout: Duration) -> Self {
+        Self::with_transport(Transport::Uds {
+            path: path.into(),
+            timeout,
+        })
+    }
+
+    fn with_transport(transport: Transport) -> Self {
+        CredentialServer {
+            transport,
+            ttl: CREDENTIAL_TTL,
+            backoff: CREDENTIAL_BACKOFF,
             answers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Other answer lifetimes and back-off (tests use short ones).
+    pub fn with_timing(mut self, ttl: Duration, backoff: Duration) -> Self {
+        self.ttl = ttl;
+        self.backoff = backoff;
+        self
+    }
+
+    /// Where the server is, for messages (no query, no user info).
+    fn name(&self) -> String {
+        match &self.transport {
+            Transport::Url { endpoint, .. } => redact_endpoint(endpoint),
+            Transport::Uds { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// Ask the server about `blob_url`: its whole answer, or why not.
+    fn ask(&self, blob_url: &str) -> std::result::Result<Credentials, String> {
+        let text = match &self.transport {
+            Transport::Url { agent, endpoint } => {
+                let separator = if endpoint.contains('?') { '&' } else { '?' };
+                let url = format!("{endpoint}{separator}remote_url={}", query_escape(blob_url));
+                let mut response = agent.get(&url).call().map_err(|e| e.to_string())?;
+                if response.status() != 200 {
+                    return Err(format!("HTTP {}", response.status().as_u16()));
+                }
+                response
+                    .body_mut()
+                    .with_config()
+                    .limit(ANSWER_LIMIT)
+                    .read_to_string()
+                    .map_err(|e| e.to_string())?
+            }
+            Transport::Uds { path, timeout } => {
+                let target = format!("/auth?remote_url={}", query_escape(blob_url));
+                let (status, body) =
+                    uds_get(path, &target, *timeout, ANSWER_LIMIT).map_err(|e| e.to_string())?;
+                if status != 200 {
+                    return Err(format!("HTTP {status}"));
+                }
+                String::from_utf8(body).map_err(|_| "the answer is not UTF-8 text".to_string())?
+            }
+        };
+        Credentials::from_http_response(&text, "answer").map_err(|e| e.to_string())
     }
 }
 
 impl CredentialSource for CredentialServer {
     fn lookup(&self, blob_url: &str) -> io::Result<Option<Credential>> {
         let repo = candidate_keys(blob_url).pop().unwrap_or_default();
-        if let Some(answer) = self
+        let fail = |what: &str| {
+            remote_error(
+                libc::EPERM,
+                format!("credential server {}: {what}", self.name()),
+            )
+        };
+        let now = Instant::now();
+        match self
             .answers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&repo)
         {
-            return Ok(answer.clone());
+            Some(Answer::Known(answer, until)) if *until > now => return Ok(answer.clone()),
+            Some(Answer::Failed(why, until)) if *until > now => {
+                return Err(fail(&format!("{why} (asked again after a short pause)")))
+            }
+            _ => {}
         }
-        let separator = if self.endpoint.contains('?') {
-            '&'
-        } else {
-            '?'
-        };
-        let url = format!(
-            "{}{separator}remote_url={}",
-            self.endpoint,
-            query_escape(blob_url)
-        );
-        let fail = |what: String| {
-            remote_error(
-                libc::EPERM,
-                format!("credential server {}: {what}", redact_url(&self.endpoint)),
-            )
-        };
-        let mut response = self
-            .agent
-            .get(&url)
-            .call()
-            .map_err(|e| fail(e.to_string()))?;
-        if response.status() != 200 {
-            return Err(fail(format!("HTTP {}", response.status().as_u16())));
+        let result = self.ask(blob_url);
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(credentials) => {
+                let answer = Credentials::lookup(&credentials, blob_url).cloned();
+                answers.insert(repo, Answer::Known(answer.clone(), now + self.ttl));
+                Ok(answer)
+            }
+            Err(why) => {
+                answers.insert(repo, Answer::Failed(why.clone(), now + self.backoff));
+                Err(fail(&why))
+            }
         }
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(1 << 20)
-            .read_to_string()
-            .map_err(|e| fail(e.to_string()))?;
-        let credentials = Credentials::from_http_response(&text, "credential server answer")
-            .map_err(|e| fail(e.to_string()))?;
-        let answer = Credentials::lookup(&credentials, blob_url).cloned();
-        self.answers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(repo, answer.clone());
-        Ok(answer)
     }
 }
 
-/// The credential source `credentialConfig` names. A credential file that
-/// does not exist gives no credentials (the daemon's default path often
-/// does not); one that exists but does not parse is an error.
+/// `endpoint` without user info, query or fragment, for messages.
+fn redact_endpoint(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        Err(_) => redact_url(endpoint).to_string(),
+    }
+}
+
+/// A small HTTP/1.1 `GET target` over the unix socket `path` (`Host:
+/// localhost`, `Connection: close`): the status and the body, at most
+/// `limit` bytes of it. Handles `Content-Length`, chunked and
+/// read-to-close bodies. `timeout` bounds the connection and each read and
+/// write; the whole exchange is also bounded by four times `timeout`.
+pub fn uds_get(
+    path: &Path,
+    target: &str,
+    timeout: Duration,
+    limit: u64,
+) -> io::Result<(u16, Vec<u8>)> {
+    let deadline = Instant::now() + timeout * 4;
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("connecting to the socket: {e}")))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: obd\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut reader = BufReader::new(DeadlineReader { stream, deadline });
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let status_line = read_line(&mut reader)?;
+    let status: u16 = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| bad("the answer is not HTTP/1.x"))?;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut header_bytes = 0usize;
+    loop {
+        let line = read_line(&mut reader)?;
+        if line.is_empty() {
+            break;
+        }
+        header_bytes += line.len();
+        if header_bytes > 64 * 1024 {
+            return Err(bad("the answer's headers are too large"));
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.parse().map_err(|_| bad("bad Content-Length"))?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        }
+    }
+    let too_big = || bad("the answer is too large");
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let size_line = read_line(&mut reader)?;
+            let size_text = size_line.split(';').next().unwrap_or("").trim();
+            let size = u64::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
+            if size == 0 {
+                break;
+            }
+            if body.len() as u64 + size > limit {
+                return Err(too_big());
+            }
+            let start = body.len();
+            body.resize(start + size as usize, 0);
+            reader.read_exact(&mut body[start..])?;
+            read_line(&mut reader)?;
+        }
+    } else if let Some(length) = length {
+        if length > limit {
+            return Err(too_big());
+        }
+        body.resize(length as usize, 0);
+        reader.read_exact(&mut body)?;
+    } else {
+        reader.take(limit + 1).read_to_end(&mut body)?;
+        if body.len() as u64 > limit {
+            return Err(too_big());
+        }
+    }
+    Ok((status, body))
+}
+
+/// One line without its `\r\n`; at most 8 KiB.
+fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
+    let mut line = Vec::new();
+    reader.take(8 * 1024).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the answer ended early (or has a line over 8 KiB)",
+        ));
+    }
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    String::from_utf8(line)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "the answer is not text"))
+}
+
+/// A socket that refuses to read past a deadline, so a server trickling
+/// bytes cannot hold a lookup for long.
+struct DeadlineReader {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() >= self.deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the credential server is too slow",
+            ));
+        }
+        self.stream.read(buf)
+    }
+}
+
+/// The seconds `credentialConfig.timeout` allows (0: the longest, 60 s).
+fn server_timeout(config: &CredentialConfig) -> Duration {
+    match config.timeout {
+        0 => Duration::from_secs(60),
+        secs => Duration::from_secs(secs.min(60)),
+    }
+}
+
+/// The agent for `mode: http` and `https`: the server's timeout, and for
+/// https `server_ca_path` (the only CA trusted when set, as with the
+/// reference's libcurl) and the client certificate.
+fn server_agent(config: &CredentialConfig, user_agent: &str) -> Result<ureq::Agent> {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    tls = match &config.server_ca_path {
+        Some(ca) => tls.root_certs(ureq::tls::RootCerts::new_with_certs(
+            &super::tls::load_pem_certs(ca)?,
+        )),
+        None => tls.root_certs(super::tls::root_certs(&[])),
+    };
+    if let Some(cert) = &config.client_cert_path {
+        tls = tls.client_cert(Some(super::tls::load_client_cert(
+            cert,
+            config.client_key_path.as_deref(),
+        )?));
+    }
+    let timeout = server_timeout(config);
+    Ok(ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .user_agent(user_agent)
+        .tls_config(tls.build())
+        .build()
+        .into())
+}
+
+/// The credential source `credentialConfig` names:
+/// - empty or missing mode, or `file`: the credential file `path`, or
+///   [`DEFAULT_CREDENTIAL_FILE`] when none is given. A file that does not
+///   exist gives no credentials (the default path often does not); one
+///   that exists but does not parse is an error. (The reference, with an
+///   empty mode, reads only the legacy `credentialFilePath`; obd also
+///   takes `credentialConfig.path` there, as it fills one from the other.)
+/// - `http`, `https`: the credential server at the URL `path` (`https`
+///   must be an `https://` URL).
+/// - `uds`: the credential server on the unix socket `path`.
+///
+/// The server modes need a `path`; without one the config is refused.
 pub fn credential_source(
     config: &CredentialConfig,
-    agent: &ureq::Agent,
+    user_agent: &str,
 ) -> Result<Box<dyn CredentialSource>> {
-    let Some(path) = &config.path else {
-        return Ok(Box::new(Anonymous));
+    let mode = config.mode.unwrap_or(CredentialMode::File);
+    let need_path = || {
+        config.path.clone().ok_or_else(|| {
+            Error::Invalid(format!(
+                "credentialConfig.mode {:?} needs credentialConfig.path",
+                mode_name(mode)
+            ))
+        })
     };
-    match config.mode {
-        CredentialMode::Http => Ok(Box::new(CredentialServer::new(agent.clone(), path))),
-        CredentialMode::File => match Credentials::load(path) {
-            Ok(credentials) => Ok(Box::new(credentials)),
-            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Ok(Box::new(Anonymous))
+    match mode {
+        CredentialMode::File => {
+            let path = config.path.as_deref().unwrap_or(DEFAULT_CREDENTIAL_FILE);
+            match Credentials::load(path) {
+                Ok(credentials) => Ok(Box::new(credentials)),
+                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    Ok(Box::new(Anonymous))
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
+        CredentialMode::Http | CredentialMode::Https => {
+            let path = need_path()?;
+            let scheme_ok = match mode {
+                CredentialMode::Https => path.starts_with("https://"),
+                _ => path.starts_with("http://") || path.starts_with("https://"),
+            };
+            if !scheme_ok {
+                return Err(Error::Invalid(format!(
+                    "credentialConfig.path {} is not an {}:// URL (credentialConfig.mode {:?})",
+                    redact_endpoint(&path),
+                    if mode == CredentialMode::Https {
+                        "https"
+                    } else {
+                        "http(s)"
+                    },
+                    mode_name(mode)
+                )));
+            }
+            let agent = server_agent(config, user_agent)?;
+            Ok(Box::new(CredentialServer::new(agent, &path)))
+        }
+        CredentialMode::Uds => {
+            let path = need_path()?;
+            Ok(Box::new(CredentialServer::unix(
+                path,
+                server_timeout(config),
+            )))
+        }
+    }
+}
+
+fn mode_name(mode: CredentialMode) -> &'static str {
+    match mode {
+        CredentialMode::File => "file",
+        CredentialMode::Http => "http",
+        CredentialMode::Https => "https",
+        CredentialMode::Uds => "uds",
     }
 }
 
@@ -264,7 +595,7 @@ pub fn credential_source(
 #[derive(Clone)]
 pub struct Token {
     pub value: String,
-    pub expires: std::time::Instant,
+    pub expires: Instant,
 }
 
 /// The lifetime to assume for a token: `expires_in` seconds (60 when
@@ -349,6 +680,35 @@ mod tests {
             "repository%3Aa%2Fb%3Apull%2Cpush"
         );
         assert_eq!(query_escape("a-._~Z9 é"), "a-._~Z9%20%C3%A9");
+    }
+
+    #[test]
+    fn credentials_only_over_https_or_to_loopback() {
+        for yes in [
+            "https://registry.example.com/v2/a/blobs/sha256:1",
+            "https://10.0.0.1:5000/v2/a/blobs",
+            "http://127.0.0.1:5000/v2/a/blobs/sha256:1",
+            "http://127.8.9.10/token",
+            "http://[::1]:5000/v2/",
+            "http://localhost:5000/v2/",
+            "http://LOCALHOST./v2/",
+            "http://[::ffff:127.0.0.1]/v2/",
+        ] {
+            assert!(may_send_credentials(yes), "{yes}");
+        }
+        for no in [
+            "http://registry.example.com/v2/a/blobs/sha256:1",
+            "http://10.0.0.1:5000/v2/a/blobs",
+            "http://192.168.1.2/token",
+            "http://[fe80::1]/v2/",
+            "http://localhost.example.com/v2/",
+            "http://128.0.0.1/v2/",
+            "ftp://127.0.0.1/x",
+            "not a url",
+            "",
+        ] {
+            assert!(!may_send_credentials(no), "{no}");
+        }
     }
 
     #[test]

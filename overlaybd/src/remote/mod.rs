@@ -8,6 +8,7 @@
 //!   [`registry::RegistryBlob`] is a [`ReadAt`](crate::io::ReadAt) over one
 //!   `repoBlobUrl/<digest>`.
 //! - [`auth`]: `WWW-Authenticate` parsing and where credentials come from.
+//! - [`tls`]: the trusted roots and the client certificate.
 //! - [`cache`]: a sparse file per blob filled in `refillSize` chunks, a
 //!   persistent record of which chunks are present, single-flight misses and
 //!   LRU eviction of whole blobs.
@@ -32,6 +33,7 @@ pub mod auth;
 pub mod cache;
 pub mod download;
 pub mod registry;
+pub mod tls;
 
 use std::io;
 use std::path::Path;

@@ -10,6 +10,14 @@
 //! without credentials; if storage refuses the cached location, the
 //! registry is asked again.
 //!
+//! Where credentials go: Basic credentials only to the host of the URL they
+//! were looked up for, a token request with credentials only to the realm
+//! the registry's challenge names, nothing to a redirect target or a p2p
+//! peer, and credentials at all only over https or plain http to a
+//! loopback address ([`super::auth::may_send_credentials`]): a Basic
+//! registry on plain http elsewhere is refused with a message saying why,
+//! and a plain-http token realm elsewhere is asked for an anonymous token.
+//!
 //! Every answer is checked before a byte is used: the status, the
 //! `Content-Range` (start, end and total size), the `Content-Length`, and
 //! the body length. A 200 to a range request is accepted by skipping to the
@@ -123,6 +131,9 @@ struct State {
     tokens: HashMap<String, Token>,
     /// Blob URL → (storage location, valid until).
     redirects: HashMap<String, (String, Instant)>,
+    /// Token realms already reported as getting no credentials (plain
+    /// http to a host that is not loopback), so the log says it once.
+    warned: std::collections::HashSet<String>,
 }
 
 /// A failed attempt, and whether trying again may help.
@@ -168,18 +179,20 @@ pub struct Registry {
 
 impl Registry {
     /// A client using the global config's credentials.
+    /// A client using the global config's credentials and `certConfig`.
     pub fn new(options: RegistryOptions, global: &GlobalConfig) -> Result<Registry> {
-        let agent = make_agent(&options);
-        let credentials = credential_source(&global.credential_config, &agent)?;
+        let agent = make_agent(&options, super::tls::registry_tls(&global.cert_config)?);
+        let credentials = credential_source(&global.credential_config, &options.user_agent)?;
         Ok(Self::from_parts(agent, options, credentials))
     }
 
-    /// A client with explicit credentials.
+    /// A client with explicit credentials and the default TLS roots.
     pub fn with_credentials(
         options: RegistryOptions,
         credentials: Box<dyn CredentialSource>,
     ) -> Registry {
-        Self::from_parts(make_agent(&options), options, credentials)
+        let agent = make_agent(&options, super::tls::default_tls());
+        Self::from_parts(agent, options, credentials)
     }
 
     fn from_parts(
@@ -216,8 +229,9 @@ impl Registry {
     }
 }
 
-fn make_agent(options: &RegistryOptions) -> ureq::Agent {
+fn make_agent(options: &RegistryOptions, tls: ureq::tls::TlsConfig) -> ureq::Agent {
     ureq::Agent::config_builder()
+        .tls_config(tls)
         .http_status_as_error(false)
         .max_redirects(0)
         .timeout_connect(Some(options.connect_timeout))

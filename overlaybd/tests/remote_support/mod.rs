@@ -552,3 +552,430 @@ fn serve(
     }
     client.shutdown(Shutdown::Write)
 }
+
+// ---------------------------------------------------------------------------
+// Small scripted servers: credential servers, a registry that redirects,
+// blob storage that records what it is sent.
+// ---------------------------------------------------------------------------
+
+/// One request a [`MiniServer`] received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    /// The request target, as sent (path and query).
+    pub target: String,
+    pub authorization: Option<String>,
+    pub range: Option<String>,
+}
+
+impl Seen {
+    /// The percent-decoded value of query parameter `name`.
+    pub fn query(&self, name: &str) -> Option<String> {
+        let query = self.target.split_once('?')?.1;
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == name).then(|| percent_decode(v))
+        })
+    }
+}
+
+/// `%XX` escapes (and `+`) of a query value decoded.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What a [`MiniServer`] answers.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn new(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
+        self.body = body.into();
+        self
+    }
+    pub fn json(body: &str) -> Reply {
+        Reply::new(200)
+            .header("Content-Type", "application/json")
+            .body(body)
+    }
+}
+
+pub type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+/// A one-request-per-connection HTTP/1.1 server on 127.0.0.1 or on a unix
+/// socket, answering with `handler` and recording every request.
+pub struct MiniServer {
+    pub port: u16,
+    pub socket: Option<PathBuf>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MiniServer {
+    pub fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> MiniServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen, stop) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let handler: Handler = Arc::new(handler);
+        let (s, st) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (h, s) = (handler.clone(), s.clone());
+                std::thread::spawn(move || answer(conn, &h, &s));
+            }
+        });
+        MiniServer {
+            port,
+            socket: None,
+            seen,
+            stop,
+        }
+    }
+
+    /// The same on the unix socket `path`.
+    pub fn start_unix(
+        path: &Path,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> MiniServer {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let (seen, stop) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let handler: Handler = Arc::new(handler);
+        let (s, st) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (h, s) = (handler.clone(), s.clone());
+                std::thread::spawn(move || answer(conn, &h, &s));
+            }
+        });
+        MiniServer {
+            port: 0,
+            socket: Some(path.to_path_buf()),
+            seen,
+            stop,
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for MiniServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        match &self.socket {
+            Some(path) => {
+                let _ = std::os::unix::net::UnixStream::connect(path);
+            }
+            None => {
+                let _ = TcpStream::connect(("127.0.0.1", self.port));
+            }
+        }
+    }
+}
+
+fn answer<S: Read + Write>(mut stream: S, handler: &Handler, seen: &Mutex<Vec<Seen>>) {
+    // Read the head a byte at a time: requests here are GETs without bodies.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+        if head.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let lines: Vec<String> = text
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let mut first = lines.first().map(|l| l.split(' ')).into_iter().flatten();
+    let request = Seen {
+        method: first.next().unwrap_or("").to_string(),
+        target: first.next().unwrap_or("").to_string(),
+        authorization: header(&lines, "authorization").map(str::to_string),
+        range: header(&lines, "range").map(str::to_string),
+    };
+    seen.lock().unwrap().push(request.clone());
+    let reply = handler(&request);
+    let mut out = format!("HTTP/1.1 {} Scripted\r\n", reply.status);
+    for (name, value) in &reply.headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        reply.body.len()
+    ));
+    let _ = stream.write_all(out.as_bytes());
+    let _ = stream.write_all(&reply.body);
+    let _ = stream.flush();
+}
+
+/// A credential server's answer giving `user`/`password` for the host of
+/// `remote_url` (`{traceId, success, data: {auths}}`).
+pub fn credential_answer(remote_url: &str, user: &str, password: &str) -> String {
+    let host = remote_url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("");
+    format!(
+        r#"{{"traceId":"t-1","success":true,"data":{{"auths":{{"{host}":{{"username":"{user}","password":"{password}"}}}}}}}}"#
+    )
+}
+
+/// The bytes `range` (`bytes=a-b`) asks for out of `blob`, as a 206.
+pub fn range_reply(blob: &[u8], range: Option<&str>) -> Reply {
+    let Some((a, b)) = range
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+    else {
+        return Reply::new(200).body(blob.to_vec());
+    };
+    let b = b.min(blob.len() - 1);
+    Reply::new(206)
+        .header("Content-Range", &format!("bytes {a}-{b}/{}", blob.len()))
+        .body(blob[a..=b].to_vec())
+}
+
+// ---------------------------------------------------------------------------
+// TLS: a test CA and a certificate for 127.0.0.1, made with openssl.
+// ---------------------------------------------------------------------------
+
+/// `ca.crt`, `server.crt` and `server.key` (for IP 127.0.0.1) in `dir`,
+/// plus `client.crt`/`client.key` signed by the same CA.
+pub fn make_test_pki(dir: &Path) {
+    require("/usr/bin/openssl", "openssl");
+    let openssl = |args: &[&str]| {
+        let out = Command::new("/usr/bin/openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=obd test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    for who in ["server", "client"] {
+        let (key, csr, crt, ext) = (
+            format!("{who}.key"),
+            format!("{who}.csr"),
+            format!("{who}.crt"),
+            format!("{who}.ext"),
+        );
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=obd test {who}"),
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ]);
+    }
+}
+
+/// An https server (python3's ssl) on 127.0.0.1 with `dir`'s server.crt:
+/// `/auth?remote_url=U` answers credentials for U's host, any other GET
+/// answers ranges of `blob`. With `client_ca`, a client certificate signed
+/// by it is required. Stopped when dropped.
+pub struct TlsServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl TlsServer {
+    pub fn start(dir: &Path, blob: &Path, client_ca: Option<&Path>) -> TlsServer {
+        require("/usr/bin/python3", "python3");
+        let script = dir.join("tls_server.py");
+        std::fs::write(&script, TLS_SERVER).unwrap();
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(dir.join("server.crt"))
+            .arg(dir.join("server.key"))
+            .arg(blob)
+            .args([USER, PASSWORD])
+            .arg(
+                client_ca
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the TLS test server did not start: {line:?}"));
+        TlsServer { child, port }
+    }
+
+    pub fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const TLS_SERVER: &str = r#"
+import json, ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse, parse_qs
+
+cert, key, blob_path, user, password, client_ca = sys.argv[1:7]
+blob = open(blob_path, 'rb').read()
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def send(self, code, body, headers=()):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        url = urlparse(self.path)
+        if url.path == '/auth':
+            remote = parse_qs(url.query).get('remote_url', [''])[0]
+            host = urlparse(remote).netloc
+            body = json.dumps({'traceId': 't', 'success': True, 'data': {'auths': {
+                host: {'username': user, 'password': password}}}}).encode()
+            self.send(200, body, [('Content-Type', 'application/json')])
+            return
+        rng = self.headers.get('Range', '')
+        if rng.startswith('bytes='):
+            a, b = rng[6:].split('-')
+            a, b = int(a), min(int(b), len(blob) - 1)
+            self.send(206, blob[a:b + 1], [('Content-Range', f'bytes {a}-{b}/{len(blob)}')])
+        else:
+            self.send(200, blob)
+
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+if client_ca:
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(client_ca)
+server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;

@@ -15,7 +15,8 @@ use ureq::Body;
 
 use crate::credentials::Credential;
 use crate::remote::auth::{
-    basic_header, parse_challenges, query_escape, token_lifetime, Challenge, Token,
+    basic_header, may_send_credentials, parse_challenges, query_escape, token_lifetime, Challenge,
+    Token,
 };
 use crate::remote::redact_url;
 
@@ -81,6 +82,15 @@ impl Registry {
     ) -> std::result::Result<Option<String>, Failure> {
         match auth {
             RepoAuth::Anonymous => Ok(None),
+            // The probe already read anonymously and was refused: say why
+            // the credentials are not sent rather than be refused again.
+            RepoAuth::Basic if !may_send_credentials(url) => Err(Failure::fatal(
+                libc::EPERM,
+                format!(
+                    "{}: the registry wants a user name and password (Basic auth); obd sends credentials only over https, or plain http to a loopback address, and reading anonymously was refused",
+                    redact_url(url)
+                ),
+            )),
             RepoAuth::Basic => match self.credential(url)? {
                 Some(credential) => Ok(Some(basic_header(&credential))),
                 None => Err(Failure::fatal(
@@ -136,9 +146,29 @@ impl Registry {
         } else {
             format!("{realm}{separator}{}", query.join("&"))
         };
+        let realm_ok = url::Url::parse(realm).is_ok_and(|r| matches!(r.scheme(), "http" | "https"));
+        if !realm_ok {
+            return Err(Failure::fatal(
+                libc::EPERM,
+                format!(
+                    "{}: the registry's token realm {:?} is not an http(s) URL",
+                    redact_url(url),
+                    redact_url(realm)
+                ),
+            ));
+        }
         let mut request = self.agent.get(&token_url);
-        if let Some(credential) = self.credential(url)? {
-            request = request.header("Authorization", basic_header(&credential));
+        // Credentials go to the realm the registry named, and only over
+        // https (or to loopback); otherwise ask for an anonymous token.
+        if may_send_credentials(realm) {
+            if let Some(credential) = self.credential(url)? {
+                request = request.header("Authorization", basic_header(&credential));
+            }
+        } else if self.state().warned.insert(realm.to_string()) {
+            eprintln!(
+                "obd: token server {} is plain http and not a loopback address: asking it for a token without credentials",
+                redact_url(realm)
+            );
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut response = request
@@ -212,6 +242,37 @@ pub(super) fn challenge_of(response: &Response<Body>) -> Option<Challenge> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::auth::CredentialSource;
+    use crate::remote::registry::RegistryOptions;
+
+    /// A source that must not be asked.
+    struct Untouchable;
+
+    impl CredentialSource for Untouchable {
+        fn lookup(&self, url: &str) -> io::Result<Option<Credential>> {
+            panic!("credentials were looked up for {url}");
+        }
+    }
+
+    #[test]
+    fn basic_is_not_sent_over_plain_http_to_other_hosts() {
+        let registry =
+            Registry::with_credentials(RegistryOptions::default(), Box::new(Untouchable));
+        for url in [
+            "http://registry.example.com/v2/a/blobs/sha256:1",
+            "http://10.1.2.3:5000/v2/a/blobs/sha256:1",
+        ] {
+            let Err(failure) = registry.authorization(url, &RepoAuth::Basic, false) else {
+                panic!("{url}: Basic credentials would be sent");
+            };
+            let msg = failure.error.to_string();
+            assert!(!failure.retry);
+            assert!(
+                msg.contains("only over https, or plain http to a loopback address"),
+                "{msg}"
+            );
+        }
+    }
 
     #[test]
     fn default_scopes() {

@@ -499,6 +499,25 @@ fn p2p_peer_failure_falls_back_to_the_registry() {
 }
 
 #[test]
+fn a_failing_p2p_peer_is_skipped_for_a_while() {
+    let (v, registry, layers) = pushed(Auth::Anonymous);
+    // A peer that answers every blob GET with 503.
+    let peer = Proxy::start(registry.port);
+    peer.plan().always = Some(Fault::Status(503));
+    let mut global = GlobalConfig::default();
+    global.p2p_config.enable = true;
+    global.p2p_config.address = Some(peer.base());
+    let cache = tempfile::tempdir().unwrap();
+    let remote = make_remote(&global, cache.path(), 1 << 30, 64 << 10);
+    serve_all_stacks(&v, &remote, &registry.base(), &layers[..1]);
+    assert_eq!(
+        peer.blob_gets(),
+        1,
+        "after its first failure the peer is skipped, not asked on every miss"
+    );
+}
+
+#[test]
 fn redirects_to_storage_are_cached_and_followed_without_credentials() {
     let (v, _registry, layers, proxy) = proxied(Auth::Basic);
     proxy.plan().redirect = true;

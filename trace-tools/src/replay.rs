@@ -1,12 +1,15 @@
 //! Replaying a trace as prefetch: read what the image will need, through
 //! its layers, so a remote layer's cache is warm before the reads come.
 //!
-//! Binary records name (layer, offset, count) in a layer file and are read
-//! straight from that layer; a text list names paths, resolved through the
-//! image's ext4 to device ranges and read through the whole stack. Either
-//! way the work is cut into reads of at most [`MAX_READ`] bytes shared by
-//! `concurrency` worker threads, in trace order. A failed read is a warning,
-//! not the end of the replay: prefetch is an optimisation.
+//! Binary records name (layer, offset, count) in a layer file; a text list
+//! names paths, resolved through the image's ext4 to device ranges and
+//! mapped through the whole stack. Either way the reads become the stored
+//! byte ranges behind them (a ZFile layer's compressed blocks, which are
+//! cached as they are, never decoded here), merged where one continues the
+//! one before it, and fetched by `concurrency` worker threads in the order
+//! the workload read them. Local layers are read once, into the page
+//! cache. A failed range is a warning, not the end of the replay: prefetch
+//! is an optimisation.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -14,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use overlaybd::stack::{PieceSource, Stack};
+use overlaybd::io::ReadAt;
+use overlaybd::stack::{PieceSource, PlanPiece, Stack};
+use overlaybd::storage::{Access, At, Fetch};
 use overlaybd::trace::{PrefetchPath, TraceRecord};
 use overlaybd::{Error, Result};
 
@@ -30,14 +35,19 @@ pub struct ReplayOptions {
     /// Worker threads (`prefetchConfig.concurrency`); at least 1 is used.
     pub concurrency: usize,
     pub warn: Warn,
+    /// Where the report of a background replay goes when it ends.
+    pub log: Warn,
 }
 
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
-    /// Reads issued (after splitting into ≤ 1 MiB pieces).
+    /// Stored ranges warmed (after merging), and their bytes as stored
+    /// (compressed, for a ZFile layer).
     pub reads: u64,
     pub bytes: u64,
+    /// Bytes fetched from the network (the rest was cached already).
+    pub fetched: u64,
     /// Records skipped because their layer is not in the image.
     pub skipped_records: u64,
     /// Layer indexes the trace names that the image does not have.
@@ -151,8 +161,114 @@ fn split(start: u64, end: u64, mut push: impl FnMut(u64, u64)) {
     }
 }
 
+/// Stored bytes to bring close: `len` bytes from `at`.
+struct Warm<'a> {
+    at: At<'a>,
+    len: u64,
+}
+
+impl Warm<'_> {
+    /// Where the bytes live (a blob, a file, a source), and the offset.
+    fn place(&self) -> (*const (), u64) {
+        match self.at {
+            At::Fetch { blob, offset } => (blob as *const dyn Fetch as *const (), offset),
+            At::File { file, offset } => (file as *const std::fs::File as *const (), offset),
+            At::Read { source, offset } => (source as *const dyn ReadAt as *const (), offset),
+        }
+    }
+
+    /// Fetch the bytes into the blob cache, or read them once (into the
+    /// page cache) when they are local. Returns the bytes fetched from
+    /// the network.
+    fn run(&self, buf: &mut Vec<u8>) -> std::io::Result<u64> {
+        match self.at {
+            At::Fetch { blob, offset } => blob.warm(offset, self.len),
+            At::File { .. } | At::Read { .. } => {
+                buf.resize(self.len as usize, 0);
+                self.at.read(buf)?;
+                Ok(0)
+            }
+        }
+    }
+}
+
+/// Largest range warmed with one call (merged ranges are cut at this).
+const MAX_WARM: u64 = 8 << 20;
+/// Ranges of one place closer than this are merged into one.
+const MERGE_GAP: u64 = 64 << 10;
+
+/// The stored ranges behind `reads`, in the order the reads come: a ZFile
+/// layer's compressed blocks (as stored, not decoded), a plain layer's
+/// bytes; a range that continues or overlaps the one before it in the same
+/// place is merged into it.
+fn warm_plan<'a>(stack: &'a Stack, reads: &[Read], warn: &Warn) -> Vec<Warm<'a>> {
+    let mut plan: Vec<Warm<'a>> = Vec::new();
+    let mut pieces = Vec::new();
+    for read in reads {
+        pieces.clear();
+        match *read {
+            Read::Layer { layer, offset, len } => pieces.push(PlanPiece {
+                length: len,
+                source: PieceSource::Layer {
+                    layer,
+                    position: offset,
+                },
+            }),
+            Read::Device { offset, len } => {
+                if let Err(e) = stack.plan(offset, len, &mut pieces) {
+                    warn(&format!("trace replay: {read:?}: {e}"));
+                    continue;
+                }
+            }
+        }
+        for piece in &pieces {
+            let access = match stack.access(piece.source, piece.length) {
+                Ok(access) => access,
+                Err(e) => {
+                    warn(&format!("trace replay: {read:?}: {e}"));
+                    continue;
+                }
+            };
+            let warm = match access {
+                Access::Zero => continue,
+                Access::Plain(at) => Warm {
+                    at,
+                    len: piece.length,
+                },
+                Access::Compressed {
+                    stored, stored_len, ..
+                } => Warm {
+                    at: stored,
+                    len: stored_len,
+                },
+            };
+            push_warm(&mut plan, warm);
+        }
+    }
+    plan
+}
+
+fn push_warm<'a>(plan: &mut Vec<Warm<'a>>, warm: Warm<'a>) {
+    if let Some(last) = plan.last_mut() {
+        let (place, offset) = warm.place();
+        let (last_place, last_offset) = last.place();
+        let end = offset + warm.len;
+        let last_end = last_offset + last.len;
+        if place == last_place && offset >= last_offset && offset <= last_end + MERGE_GAP {
+            let merged = end.max(last_end) - last_offset;
+            if merged <= MAX_WARM {
+                last.len = merged;
+                return;
+            }
+        }
+    }
+    plan.push(warm);
+}
+
 /// Execute `reads` with `concurrency` workers, in order, until done or
-/// `stop` is set; adds to `report`.
+/// `stop` is set; adds to `report`. Remote bytes are fetched into the
+/// blob cache (merged ranges, compressed blocks as stored); local layers
+/// have nothing to fetch.
 pub fn run(
     stack: &Stack,
     reads: &[Read],
@@ -160,39 +276,34 @@ pub fn run(
     stop: &AtomicBool,
     report: &mut ReplayReport,
 ) {
+    let plan = warm_plan(stack, reads, &options.warn);
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
+    let fetched = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
-    let workers = options.concurrency.clamp(1, 256).min(reads.len().max(1));
+    let workers = options.concurrency.clamp(1, 256).min(plan.len().max(1));
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
-                let mut buf = vec![0u8; MAX_READ as usize];
+                let mut buf = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let Some(read) = reads.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    let Some(warm) = plan.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         break;
                     };
-                    let outcome = match *read {
-                        Read::Layer { layer, offset, len } => stack.read_piece(
-                            &mut buf[..len as usize],
-                            PieceSource::Layer {
-                                layer,
-                                position: offset,
-                            },
-                        ),
-                        Read::Device { offset, len } => {
-                            stack.read(&mut buf[..len as usize], offset)
-                        }
-                    };
-                    match outcome {
-                        Ok(()) => {
+                    match warm.run(&mut buf) {
+                        Ok(n) => {
                             done.fetch_add(1, Ordering::Relaxed);
-                            bytes.fetch_add(read_len(read), Ordering::Relaxed);
+                            bytes.fetch_add(warm.len, Ordering::Relaxed);
+                            fetched.fetch_add(n, Ordering::Relaxed);
                         }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            (options.warn)(&format!("trace replay: {read:?}: {e}"));
+                            let (_, offset) = warm.place();
+                            (options.warn)(&format!(
+                                "trace replay: {} bytes at {offset}: {e}",
+                                warm.len
+                            ));
                         }
                     }
                 }
@@ -201,14 +312,9 @@ pub fn run(
     });
     report.reads += done.into_inner();
     report.bytes += bytes.into_inner();
+    report.fetched += fetched.into_inner();
     report.failed_reads += failed.into_inner();
-    report.cancelled |= stop.load(Ordering::Relaxed) && next.into_inner() < reads.len();
-}
-
-fn read_len(read: &Read) -> u64 {
-    match *read {
-        Read::Layer { len, .. } | Read::Device { len, .. } => len,
-    }
+    report.cancelled |= stop.load(Ordering::Relaxed) && next.into_inner() < plan.len();
 }
 
 /// What to replay.
@@ -235,7 +341,21 @@ impl ReplayHandle {
         let thread = std::thread::Builder::new()
             .name("obd-prefetch".into())
             .spawn(move || {
+                let started = std::time::Instant::now();
                 let report = replay(&stack, &job, &options, &stop2)?;
+                (options.log)(&format!(
+                    "trace replay {}: {} ranges, {} stored bytes, {} fetched, in {:.2} s{}",
+                    if report.cancelled { "stopped" } else { "done" },
+                    report.reads,
+                    report.bytes,
+                    report.fetched,
+                    started.elapsed().as_secs_f64(),
+                    if report.failed_reads > 0 {
+                        format!(" ({} failed)", report.failed_reads)
+                    } else {
+                        String::new()
+                    }
+                ));
                 *last2.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
                 Ok(report)
             })

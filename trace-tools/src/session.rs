@@ -86,7 +86,11 @@ impl Session {
             TraceFile::Binary(records) => Job::Records(records),
             TraceFile::TextList(paths) => Job::Paths(paths),
         };
-        let options = ReplayOptions { concurrency, warn };
+        let options = ReplayOptions {
+            concurrency,
+            warn,
+            log: Arc::new(|message| eprintln!("obd: {message}")),
+        };
         ReplayHandle::spawn(Arc::clone(stack), job, options).map(Session::Replaying)
     }
 }

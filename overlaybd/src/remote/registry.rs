@@ -134,6 +134,9 @@ struct State {
     /// Token realms already reported as getting no credentials (plain
     /// http to a host that is not loopback), so the log says it once.
     warned: std::collections::HashSet<String>,
+    /// p2p peers that failed: skipped until then, and the pause that the
+    /// next failure doubles.
+    peers_down: HashMap<String, (Instant, Duration)>,
 }
 
 /// A failed attempt, and whether trying again may help.
@@ -178,7 +181,6 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A client using the global config's credentials.
     /// A client using the global config's credentials and `certConfig`.
     pub fn new(options: RegistryOptions, global: &GlobalConfig) -> Result<Registry> {
         let agent = make_agent(&options, super::tls::registry_tls(&global.cert_config)?);

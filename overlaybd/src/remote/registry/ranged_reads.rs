@@ -11,7 +11,7 @@
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use ureq::http::Response;
@@ -20,6 +20,11 @@ use ureq::Body;
 use crate::io::{check_bounds, ReadAt};
 use crate::remote::{redact_url, remote_error};
 use crate::storage::Fetch;
+
+/// How long a p2p peer is skipped after its first failure.
+pub const PEER_PAUSE: Duration = Duration::from_secs(10);
+/// The longest it is skipped after failures in a row.
+pub const PEER_MAX_PAUSE: Duration = Duration::from_secs(300);
 
 use super::authorization::challenge_of;
 use super::{
@@ -71,6 +76,32 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Whether p2p peer `peer` may be tried now: after a failure it is
+    /// skipped for a pause that starts at [`PEER_PAUSE`] and doubles with
+    /// each failure that follows, up to [`PEER_MAX_PAUSE`].
+    pub fn peer_usable(&self, peer: &str) -> bool {
+        self.state()
+            .peers_down
+            .get(peer)
+            .is_none_or(|(until, _)| Instant::now() >= *until)
+    }
+
+    /// Record how a read through `peer` went.
+    pub fn peer_outcome(&self, peer: &str, ok: bool) {
+        let mut state = self.state();
+        if ok {
+            state.peers_down.remove(peer);
+            return;
+        }
+        let pause = match state.peers_down.get(peer) {
+            Some((_, last)) => (*last * 2).min(PEER_MAX_PAUSE),
+            None => PEER_PAUSE,
+        };
+        state
+            .peers_down
+            .insert(peer.to_string(), (Instant::now() + pause, pause));
     }
 
     /// One attempt at a ranged read through a p2p peer: `<peer>/<url>`,
@@ -362,13 +393,16 @@ impl ReadAt for RegistryBlob {
         if buf.is_empty() {
             return Ok(());
         }
-        if let Some(peer) = &self.peer {
-            if self
-                .registry
-                .read_via_peer(peer, &self.url, self.size, offset, buf)
-                .is_ok()
-            {
-                return Ok(());
+        if let Some(peer) = self.peer.as_deref() {
+            if self.registry.peer_usable(peer) {
+                let ok = self
+                    .registry
+                    .read_via_peer(peer, &self.url, self.size, offset, buf)
+                    .is_ok();
+                self.registry.peer_outcome(peer, ok);
+                if ok {
+                    return Ok(());
+                }
             }
         }
         self.registry.read_range(&self.url, self.size, offset, buf)

@@ -283,7 +283,6 @@ fn replay_reads_the_stored_bytes_of_every_record_and_skips_missing_layers() {
         })
         .collect();
     let stack = Arc::new(Stack::new(lowers, None).unwrap());
-    let sizes: Vec<u64> = stack.lowers().iter().map(|l| l.source().size()).collect();
     let record = |layer_index, count, offset| TraceRecord {
         op: Op::Read,
         layer_index,

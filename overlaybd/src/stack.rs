@@ -253,10 +253,25 @@ impl Stack {
         self.writable()?.write(buf, offset)
     }
 
-    /// Discard (zero) a range in the writable top layer.
+    /// Discard (zero) a range in the writable top layer. It reads as zeros
+    /// from then on, across reopening too: a sparse top layer has no index
+    /// to say "zeroed", so where a lower layer holds data under the range,
+    /// zeros are stored instead of a hole (which would read through).
     pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
         self.check_range(offset, length)?;
-        self.writable()?.discard(offset, length)
+        let top = self.writable()?;
+        top.discard(offset, length)?;
+        if top.is_sparse() {
+            let mut pieces = Vec::new();
+            self.lower_map
+                .lookup(offset / SECTOR, length / SECTOR, &mut pieces);
+            for piece in pieces {
+                if piece.mapping.is_some_and(|m| !m.zeroed) {
+                    top.store_zeros(piece.offset * SECTOR, piece.length * SECTOR)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Persist the writable top layer (no-op for a read-only image).

@@ -372,7 +372,9 @@ impl WritableLayer {
 
     /// Discard (and zero) `[offset, offset + length)`: reads return zeros
     /// and lower layers are hidden. In a sparse layer the space is punched
-    /// out, so after reopening the range reads through to lower layers.
+    /// out, so after reopening the range reads through to lower layers
+    /// (the stack stores zeros where that would show lower data: see
+    /// [`WritableLayer::store_zeros`]).
     pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
         self.check_range(offset, length)?;
         if self.is_sparse() {
@@ -406,6 +408,26 @@ impl WritableLayer {
                 })?;
             }
             sector += n;
+        }
+        Ok(())
+    }
+
+    /// Sparse layers only: write zeros over `[offset, offset + length)`,
+    /// so that the range stays allocated and reads as zeros after the
+    /// layer is reopened. The in-memory map keeps the range as discarded.
+    pub fn store_zeros(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_range(offset, length)?;
+        if !self.is_sparse() {
+            return Ok(());
+        }
+        let zeros = vec![0u8; length.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + length {
+            let n = (offset + length - at).min(zeros.len() as u64) as usize;
+            self.data
+                .write_all_at(&zeros[..n], HEADER_SIZE + at)
+                .context(|| self.name.clone())?;
+            at += n as u64;
         }
         Ok(())
     }

@@ -1,11 +1,12 @@
 //! `obd add`: serve an image as a ublk block device, /dev/ublkbN.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ublk_target::Start;
 
-use super::ublk::{launch, open_image, require_ublk, Global, LoadedConfig, QueueArgs};
+use super::ublk::{launch, queue_args, require_ublk, Global, LoadedConfig, Mode, QueueArgs};
 
 /// Serve an image config as a new ublk block device (/dev/ublkbN).
 ///
@@ -37,6 +38,9 @@ pub struct Args {
     /// Serve from this process instead of a background daemon.
     #[arg(long)]
     foreground: bool,
+    /// Run as the background daemon that `obd add` starts (internal).
+    #[arg(long, hide = true)]
+    daemon_child: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -46,16 +50,19 @@ pub fn run(args: Args) -> Result<()> {
     }
     require_ublk(&loaded)?;
     let global = Global::load(&loaded, args.global_config.as_deref())?;
-    let stack = open_image(&loaded, &global)?;
-    if stack.virtual_size() % 512 != 0 {
-        bail!(loaded.fail("the image size is not a multiple of 512 bytes"));
+    let mut daemon_args: Vec<OsString> = vec!["add".into(), "--config".into()];
+    daemon_args.push(loaded.path.clone().into());
+    daemon_args.extend(queue_args(args.queues));
+    if let Some(path) = &global.path {
+        daemon_args.extend(["--global-config".into(), path.clone().into()]);
     }
+    daemon_args.push("--daemon-child".into());
     launch(
         &loaded,
-        stack,
         args.queues,
         Start::Add,
-        args.foreground,
+        Mode::of(args.foreground, args.daemon_child),
         &global,
+        daemon_args,
     )
 }

@@ -1,5 +1,6 @@
 //! `obd recover`: serve a ublk device again after its daemon died.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -7,7 +8,7 @@ use ublk_target::state::DeviceRecord;
 use ublk_target::Start;
 
 use super::ublk::{
-    check_dev_id, launch, open_image, require_ublk, Global, LoadedConfig, QueueArgs,
+    check_dev_id, launch, queue_args, require_ublk, Global, LoadedConfig, Mode, QueueArgs,
 };
 
 /// Bring back a device whose daemon died (killed, crashed).
@@ -41,6 +42,9 @@ pub struct Args {
     /// Serve from this process instead of a background daemon.
     #[arg(long)]
     foreground: bool,
+    /// Run as the background daemon that `obd recover` starts (internal).
+    #[arg(long, hide = true)]
+    daemon_child: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -71,7 +75,6 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .or(record.as_ref().and_then(|r| r.global_config.clone()));
     let global = Global::load(&loaded, global_path.as_deref())?;
-    let stack = open_image(&loaded, &global)?;
     let queues = QueueArgs {
         queues: args
             .queues
@@ -82,12 +85,24 @@ pub fn run(args: Args) -> Result<()> {
             .or(record.as_ref().map(|r| r.depth))
             .unwrap_or(64),
     };
+    let mut daemon_args: Vec<OsString> = vec![
+        "recover".into(),
+        "-n".into(),
+        id.to_string().into(),
+        "--config".into(),
+        loaded.path.clone().into(),
+    ];
+    daemon_args.extend(queue_args(queues));
+    if let Some(path) = &global.path {
+        daemon_args.extend(["--global-config".into(), path.clone().into()]);
+    }
+    daemon_args.push("--daemon-child".into());
     launch(
         &loaded,
-        stack,
         queues,
         Start::Recover(id),
-        args.foreground,
+        Mode::of(args.foreground, args.daemon_child),
         &global,
+        daemon_args,
     )
 }

@@ -57,6 +57,29 @@ pub struct QueueArgs {
     pub depth: u16,
 }
 
+/// The command-line form of `queues`, for the daemon's arguments.
+pub fn queue_args(queues: QueueArgs) -> [std::ffi::OsString; 4] {
+    [
+        "--queues".into(),
+        queues.queues.to_string().into(),
+        "--depth".into(),
+        queues.depth.to_string().into(),
+    ]
+}
+
+impl Mode {
+    /// The mode the `--foreground` and hidden `--daemon-child` flags ask for.
+    pub fn of(foreground: bool, daemon_child: bool) -> Mode {
+        if daemon_child {
+            Mode::DaemonChild
+        } else if foreground {
+            Mode::Foreground
+        } else {
+            Mode::Background
+        }
+    }
+}
+
 /// An image config as far as it could be read. A config that does not
 /// parse may still name its `resultFile`, which must hear about the failure.
 pub struct LoadedConfig {
@@ -150,22 +173,83 @@ pub fn open_image(loaded: &LoadedConfig, global: &Global) -> Result<Arc<Stack>> 
         .map_err(|e| loaded.fail(format!("cannot open the image: {e}")))
 }
 
-/// Serve `stack` as a ublk device (`start` says new or recovered). In the
-/// foreground this returns when the device is deleted; otherwise when the
-/// background daemon reports the device live (or failed).
+/// Where `obd add` / `obd recover` serve from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// In this process, until the device is deleted.
+    Foreground,
+    /// In a background daemon: a fresh `obd` process started with
+    /// `daemon_args`, which opens the image itself. This process opens
+    /// nothing and never forks: it only waits to hear that the device is
+    /// live (or why it is not).
+    Background,
+    /// As that daemon (the hidden `--daemon-child` flag): detach, open the
+    /// image, serve, and tell the starting process how it went on stdout.
+    DaemonChild,
+}
+
+/// Serve the loaded image as a ublk device (`start` says new or
+/// recovered), the way `mode` says.
 pub fn launch(
     loaded: &LoadedConfig,
-    stack: Arc<Stack>,
     queues: QueueArgs,
     start: Start,
-    foreground: bool,
+    mode: Mode,
     global: &Global,
+    daemon_args: Vec<std::ffi::OsString>,
 ) -> Result<()> {
     let options = Options {
         queues: queues.queues,
         depth: queues.depth,
     };
     options.check().map_err(|e| loaded.fail(e))?;
+    match mode {
+        Mode::Background => start_daemon(loaded, daemon_args),
+        Mode::Foreground => {
+            let stack = open_checked(loaded, global)?;
+            let (record, trace) = serving_parts(loaded, &stack, options, global);
+            serve_foreground(loaded, stack, options, start, record, trace)
+        }
+        Mode::DaemonChild => {
+            // The starting process reads our stdout until the first line.
+            let ready = rustix::io::dup(std::io::stdout())
+                .map(File::from)
+                .map_err(|e| anyhow!("cannot keep the starting process's pipe: {e}"))?;
+            // Fails only if this process already leads a session, which a
+            // fresh child does not.
+            let _ = rustix::process::setsid();
+            redirect_stdio(&log_path());
+            let _ = std::env::set_current_dir("/");
+            let stack = match open_checked(loaded, global) {
+                Ok(stack) => stack,
+                Err(e) => {
+                    let mut ready = ready;
+                    let _ = writeln!(ready, "err {}", e.to_string().replace('\n', " "));
+                    eprintln!("obd: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let (record, trace) = serving_parts(loaded, &stack, options, global);
+            std::process::exit(daemon_main(stack, options, start, record, trace, ready));
+        }
+    }
+}
+
+/// Open the image and check that it can be a block device.
+fn open_checked(loaded: &LoadedConfig, global: &Global) -> Result<Arc<Stack>> {
+    let stack = open_image(loaded, global)?;
+    if stack.virtual_size() % 512 != 0 {
+        bail!(loaded.fail("the image size is not a multiple of 512 bytes"));
+    }
+    Ok(stack)
+}
+
+fn serving_parts(
+    loaded: &LoadedConfig,
+    stack: &Stack,
+    options: Options,
+    global: &Global,
+) -> (DeviceRecord, TraceStart) {
     let record = DeviceRecord {
         dev_id: 0,
         pid: 0,
@@ -180,57 +264,53 @@ pub fn launch(
         config: loaded.config.clone(),
         global: global.config.clone(),
     };
-    if foreground {
-        return serve_foreground(loaded, stack, options, start, record, trace);
+    (record, trace)
+}
+
+/// Start `obd <daemon_args>` as a fresh background process and wait for
+/// its first line: `ok <id>` once the device is live, `err <reason>`.
+fn start_daemon(loaded: &LoadedConfig, daemon_args: Vec<std::ffi::OsString>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| {
+        loaded.fail(format!(
+            "cannot find the obd binary to start the daemon: {e}"
+        ))
+    })?;
+    let mut child = Command::new(exe)
+        .args(daemon_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        // Not in the caller's process group: a Ctrl-C there is not for it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| loaded.fail(format!("cannot start the daemon: {e}")))?;
+    let log = log_path_of(child.id());
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
     }
-    let log = log_path();
-    let (read_end, write_end) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| loaded.fail(format!("cannot create a pipe: {e}")))?;
-    // SAFETY: no other thread exists yet in this process, so the child may
-    // run arbitrary code after fork. (No crate makes fork safe: rustix
-    // offers only a raw `kernel_fork`, and nix's `fork` is unsafe too.)
-    match unsafe { libc::fork() } {
-        -1 => Err(loaded.fail(format!(
-            "cannot start the daemon: {}",
-            std::io::Error::last_os_error()
-        ))),
-        0 => {
-            drop(read_end);
-            let code = daemon_main(
-                stack,
-                options,
-                start,
-                record,
-                trace,
-                File::from(write_end),
-                &log,
-            );
-            std::process::exit(code);
-        }
-        _child => {
-            drop(write_end);
-            let mut line = String::new();
-            let _ = BufReader::new(File::from(read_end)).read_line(&mut line);
-            let line = line.trim_end();
-            if let Some(id) = line.strip_prefix("ok ") {
-                println!("/dev/ublkb{id}");
-                loaded.report(Ok(()));
-                Ok(())
-            } else if let Some(reason) = line.strip_prefix("err ") {
-                Err(loaded.fail(reason))
-            } else {
-                Err(loaded.fail(format!(
-                    "the daemon exited before the device was ready; its log is {}",
-                    log.display()
-                )))
-            }
+    let line = line.trim_end();
+    if let Some(id) = line.strip_prefix("ok ") {
+        println!("/dev/ublkb{id}");
+        loaded.report(Ok(()));
+        Ok(())
+    } else {
+        // The daemon has ended (or will): do not leave a zombie behind.
+        let _ = child.wait();
+        match line.strip_prefix("err ") {
+            Some(reason) => Err(loaded.fail(reason)),
+            None => Err(loaded.fail(format!(
+                "the daemon exited before the device was ready; its log is {}",
+                log.display()
+            ))),
         }
     }
 }
 
 /// What the serving process needs to start the image's trace session
-/// (record or replay, from `recordTracePath`). The session starts there, not
-/// before the fork: it runs threads.
+/// (record or replay, from `recordTracePath`).
 struct TraceStart {
     config: Option<ImageConfig>,
     global: GlobalConfig,
@@ -285,7 +365,12 @@ fn finish_trace(session: Session) {
 }
 
 fn log_path() -> PathBuf {
-    ublk_target::state::dir().join(format!("daemon-{}.log", std::process::id()))
+    log_path_of(std::process::id())
+}
+
+/// The log of the daemon with process id `pid`.
+fn log_path_of(pid: u32) -> PathBuf {
+    ublk_target::state::dir().join(format!("daemon-{pid}.log"))
 }
 
 fn serve_foreground(
@@ -324,8 +409,9 @@ fn serve_foreground(
     served.map_err(|e| loaded.fail(e))
 }
 
-/// The background daemon: detach, serve, say how the start went through
-/// `ready`, and clean up once the device is gone. Returns the exit code.
+/// The background daemon, detached already: serve, say how the start went
+/// through `ready`, and clean up once the device is gone. Returns the exit
+/// code.
 fn daemon_main(
     stack: Arc<Stack>,
     options: Options,
@@ -333,16 +419,10 @@ fn daemon_main(
     record: DeviceRecord,
     trace: TraceStart,
     ready: File,
-    log: &Path,
 ) -> i32 {
-    // Fails only if this process already leads a group, which a fresh
-    // child does not.
-    let _ = rustix::process::setsid();
-    redirect_stdio(log);
     if let Err(e) = ublk_target::device::private_mount_namespace() {
         eprintln!("obd: warning: {e}");
     }
-    let _ = std::env::set_current_dir("/");
     let session = trace.start(&stack);
     let ready = std::sync::Mutex::new(Some(ready));
     let ready = Arc::new(ready);

@@ -12,7 +12,11 @@
 #    while cached data on the same (single) queue is still served, and
 #    completes right once the registry resumes;
 #  - with the registry stopped, a read of a range never fetched fails (EIO)
-#    within a bounded time instead of hanging, and `obd del` still works.
+#    within a bounded time instead of hanging, and `obd del` still works;
+#  - with background download on (no delay), the daemon that `obd add`
+#    starts downloads the whole blob into the lower's dir and switches to
+#    it (the download threads start when the image opens, which must be in
+#    the daemon, not in the `obd add` process that exits).
 #   tests/vm/run.sh -- bash tests/vm/ublk/remote.sh
 SUITE=ublk-remote
 source "$(dirname "$0")/lib.sh"
@@ -156,12 +160,56 @@ registry_down() {
     return 0
 }
 
+# download_in_daemon: the background download runs in the daemon and
+# completes while the device is served.
+download_in_daemon() {
+    need_ublk || return 1
+    need_registry || return 1
+    local name=download
+    CFG=$WORK/$name/config.v1.json
+    GLOBAL=$WORK/$name/overlaybd.json
+    CACHE=$WORK/$name/cache
+    mkdir -p "$WORK/$name"
+    push_layer "$WORK/ext4.lsmt" "obd/$name" "$CFG" || return 1
+    set_config "$CFG" || return 1
+    cache_dir "$CACHE" || return 1
+    global_config "$GLOBAL" "$CACHE" || return 1
+    "$PY" - "$GLOBAL" <<'PY' || { fail "edit $GLOBAL"; return 1; }
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg["download"] = {"enable": True, "delay": 0, "delayExtra": 0, "maxMBps": 0}
+json.dump(cfg, open(sys.argv[1], "w"))
+PY
+    DEV=$(add_device "$CFG" --global-config "$GLOBAL") || return 1
+    local dir i
+    dir=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["lowers"][-1]["dir"])' "$CFG")
+    for ((i = 0; i < 300; i++)); do
+        [[ -s $dir/overlaybd.commit ]] && break
+        sleep 0.2
+    done
+    if [[ ! -s $dir/overlaybd.commit ]]; then
+        fail "no download in $dir after 60 s (lost with the process that started the daemon?)"
+        "$OBD" del -n "${DEV#/dev/ublkb}"
+        umount "$CACHE"
+        return 1
+    fi
+    cmp "$WORK/ext4.lsmt" "$dir/overlaybd.commit" || { fail "the downloaded layer differs"; return 1; }
+    log "downloaded $(stat -c %s "$dir/overlaybd.commit") bytes into $dir"
+    mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
+    cmp "$SRC/d03/f010" "$MNT/d03/f010" || { fail "d03/f010 differs"; umount "$MNT"; return 1; }
+    umount "$MNT"
+    "$OBD" del -n "${DEV#/dev/ublkb}" || return 1
+    umount "$CACHE"
+    no_devices
+}
+
 log "building the image"
 build_image || echo "  image build failed"
 start_registry || echo "  registry start failed"
 check "registry LSMT layer: obd add --global-config, mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.lsmt" plain
 check "registry ZFile layer: mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.zfile" zfile
 check "registry frozen: a fetch on one queue does not hold up cached reads on it" registry_stalls
+check "background download: the daemon obd add starts downloads the blob and serves it" download_in_daemon
 check "registry stopped: a read of unfetched data fails with EIO in bounded time, obd del works" registry_down
 stop_registry
 unmount_caches

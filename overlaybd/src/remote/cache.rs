@@ -593,8 +593,9 @@ pub struct CachedBlob {
     fetched_one: Condvar,
     /// Orders this process's writers; `flock` on `data` orders processes.
     writer: Mutex<()>,
-    /// Where the last read started and ended, and the read-ahead window.
-    sequential: Mutex<(u64, u64, u64)>,
+    /// The chunk after the last one fetched, and the read-ahead window in
+    /// chunks.
+    stream: Mutex<(u64, u64)>,
     last_touch: AtomicU64,
     store_failed: AtomicBool,
     name: String,
@@ -680,7 +681,7 @@ impl CachedBlob {
             fetching: Mutex::new(vec![false; chunks]),
             fetched_one: Condvar::new(),
             writer: Mutex::new(()),
-            sequential: Mutex::new((0, 0, 0)),
+            stream: Mutex::new((0, 0)),
             last_touch: AtomicU64::new(0),
             store_failed: AtomicBool::new(false),
         })
@@ -970,20 +971,26 @@ impl CachedBlob {
         Ok(())
     }
 
-    /// Chunks to read ahead of a read of `[offset, end)`: a window that
-    /// doubles while each read starts after where the last one started
-    /// (and no further than a chunk past its end), up to [`MAX_RUN`].
-    fn read_ahead(&self, offset: u64, end: u64) -> u64 {
-        let mut sequential = self.sequential.lock().unwrap_or_else(|e| e.into_inner());
-        let (last_start, last_end, window) = *sequential;
-        let follows = last_end > 0 && offset > last_start && offset <= last_end + self.layout.chunk;
-        let window = if follows {
-            (window * 2).clamp(self.layout.chunk, MAX_RUN)
+    /// Chunks to read ahead of a miss at chunk `first`: none, unless the
+    /// miss starts right where the last fetch of this blob (read-ahead
+    /// included) ended, so the reader has consumed all of it in order;
+    /// then a window that doubles with each such miss, up to [`MAX_RUN`].
+    /// Scattered reads (a mount, small files) never grow it.
+    fn read_ahead(&self, first: u64) -> u64 {
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let (fetched_end, window) = *stream;
+        let window = if fetched_end > 0 && first == fetched_end {
+            (window * 2).clamp(1, MAX_RUN / self.layout.chunk)
         } else {
             0
         };
-        *sequential = (offset, end, window);
-        window / self.layout.chunk
+        stream.1 = window;
+        window
+    }
+
+    /// Note where a fetch ended (the chunk after its last).
+    fn fetched_up_to(&self, end: u64) {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).0 = end;
     }
 
     /// Fetch every missing chunk of `[offset, offset + len)` into the cache
@@ -1061,7 +1068,6 @@ impl ReadAt for CachedBlob {
             served: vec![false; (last - first + 1) as usize],
         };
         self.touch();
-        let ahead = self.read_ahead(offset, end);
         for _ in 0..MAX_ROUNDS {
             // 1. What the file holds.
             let mut missing = Vec::new();
@@ -1082,7 +1088,11 @@ impl ReadAt for CachedBlob {
             // 2. Fetch what nobody here is fetching (and, for a reader that
             // goes on where it stopped, what comes next), as runs of
             // adjacent chunks; the caller is served from the fetched bytes.
+            let ahead = self.read_ahead(missing[0]);
             let (claimed, busy) = self.claim(&missing, ahead)?;
+            if let Some(&last) = claimed.last() {
+                self.fetched_up_to(last + 1);
+            }
             let fetched = self.fetch_claimed(&claimed, &mut read);
             self.release(&claimed);
             fetched?;
@@ -1160,6 +1170,58 @@ mod tests {
 
     fn origin(data: &[u8]) -> Source {
         Arc::new(Bytes::new(data.to_vec(), "origin"))
+    }
+
+    /// An origin that counts its reads.
+    struct Counted {
+        inner: Source,
+        reads: AtomicU64,
+    }
+
+    impl ReadAt for Counted {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn name(&self) -> &str {
+            "counted"
+        }
+    }
+
+    #[test]
+    fn read_ahead_grows_for_a_streaming_reader_only() {
+        let chunk = 64 << 10;
+        let data = pattern(64 * chunk as usize);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(options(dir.path(), 1 << 30, chunk)).unwrap();
+        let counted = Arc::new(Counted {
+            inner: origin(&data),
+            reads: AtomicU64::new(0),
+        });
+        let blob = cache.blob("sha256:aa", counted.clone()).unwrap();
+        // Scattered reads: exactly the chunks read are fetched.
+        let mut buf = vec![0u8; 4096];
+        for index in [40u64, 5, 20, 9, 33] {
+            blob.read_exact_at(&mut buf, index * chunk).unwrap();
+        }
+        assert_eq!(cache.fetched(), 5 * chunk);
+        // A reader going through 32 chunks in order, a chunk at a time:
+        // the window doubles, so far fewer requests than chunks.
+        let before = counted.reads.load(Ordering::Relaxed);
+        let mut piece = vec![0u8; chunk as usize];
+        for index in 0..4u64 {
+            blob.read_exact_at(&mut piece, index * chunk).unwrap();
+        }
+        for index in 10..19u64 {
+            blob.read_exact_at(&mut piece, index * chunk).unwrap();
+            let at = (index * chunk) as usize;
+            assert_eq!(piece, data[at..at + chunk as usize]);
+        }
+        let requests = counted.reads.load(Ordering::Relaxed) - before;
+        assert!(requests <= 8, "{requests} requests for 13 streamed chunks");
     }
 
     #[test]

@@ -120,7 +120,10 @@ impl Lower {
 /// The writable top layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpperConfig {
-    pub index: PathBuf,
+    /// The index file; none for a sparse writable layer (obd's extension:
+    /// `upper` with only `data`, naming a file made by `obd create -s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<PathBuf>,
     pub data: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<PathBuf>,
@@ -233,7 +236,9 @@ impl ImageConfig {
             });
         }
         if let Some(upper) = &mut self.upper {
-            paths.push(&mut upper.index);
+            if let Some(index) = &mut upper.index {
+                paths.push(index);
+            }
             paths.push(&mut upper.data);
             paths.extend(upper.target.as_mut());
         }
@@ -387,7 +392,7 @@ fn upper_or_none<'de, D: Deserializer<'de>>(
         return Ok(None);
     };
     match (raw.index, raw.data) {
-        (Some(index), Some(data)) => Ok(Some(UpperConfig {
+        (index, Some(data)) => Ok(Some(UpperConfig {
             index,
             data,
             target: raw.target,
@@ -395,7 +400,8 @@ fn upper_or_none<'de, D: Deserializer<'de>>(
         })),
         (None, None) if raw.target.is_none() && raw.vsize.is_none() => Ok(None),
         _ => Err(de::Error::custom(
-            "`upper` needs both `index` and `data` (or neither, for a read-only device)",
+            "`upper` needs `data` (and `index`, unless the data file is a sparse \
+             writable layer), or neither, for a read-only device",
         )),
     }
 }

@@ -226,7 +226,7 @@ fn open_config_inner(
     let top = match &config.upper {
         Some(upper) => Some(Arc::new(WritableLayer::open(
             &upper.data,
-            Some(&upper.index),
+            upper.index.as_deref(),
             writable,
         )?)),
         None => None,

@@ -40,7 +40,7 @@ fn snapshotter_config_parses() {
     assert_eq!(
         c.upper,
         Some(UpperConfig {
-            index: "/var/lib/overlaybd/snapshots/12/block/writable_index".into(),
+            index: Some("/var/lib/overlaybd/snapshots/12/block/writable_index".into()),
             data: "/var/lib/overlaybd/snapshots/12/block/writable_data".into(),
             target: None,
             vsize: None,
@@ -127,15 +127,20 @@ fn file_wins_over_dir() {
 }
 
 #[test]
-fn upper_needs_both_index_and_data() {
+fn upper_needs_data() {
     let text = r#"{"upper": {"index": "/i"}}"#;
     let msg = err_text(ImageConfig::from_json(text, "c"));
-    assert!(
-        msg.contains("`upper` needs both `index` and `data`"),
-        "{msg}"
-    );
+    assert!(msg.contains("`upper` needs `data`"), "{msg}");
     let text = r#"{"lowers": [{"file": "/f"}], "upper": {"target": "/t"}}"#;
-    assert!(err_text(ImageConfig::from_json(text, "c")).contains("`upper` needs both"));
+    assert!(err_text(ImageConfig::from_json(text, "c")).contains("`upper` needs `data`"));
+}
+
+#[test]
+fn an_upper_with_only_data_is_a_sparse_writable_layer() {
+    let text = r#"{"lowers": [{"file": "/f"}], "upper": {"data": "/sparse"}}"#;
+    let upper = ImageConfig::from_json(text, "c").unwrap().upper.unwrap();
+    assert_eq!(upper.index, None);
+    assert_eq!(upper.data, Path::new("/sparse"));
 }
 
 #[test]
@@ -232,7 +237,7 @@ fn load_resolves_relative_paths_against_the_config_directory() {
         ]
     );
     let upper = c.upper.as_ref().unwrap();
-    assert_eq!(upper.index, base.join("rw/index"));
+    assert_eq!(upper.index, Some(base.join("rw/index")));
     assert_eq!(upper.data, PathBuf::from("/abs/data"));
     assert_eq!(upper.target, Some(base.join("rw/target")));
     assert_eq!(c.result_file, Some(base.join("result")));

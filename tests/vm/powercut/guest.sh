@@ -9,6 +9,7 @@
 # device (a FLUSH), it appends the writes that the flush covered to
 # $OBD_VM_RESULTS/acked.log. It never ends by itself.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 MNT=/mnt/obd-powercut
 OBD=${OBD_BIN:-obd}
 kind=${POWERCUT_KIND:?}
@@ -33,7 +34,7 @@ case $kind in
     ublk-*) DEV=$("$OBD" add --config "$MNT/config.v1.json") ;;
     tcmu-*)
         # shellcheck source=tests/vm/tcmu/lib.sh
-        source "$(dirname "$0")/../tcmu/lib.sh"
+        source "$HERE/../tcmu/lib.sh"
         "$OBD" tcmu >"$OBD_VM_RESULTS/tcmu.log" 2>&1 &
         sleep 1
         make_dev powercut "$MNT/config.v1.json" "$size"

@@ -9,13 +9,13 @@
 
 use std::io;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use overlaybd::stack::Stack;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::config::{Geometry, ID_BYTES};
-use crate::request::{execute, Device, Scratch};
+use crate::request::{execute, Device, Scratch, Stats};
 
 /// Entries in one virtqueue at most; the VMM picks the size (qemu's
 /// `queue-size`, 128 by default) up to this.
@@ -53,6 +53,9 @@ pub struct BlockBackend {
     event_idx: AtomicBool,
     /// One set of buffers per queue (each used only by its queue's thread).
     scratch: Vec<Mutex<Scratch>>,
+    /// Requests completed on each queue.
+    per_queue: Vec<AtomicU64>,
+    stats: Arc<Stats>,
 }
 
 impl BlockBackend {
@@ -67,6 +70,20 @@ impl BlockBackend {
             mem,
             event_idx: AtomicBool::new(false),
             scratch,
+            per_queue: (0..geometry.queues).map(|_| AtomicU64::new(0)).collect(),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// What this connection did so far.
+    pub fn report(&self) -> Report {
+        Report {
+            per_queue: self
+                .per_queue
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect(),
+            stats: self.stats.clone(),
         }
     }
 
@@ -76,6 +93,7 @@ impl BlockBackend {
             stack: &self.stack,
             geometry: self.geometry,
             id: self.id,
+            stats: &self.stats,
         };
         let mut scratch = self
             .scratch
@@ -94,6 +112,9 @@ impl BlockBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let outcome = execute(&device, chain, &mut scratch);
+                if let Some(n) = self.per_queue.get(queue) {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
                 vring
                     .add_used(head, outcome.used)
                     .map_err(io::Error::other)?;
@@ -169,6 +190,23 @@ impl VhostUserBackend for BlockBackend {
     }
 }
 
+/// What one VMM connection did: requests per queue, and by kind.
+#[derive(Debug)]
+pub struct Report {
+    pub per_queue: Vec<u64>,
+    pub stats: Arc<Stats>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; requests per queue:", self.stats.summary())?;
+        for n in &self.per_queue {
+            write!(f, " {n}")?;
+        }
+        Ok(())
+    }
+}
+
 /// How one VMM connection ended.
 #[derive(Debug)]
 pub enum Served {
@@ -180,13 +218,13 @@ pub enum Served {
 
 /// Serve `stack` on `listener`: one VMM connection at a time, one after
 /// another, until `keep_going` says stop or accepting fails. `after` is
-/// called after each connection, with how it ended (the stack is flushed
-/// first, whatever the guest did).
+/// called after each connection, with how it ended and what it did (the
+/// stack is flushed first, whatever the guest did).
 pub fn serve(
     stack: Arc<Stack>,
     options: Options,
     listener: UnixListener,
-    mut after: impl FnMut(&Served),
+    mut after: impl FnMut(&Served, &Report),
     keep_going: impl Fn() -> bool,
 ) -> Result<(), String> {
     let geometry = Geometry {
@@ -205,13 +243,17 @@ pub fn serve(
             options.id,
             mem.clone(),
         ));
-        let mut daemon = VhostUserDaemon::new("obd-vhost-user-blk".into(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("obd-vhost-user-blk".into(), backend.clone(), mem)
             .map_err(|e| format!("cannot start the vhost-user daemon: {e}"))?;
         daemon
             .start(&mut listener)
             .map_err(|e| format!("cannot accept a VMM connection: {e}"))?;
         let ended = match daemon.wait() {
-            Ok(()) => Served::Disconnected,
+            // A VMM that exits (the VM powered off) just closes the socket.
+            Ok(())
+            | Err(Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => Served::Disconnected,
             Err(e) => Served::Failed(e.to_string()),
         };
         // Stops the queue threads (their exit events) and waits for them.
@@ -219,7 +261,7 @@ pub fn serve(
         if let Err(e) = stack.flush() {
             return Err(format!("cannot flush the writable layer: {e}"));
         }
-        after(&ended);
+        after(&ended, &backend.report());
     }
     Ok(())
 }

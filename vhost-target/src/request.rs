@@ -23,6 +23,7 @@
 //! all: it is completed with length 0.
 
 use std::ops::{Deref, Range};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use overlaybd::stack::Stack;
 use virtio_bindings::bindings::virtio_blk::{
@@ -70,6 +71,52 @@ pub struct Device<'a> {
     pub stack: &'a Stack,
     pub geometry: Geometry,
     pub id: [u8; ID_BYTES],
+    pub stats: &'a Stats,
+}
+
+/// Requests seen, by kind (for the log at the end of a connection, and for
+/// tests that want to know the guest really flushed or discarded).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    pub other: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, kind: u32, status: Status) {
+        let counter = match kind {
+            VIRTIO_BLK_T_IN => &self.reads,
+            VIRTIO_BLK_T_OUT => &self.writes,
+            VIRTIO_BLK_T_FLUSH => &self.flushes,
+            VIRTIO_BLK_T_DISCARD => &self.discards,
+            VIRTIO_BLK_T_WRITE_ZEROES => &self.write_zeroes,
+            _ => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if status != Status::Ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One line: `reads N, writes N, ...`.
+    pub fn summary(&self) -> String {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "reads {}, writes {}, flushes {}, discards {}, write-zeroes {}, other {}, failed {}",
+            n(&self.reads),
+            n(&self.writes),
+            n(&self.flushes),
+            n(&self.discards),
+            n(&self.write_zeroes),
+            n(&self.other),
+            n(&self.errors)
+        )
+    }
 }
 
 /// A run of guest memory: address and length.
@@ -154,9 +201,25 @@ fn run(
 ) -> (Status, usize) {
     let mut header = [0u8; HEADER_LEN];
     if readable < HEADER_LEN || !gather(mem, &s.readable, 0, &mut header) {
+        device.stats.errors.fetch_add(1, Ordering::Relaxed);
         return (Status::IoErr, 0);
     }
     let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let (status, written) = run_kind(device, mem, s, kind, &header, readable, in_len);
+    device.stats.count(kind, status);
+    (status, written)
+}
+
+/// Carry out a request of type `kind` whose header is `header`.
+fn run_kind(
+    device: &Device<'_>,
+    mem: &Memory,
+    s: &mut Scratch,
+    kind: u32,
+    header: &[u8; HEADER_LEN],
+    readable: usize,
+    in_len: usize,
+) -> (Status, usize) {
     let sector = u64::from_le_bytes([
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],

@@ -29,6 +29,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     stack: Arc<Stack>,
     mem: Memory,
+    stats: Stats,
 }
 
 impl Fixture {
@@ -54,6 +55,7 @@ impl Fixture {
             _dir: dir,
             stack,
             mem,
+            stats: Stats::default(),
         }
     }
 
@@ -81,6 +83,7 @@ impl Fixture {
             stack: &self.stack,
             geometry,
             id: device_id("test"),
+            stats: &self.stats,
         };
         execute(&device, chain, &mut Scratch::default())
     }
@@ -338,6 +341,10 @@ fn flush_and_get_id() {
         ok(5)
     );
     assert_eq!(f.bytes(DATA, 5), [b'o', b'b', b'd', b'-', 0xee]);
+    assert_eq!(
+        f.stats.summary(),
+        "reads 0, writes 0, flushes 1, discards 0, write-zeroes 0, other 2, failed 0"
+    );
 }
 
 fn put_range(f: &Fixture, at: u64, sector: u64, sectors: u32, flags: u32) {

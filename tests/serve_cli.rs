@@ -33,7 +33,13 @@ fn result(dir: &Path) -> String {
 /// `obd serve` in the background; returns once it printed the socket path.
 fn start(socket: &Path, config: &Path) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args(["serve", "--vhost-user-blk", s(socket), "--config", s(config)])
+        .args([
+            "serve",
+            "--vhost-user-blk",
+            s(socket),
+            "--config",
+            s(config),
+        ])
         .args(["--queues", "2"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -63,7 +69,12 @@ fn stop(mut child: Child) -> String {
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut log = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
     assert!(status.success(), "exit {status:?} after SIGTERM:\n{log}");
     log
 }
@@ -113,7 +124,11 @@ fn refuses_a_path_that_is_not_a_socket_or_in_use() {
     ]);
     assert!(err.contains("exists and is not a socket"), "{err}");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
-    assert!(result(dir.path()).starts_with("failed:"), "{}", result(dir.path()));
+    assert!(
+        result(dir.path()).starts_with("failed:"),
+        "{}",
+        result(dir.path())
+    );
 
     // A socket someone is serving on is left alone.
     let socket = dir.path().join("busy.sock");

@@ -42,6 +42,7 @@ enum Command {
     List(cmd::list::Args),
     Del(cmd::del::Args),
     Recover(cmd::recover::Args),
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
         Command::List(args) => cmd::list::run(args),
         Command::Del(args) => cmd::del::run(args),
         Command::Recover(args) => cmd::recover::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

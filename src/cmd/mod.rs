@@ -10,6 +10,7 @@ pub mod info;
 pub mod list;
 pub mod push;
 pub mod recover;
+pub mod serve;
 pub mod tcmu;
 pub mod trace;
 pub mod ublk;

@@ -349,9 +349,19 @@ impl TraceStart {
     }
 }
 
+/// Start the trace session (record or replay, from `recordTracePath`) of
+/// an image served by another front end (`obd serve`).
+pub fn start_trace(loaded: &LoadedConfig, global: &Global, stack: &Arc<Stack>) -> Session {
+    TraceStart {
+        config: loaded.config.clone(),
+        global: global.config.clone(),
+    }
+    .start(stack)
+}
+
 /// End a trace session when the device is gone: a recording writes its
 /// trace and `.ok` file; a replay stops.
-fn finish_trace(session: Session) {
+pub fn finish_trace(session: Session) {
     if let Session::Recording(recorder) = &session {
         match recorder.finish() {
             Ok(n) => eprintln!(

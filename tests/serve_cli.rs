@@ -1,0 +1,215 @@
+//! `obd serve --vhost-user-blk` on the host, without a VMM: socket
+//! handling, errors, the resultFile, connections that come and go, and a
+//! clean stop on SIGTERM. (tests/vm/vhost/boot.sh boots a real VM.)
+
+mod obd_cli;
+use obd_cli::{obd_err, obd_ok, obd_stdout, s};
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A 4 MiB read-only image (one imported layer) and its config, whose
+/// resultFile is `result` beside it.
+fn image(dir: &Path) -> PathBuf {
+    let raw = dir.join("disk.raw");
+    std::fs::write(&raw, vec![0x5a; 4 << 20]).unwrap();
+    obd_ok(&["import", s(&raw), s(&dir.join("base.lsmt"))]);
+    let config = dir.join("config.v1.json");
+    std::fs::write(
+        &config,
+        r#"{"lowers": [{"file": "base.lsmt"}], "resultFile": "result"}"#,
+    )
+    .unwrap();
+    config
+}
+
+fn result(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("result")).unwrap_or_default()
+}
+
+/// `obd serve` in the background; returns once it printed the socket path.
+fn start(socket: &Path, config: &Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args([
+            "serve",
+            "--vhost-user-blk",
+            s(socket),
+            "--config",
+            s(config),
+        ])
+        .args(["--queues", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim_end(), s(socket), "obd serve's first line");
+    child
+}
+
+fn stop(mut child: Child) -> String {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "obd serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "exit {status:?} after SIGTERM:\n{log}");
+    log
+}
+
+#[test]
+fn serves_connection_after_connection_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = image(dir.path());
+    let socket = dir.path().join("vm.sock");
+    // A stale socket (nobody listening) is replaced.
+    drop(UnixListener::bind(&socket).unwrap());
+    assert!(socket.exists());
+    let child = start(&socket, &config);
+    assert_eq!(result(dir.path()), "success");
+    // A VMM that connects and goes away; then another.
+    for _ in 0..2 {
+        let conn = UnixStream::connect(&socket).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(conn);
+    }
+    // Still serving: a third connection is accepted.
+    let conn = UnixStream::connect(&socket).unwrap();
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = stop(child);
+    assert!(log.contains("read-only, 2 queues"), "{log}");
+    assert!(
+        log.matches("the VMM disconnected").count() >= 2,
+        "two connections seen:\n{log}"
+    );
+    assert!(log.contains("requests per queue: 0 0"), "{log}");
+    assert!(!socket.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn refuses_a_path_that_is_not_a_socket_or_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = image(dir.path());
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = obd_err(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&file),
+        "--config",
+        s(&config),
+    ]);
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert!(
+        result(dir.path()).starts_with("failed:"),
+        "{}",
+        result(dir.path())
+    );
+
+    // A socket someone is serving on is left alone.
+    let socket = dir.path().join("busy.sock");
+    let _busy = UnixListener::bind(&socket).unwrap();
+    let err = obd_err(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&socket),
+        "--config",
+        s(&config),
+    ]);
+    assert!(err.contains("in use"), "{err}");
+    assert!(socket.exists());
+}
+
+#[test]
+fn config_and_image_errors_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vm.sock");
+    // A config that does not parse still gets its resultFile written.
+    let config = dir.path().join("config.v1.json");
+    std::fs::write(&config, r#"{"lowers": 5, "resultFile": "result"}"#).unwrap();
+    let err = obd_err(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&socket),
+        "--config",
+        s(&config),
+    ]);
+    assert!(err.contains("cannot load the image config"), "{err}");
+    assert!(result(dir.path()).starts_with("failed:"));
+    // A lower that does not exist.
+    std::fs::write(
+        &config,
+        r#"{"lowers": [{"file": "missing.lsmt"}], "resultFile": "result"}"#,
+    )
+    .unwrap();
+    let err = obd_err(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&socket),
+        "--config",
+        s(&config),
+    ]);
+    assert!(err.contains("cannot open the image"), "{err}");
+    assert!(err.contains("missing.lsmt"), "{err}");
+    assert!(!socket.exists(), "no socket for an image that did not open");
+    // Bad options.
+    let config = image(dir.path());
+    let err = obd_err(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&socket),
+        "--config",
+        s(&config),
+        "--queues",
+        "0",
+    ]);
+    assert!(err.contains("--queues"), "{err}");
+    let err = obd_err(&[
+        "serve",
+        "--vhost-user-blk",
+        s(&socket),
+        "--config",
+        s(&config),
+        "--block-size",
+        "1024",
+    ]);
+    assert!(err.contains("512 or 4096"), "{err}");
+}
+
+#[test]
+fn help_shows_a_vmm_command_line() {
+    let help = obd_stdout(&["serve", "--help"]);
+    for want in [
+        "--vhost-user-blk",
+        "vhost-user-blk-pci,chardev=c,num-queues=2",
+        "memory-backend-memfd,id=mem,size=1G,share=on",
+        "-numa node,memdev=mem",
+        "cloud-hypervisor",
+    ] {
+        assert!(help.contains(want), "--help lacks {want}:\n{help}");
+    }
+}

@@ -17,7 +17,7 @@ with open(log_path) as log:
             continue  # a torn last line: the cut hit the log write
         block, gen = int(parts[0]), int(parts[1])
         acked[block] = max(acked.get(block, 0), gen)
-bad = lost = zero = newer = kept = 0
+bad = lost = zero = newer = kept = unflushed = 0
 with open(raw_path, "rb") as raw:
     data = raw.read()
 for block in range(len(data) // 4096):
@@ -36,13 +36,16 @@ for block in range(len(data) // 4096):
         bad += 1
         print(f"block {block}: not a whole write of this block")
         continue
-    if want is not None and gen < want:
+    if want is None:
+        unflushed += 1
+    elif gen < want:
         lost += 1
         print(f"block {block}: generation {gen}, but {want} was flushed")
-    elif want is not None and gen > want:
+    elif gen > want:
         newer += 1
     else:
         kept += 1
-print(f"acked blocks {len(acked)}: kept {kept}, newer unflushed {newer}, "
-      f"lost {lost}, torn or foreign {bad}; zero blocks {zero}")
+print(f"flushed blocks {len(acked)}: kept {kept}, newer unflushed write {newer}, "
+      f"lost {lost}; torn or foreign blocks {bad}; blocks written but never "
+      f"flushed that made it {unflushed}; zero blocks {zero}")
 sys.exit(1 if bad or lost else 0)

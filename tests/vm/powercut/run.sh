@@ -43,8 +43,10 @@ cleanup() {
 trap cleanup EXIT
 read -ra kind_list <<<"$kinds"
 passed=0 failed=0 inconclusive=0
+attempt=0
 for ((t = 1; t <= trials; t++)); do
     kind=${kind_list[$(((t - 1) % ${#kind_list[@]}))]}
+    attempt=$((attempt + 1))
     disk=$WORK/disk.img results=$WORK/trial-$t
     rm -f "$disk"
     mkdir -p "$results"
@@ -63,9 +65,17 @@ for ((t = 1; t <= trials; t++)); do
     if [[ ! -e $results/started ]]; then
         wait "$runner" || true
         echo "trial $t ($kind): the workload never started; $(tail -n 5 "$results/run.out" | tr '\n' ' ')"
+        # A boot that failed (TCG under load panics now and then) is tried
+        # once more; a second failure counts.
+        if ((attempt == 1)); then
+            t=$((t - 1))
+            continue
+        fi
         inconclusive=$((inconclusive + 1))
+        attempt=0
         continue
     fi
+    attempt=0
     delay=$((3 + RANDOM % 13))
     sleep "$delay"
     pkill -KILL -f "path=$results,mount_tag=results" || true

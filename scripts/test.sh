@@ -31,5 +31,9 @@ OBD_BIN=target/release/obd tests/vm/run.sh --timeout 1500 --env OBD_BIN -- bash 
 echo "== VM: TCMU (obd tcmu serving configfs/tcm_loop devices in a Debian 6.12 kernel under qemu)"
 cargo build --locked --bin obd
 tests/vm/run.sh --timeout 1500 -- tests/vm/tcmu/tcmu.sh
+echo "== VM: vhost-user-blk (obd serve; qemu boots the Debian 6.12 kernel from an obd image, no kernel module)"
+OBD_BIN=target/debug/obd bash tests/vm/vhost/boot.sh
+echo "== VM: power cut, short form (qemu killed under flushed writes; one trial per front end and upper kind)"
+bash tests/vm/powercut/run.sh --no-build --trials 4
 echo "== fresh machine: bash scripts/demo.sh in a debootstrapped Debian 12 that has only Rust"
 bash scripts/fresh-machine-check.sh

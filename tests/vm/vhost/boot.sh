@@ -31,6 +31,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 OBD=${OBD_BIN:-$ROOT/target/debug/obd}
+# A relative OBD_BIN is relative to where the script was started.
+[[ $OBD == /* ]] || OBD=$PWD/$OBD
 TIMEOUT=${OBD_VHOST_TIMEOUT:-300}
 
 t_start=$(date +%s.%N)

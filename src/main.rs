@@ -45,8 +45,34 @@ enum Command {
     Serve(cmd::serve::Args),
 }
 
+/// The reference tools obd stands in for when installed (or linked) under
+/// their names, e.g. /opt/overlaybd/bin/overlaybd-create → obd: the
+/// containerd snapshotter runs them by those paths with their arguments,
+/// which the matching subcommands accept.
+const REFERENCE_TOOLS: [(&str, &str); 4] = [
+    ("overlaybd-create", "create"),
+    ("overlaybd-commit", "commit"),
+    ("overlaybd-zfile", "zfile"),
+    ("overlaybd-tcmu", "tcmu"),
+];
+
+/// The command line, with the subcommand put in when obd was run under a
+/// reference tool's name.
+fn command_line() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if let Some((_, sub)) = REFERENCE_TOOLS.iter().find(|(tool, _)| *tool == name) {
+        args.insert(1, (*sub).into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(command_line());
     let result = match cli.command {
         Command::Create(args) => cmd::create::run(args),
         Command::Commit(args) => cmd::commit::run(args),

@@ -412,3 +412,42 @@ fn bad_input_gives_clear_errors_and_loses_nothing() {
     ]);
     assert!(err.contains("512"), "{err}");
 }
+
+/// Linked under the reference tools' names (as the containerd snapshotter
+/// runs them from /opt/overlaybd/bin), obd acts as those tools, with their
+/// arguments; a commit made that way is the same file as `obd commit`'s.
+#[test]
+fn runs_as_the_reference_tools_under_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["overlaybd-create", "overlaybd-commit", "overlaybd-zfile"] {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_obd"), bin.join(tool)).unwrap();
+    }
+    let run = |tool: &str, args: &[&Path]| {
+        let out = Command::new(bin.join(tool)).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (data, index) = (
+        dir.path().join("writable_data"),
+        dir.path().join("writable_index"),
+    );
+    run("overlaybd-create", &[&data, &index, Path::new("64")]);
+    let header = std::fs::read(&data).unwrap();
+    assert_eq!(&header[..8], b"LSMT\0\x01\x02\0", "an LSMT data file");
+    let committed = dir.path().join("overlaybd.commit");
+    run("overlaybd-commit", &[&data, &index, &committed]);
+    let by_obd = dir.path().join("by-obd.commit");
+    obd_ok(&["commit", s(&data), s(&index), s(&by_obd)]);
+    assert_eq!(
+        std::fs::read(&committed).unwrap(),
+        std::fs::read(&by_obd).unwrap()
+    );
+    let zfile = dir.path().join("layer.zfile");
+    run("overlaybd-zfile", &[&committed, &zfile]);
+    obd_ok(&["info", s(&zfile)]);
+}

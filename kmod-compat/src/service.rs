@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use overlaybd::config::{GlobalConfig, ImageConfig};
+use overlaybd::stack::Stack;
 
 use crate::exec::{Backend, Disk};
 use crate::ring::{Mailbox, Request, Ring};
@@ -40,6 +41,11 @@ pub const SUBTYPE: &str = "overlaybd";
 /// a few registry fetches or disk reads in flight.
 pub const DEFAULT_WORKERS: usize = 4;
 
+/// Called with each device's image once it is open, and its config; what
+/// it returns is kept as long as the device is served and dropped when the
+/// device goes (`obd tcmu` records or replays the config's trace with it).
+pub type OnOpen = Arc<dyn Fn(&Arc<Stack>, &ImageConfig) -> Box<dyn Send> + Send + Sync>;
+
 /// Service settings.
 pub struct Options {
     pub global: GlobalConfig,
@@ -50,6 +56,7 @@ pub struct Options {
     pub rescan: Duration,
     /// Commands run at once per device.
     pub workers: usize,
+    pub on_open: Option<OnOpen>,
 }
 
 impl Options {
@@ -60,6 +67,7 @@ impl Options {
             dev: PathBuf::from("/dev"),
             rescan: Duration::from_millis(500),
             workers: DEFAULT_WORKERS,
+            on_open: None,
         }
     }
 }
@@ -83,16 +91,17 @@ pub fn run(options: Options, stop: &AtomicBool) {
                 continue;
             }
             let quit = Arc::new(AtomicBool::new(false));
-            let (global, dev, sys, quit2, workers) = (
-                global.clone(),
-                options.dev.clone(),
-                options.sys_class_uio.clone(),
-                quit.clone(),
-                options.workers,
-            );
+            let device = DeviceOptions {
+                global: global.clone(),
+                dev: options.dev.clone(),
+                sys: options.sys_class_uio.clone(),
+                workers: options.workers,
+                on_open: options.on_open.clone(),
+            };
+            let quit2 = quit.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("tcmu-{}", entry.node))
-                .spawn(move || serve_device(&entry, &name, &global, &dev, &sys, &quit2, workers));
+                .spawn(move || serve_device(&entry, &name, &device, &quit2));
             match spawned {
                 Ok(handle) => {
                     active.insert(key, (handle, quit));
@@ -140,9 +149,21 @@ pub fn disk_info(config: &Path) -> DiskInfo {
     }
 }
 
+/// What each device's thread gets.
+struct DeviceOptions {
+    global: Arc<GlobalConfig>,
+    dev: PathBuf,
+    sys: PathBuf,
+    workers: usize,
+    on_open: Option<OnOpen>,
+}
+
 /// Open the image a device's config names and report the outcome in its
 /// resultFile. `Err` carries the reason.
-pub fn open_image(config_path: &Path, global: &GlobalConfig) -> Result<Arc<dyn Backend>, String> {
+pub fn open_image(
+    config_path: &Path,
+    global: &GlobalConfig,
+) -> Result<(Arc<Stack>, ImageConfig), String> {
     let config = ImageConfig::load(config_path).map_err(|e| e.to_string())?;
     let writable = config.upper.is_some();
     let opened = overlaybd::image::open_config_global(&config, global, writable);
@@ -157,19 +178,17 @@ pub fn open_image(config_path: &Path, global: &GlobalConfig) -> Result<Arc<dyn B
         ));
     }
     opened
-        .map(|s| Arc::new(s) as Arc<dyn Backend>)
+        .map(|stack| (Arc::new(stack), config))
         .map_err(|e| e.to_string())
 }
 
-fn serve_device(
-    entry: &UioEntry,
-    name: &TcmuName,
-    global: &GlobalConfig,
-    dev: &Path,
-    sys: &Path,
-    quit: &AtomicBool,
-    workers: usize,
-) {
+fn serve_device(entry: &UioEntry, name: &TcmuName, options: &DeviceOptions, quit: &AtomicBool) {
+    let (global, dev, sys, workers) = (
+        &*options.global,
+        &options.dev,
+        &options.sys,
+        options.workers,
+    );
     let config_path = name.config_path();
     let id = name
         .dev_id
@@ -182,14 +201,17 @@ fn serve_device(
         name.device,
         config_path.display()
     );
+    // Kept until the device goes (a trace recording, replay...).
+    let mut _on_open_guard = None;
     let backend = match open_image(&config_path, global) {
-        Ok(b) => {
+        Ok((stack, config)) => {
             log(&format!(
                 "{label}: serving {} bytes{}",
-                b.size(),
-                if b.writable() { ", writable" } else { "" }
+                stack.size(),
+                if stack.writable() { ", writable" } else { "" }
             ));
-            Some(b)
+            _on_open_guard = options.on_open.as_ref().map(|f| f(&stack, &config));
+            Some(stack as Arc<dyn Backend>)
         }
         Err(reason) => {
             // Still serve the ring, answering NOT READY, so the kernel

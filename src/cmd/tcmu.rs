@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use kmod_compat::probe;
@@ -73,10 +74,32 @@ pub fn run(args: Args) -> Result<()> {
     }
     let global = load_global_config(args.global_config.as_deref())?;
     eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
+    let trace_global = global.clone();
+    let on_open: kmod_compat::service::OnOpen = Arc::new(move |stack, config| {
+        Box::new(TraceGuard(Some(super::ublk::start_trace_for(
+            config,
+            &trace_global,
+            stack,
+        ))))
+    });
     let options = Options {
         workers: usize::from(args.workers),
+        on_open: Some(on_open),
         ..Options::new(global)
     };
     service::run(options, &AtomicBool::new(false));
     Ok(())
+}
+
+/// A device's trace session (`recordTracePath`: record when the file is
+/// empty, else replay as prefetch), finished when the device goes: a
+/// recording then writes its trace and `.ok` file, as under `obd add`.
+struct TraceGuard(Option<trace_tools::Session>);
+
+impl Drop for TraceGuard {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.take() {
+            super::ublk::finish_trace(session);
+        }
+    }
 }

@@ -359,6 +359,15 @@ pub fn start_trace(loaded: &LoadedConfig, global: &Global, stack: &Arc<Stack>) -
     .start(stack)
 }
 
+/// [`start_trace`] for an image opened from `config` (`obd tcmu`).
+pub fn start_trace_for(config: &ImageConfig, global: &GlobalConfig, stack: &Arc<Stack>) -> Session {
+    TraceStart {
+        config: Some(config.clone()),
+        global: global.clone(),
+    }
+    .start(stack)
+}
+
 /// End a trace session when the device is gone: a recording writes its
 /// trace and `.ok` file; a replay stops.
 pub fn finish_trace(session: Session) {

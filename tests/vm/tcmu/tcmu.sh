@@ -226,6 +226,42 @@ else
     bad "e) devices not served after a restart"
 fi
 
+# ---- f) recordTracePath: record under obd tcmu, then replay ---------------
+# An empty trace file: the device's lower-layer reads are recorded and the
+# trace (+ .ok) written when the device is removed; the next device with
+# that trace replays it as prefetch (the daemon logs the replay's report).
+config traced $R/layer0.lsmt
+sed -i "s|\"resultFile\"|\"recordTracePath\": \"$W/traced.trace\", \"resultFile\"|" $W/traced.json
+: >$W/traced.trace
+make_dev traced $W/traced.json $(vsize $R/layer0.lsmt) >/dev/null 2>&1
+if [ "$(wait_result traced)" = success ]; then
+    sha_per_mib "${DEV[traced]}" 4 >/dev/null
+    remove_dev traced
+    for i in $(seq 1 50); do
+        [ -e $W/traced.trace.ok ] && break
+        sleep 0.2
+    done
+    if [ -s $W/traced.trace ] && [ -e $W/traced.trace.ok ]; then
+        ok "f) a trace of $(stat -c %s $W/traced.trace) bytes was recorded under obd tcmu"
+        rm -f $W/traced.result
+        make_dev traced2 $W/traced.json $(vsize $R/layer0.lsmt) >/dev/null 2>&1
+        for i in $(seq 1 100); do
+            grep -q "trace replay done" $LOG && break
+            sleep 0.2
+        done
+        if grep -q "trace replay done" $LOG; then
+            ok "f) the next device replayed it: $(grep -m1 'trace replay done' $LOG)"
+        else
+            bad "f) no trace replay in the daemon log"
+        fi
+        remove_dev traced2
+    else
+        bad "f) no trace recorded (trace $(stat -c %s $W/traced.trace 2>/dev/null) bytes, .ok $(ls $W/traced.trace.ok 2>&1))"
+    fi
+else
+    bad "f) the traced device did not start: $(cat $W/traced.result 2>/dev/null)"
+fi
+
 # ---- teardown, reverse order ---------------------------------------------
 for name in corrupt missing rw2 dev ztool zcommit lsmt2 lsmt1 lsmt0; do
     [ -n "${WWN[$name]:-}" ] && remove_dev $name

@@ -27,6 +27,18 @@ pub trait Fetch: ReadAt {
     fn downloaded(&self) -> Option<&LocalFile> {
         None
     }
+    /// Fill `buf` from `offset` only if every byte is here now: `Ok(false)`
+    /// (and `buf` undefined) when any of it would have to be fetched. For
+    /// threads that must never wait on the network (a ublk queue): they
+    /// hand the read to a pool on `false`. Unlike asking
+    /// [`Fetch::is_present`] first, nothing evicted in between is fetched.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if !self.is_present(offset, buf.len() as u64) {
+            return Ok(false);
+        }
+        self.read_exact_at(buf, offset)?;
+        Ok(true)
+    }
     /// Make `[offset, offset + len)` present (prefetch) without handing
     /// the bytes to anyone; returns the bytes fetched from the network.
     fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {

@@ -13,10 +13,12 @@
 //!   straight into the request buffer (a bad block is EIO, never data): on
 //!   the queue thread for small requests, on all CPUs for large ones;
 //! - the writable layer's data file is read at `position`;
-//! - a registry layer (through the blob cache) is read synchronously on the
-//!   queue thread when every byte it needs is cached, and otherwise on the
-//!   device's offload pool (`offload`), so a fetch never stalls the queue's
-//!   other requests.
+//! - a registry layer (through the blob cache) is read from the cache on the
+//!   queue thread when every byte it needs is cached (`Fetch::read_cached`,
+//!   which never fetches: a chunk evicted since the plan sends the piece to
+//!   the pool), and otherwise on the device's offload pool (`offload`), so
+//!   a fetch never stalls the queue's other requests; its ZFile blocks are
+//!   decoded with the local ones.
 //!
 //! WRITE, DISCARD and WRITE_ZEROES go through the writable layer, whose
 //! `pwrite`s (data, then the 16-byte index entry) run synchronously on the
@@ -59,8 +61,17 @@ enum Fetch<'a> {
         reader: &'a ZFileReader,
         position: u64,
     },
-    /// No local file underneath, but nothing to wait for on the network
-    /// (cached, or in memory): a synchronous read on the queue thread.
+    /// A registry blob whose bytes are all cached: read them from the
+    /// cache on the queue thread, or, if some were evicted meanwhile, on
+    /// the offload pool (never a fetch here). With `zfile`, the stored span
+    /// goes to a scratch buffer and is decoded with the local ZFile pieces.
+    Cached {
+        blob: &'a dyn overlaybd::storage::Fetch,
+        offset: u64,
+        zfile: Option<(&'a ZFileReader, u64)>,
+    },
+    /// No local file underneath, nothing to wait for (in memory): a
+    /// synchronous read on the queue thread.
     Sync(Access<'a>),
     /// May wait on a registry: read on the offload pool.
     Offload,
@@ -84,7 +95,7 @@ impl Job<'_, '_> {
             Fetch::ZFile { fd, offset, .. } => {
                 Some((fd, offset, stored.get_mut(self.stored)?.as_mut_slice()))
             }
-            Fetch::Sync(_) | Fetch::Offload => None,
+            Fetch::Cached { .. } | Fetch::Sync(_) | Fetch::Offload => None,
         }
     }
 }
@@ -179,6 +190,21 @@ impl Backend {
                 reader,
                 position,
             },
+            Access::Plain(At::Fetch { blob, offset }) => Fetch::Cached {
+                blob,
+                offset,
+                zfile: None,
+            },
+            Access::Compressed {
+                reader,
+                position,
+                stored: At::Fetch { blob, offset },
+                ..
+            } => Fetch::Cached {
+                blob,
+                offset,
+                zfile: Some((reader, position)),
+            },
             other => Fetch::Sync(other),
         })
     }
@@ -208,7 +234,7 @@ impl Backend {
             if let PieceSource::Layer { .. } = piece.source {
                 let fetch = self.fetch_of(piece.source, len)?;
                 let stored = zfile_pieces;
-                if let Fetch::ZFile { .. } = fetch {
+                if let Fetch::ZFile { .. } | Fetch::Cached { zfile: Some(_), .. } = fetch {
                     zfile_pieces += 1;
                 }
                 jobs.push(Job {
@@ -228,8 +254,20 @@ impl Backend {
             scratch.stored.resize_with(zfile_pieces, Vec::new);
         }
         for job in &jobs {
-            if let Fetch::ZFile { stored_len, .. } = job.fetch {
-                scratch.stored[job.stored].resize(stored_len, 0);
+            match job.fetch {
+                Fetch::ZFile { stored_len, .. } => {
+                    scratch.stored[job.stored].resize(stored_len, 0);
+                }
+                Fetch::Cached {
+                    zfile: Some((reader, position)),
+                    ..
+                } => {
+                    let (_, stored_len) = reader
+                        .stored_span(position, job.chunk.len())
+                        .map_err(|_| -libc::EIO)?;
+                    scratch.stored[job.stored].resize(stored_len as usize, 0);
+                }
+                _ => {}
             }
         }
         // Submit every read first, then collect them all, even after a
@@ -260,6 +298,29 @@ impl Backend {
                 }
                 None => match job.fetch {
                     Fetch::Sync(access) => sync_read(access, job.chunk),
+                    Fetch::Cached {
+                        blob,
+                        offset,
+                        zfile,
+                    } => {
+                        let target = match zfile {
+                            Some(_) => scratch.stored[job.stored].as_mut_slice(),
+                            None => &mut *job.chunk,
+                        };
+                        match blob.read_cached(target, offset) {
+                            Ok(true) => Ok(()),
+                            // Evicted since the plan: fetch on the pool
+                            // (decoded there too), never here.
+                            Ok(false) => {
+                                job.fetch = Fetch::Offload;
+                                self.offload_read(q, job.chunk, job.source).await
+                            }
+                            Err(e) => {
+                                eprintln!("obd: {e}");
+                                Err(-overlaybd::error::errno_of(&e))
+                            }
+                        }
+                    }
                     _ => self.offload_read(q, job.chunk, job.source).await,
                 },
             };
@@ -271,17 +332,22 @@ impl Backend {
         // All stored bytes are in: check and decode the ZFile pieces.
         let mut decodes = Vec::new();
         for job in jobs.iter_mut() {
-            if let Fetch::ZFile {
-                reader, position, ..
-            } = job.fetch
-            {
-                decodes.push(Decode {
-                    reader,
-                    stored: &scratch.stored[job.stored],
-                    position,
-                    chunk: &mut *job.chunk,
-                });
-            }
+            let (reader, position) = match job.fetch {
+                Fetch::ZFile {
+                    reader, position, ..
+                } => (reader, position),
+                Fetch::Cached {
+                    zfile: Some((reader, position)),
+                    ..
+                } => (reader, position),
+                _ => continue,
+            };
+            decodes.push(Decode {
+                reader,
+                stored: &scratch.stored[job.stored],
+                position,
+                chunk: &mut *job.chunk,
+            });
         }
         decode_all(decodes)
     }

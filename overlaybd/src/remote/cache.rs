@@ -1146,6 +1146,29 @@ impl Fetch for CachedBlob {
         read_entries(&self.record, first, last - first + 1)
             .is_ok_and(|entries| entries.into_iter().all(is_present))
     }
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        check_bounds(self, buf.len(), offset)?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let end = offset + buf.len() as u64;
+        let first = offset / self.layout.chunk;
+        let last = (end - 1) / self.layout.chunk;
+        let mut read = PendingRead {
+            buf,
+            offset,
+            first,
+            served: Vec::new(),
+        };
+        for index in first..=last {
+            let (part, from) = read.part(self.layout, index);
+            if !self.read_local(index, part, from)? {
+                return Ok(false);
+            }
+        }
+        self.touch();
+        Ok(true)
+    }
     fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
         self.warm_range(offset, len)
     }
@@ -1222,6 +1245,29 @@ mod tests {
         }
         let requests = counted.reads.load(Ordering::Relaxed) - before;
         assert!(requests <= 8, "{requests} requests for 13 streamed chunks");
+    }
+
+    #[test]
+    fn read_cached_never_fetches() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(1 << 20);
+        let cache = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; 100_000];
+        assert!(
+            !blob.read_cached(&mut buf, 5000).unwrap(),
+            "nothing cached yet"
+        );
+        assert_eq!(cache.fetched(), 0);
+        blob.read_exact_at(&mut buf, 5000).unwrap();
+        let fetched = cache.fetched();
+        buf.fill(0);
+        assert!(blob.read_cached(&mut buf, 5000).unwrap());
+        assert_eq!(buf, data[5000..105_000]);
+        // Evicted (here: dropped) after a plan said "present": no fetch.
+        blob.drop_cached(70_000, 1);
+        assert!(!blob.read_cached(&mut buf, 5000).unwrap());
+        assert_eq!(cache.fetched(), fetched);
     }
 
     #[test]

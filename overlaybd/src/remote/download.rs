@@ -92,6 +92,12 @@ impl Fetch for Switchable {
     fn downloaded(&self) -> Option<&LocalFile> {
         self.downloaded.get()
     }
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        match self.downloaded.get() {
+            Some(file) => file.read_exact_at(buf, offset).map(|()| true),
+            None => self.blob.read_cached(buf, offset),
+        }
+    }
     fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
         if self.switched() {
             return Ok(0);

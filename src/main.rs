@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod daemon_log;
 mod progress;
 
 #[derive(Parser)]

@@ -73,6 +73,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("{problem}");
     }
     let global = load_global_config(args.global_config.as_deref())?;
+    if let Some(path) = &global.log_config.log_path {
+        eprintln!("obd tcmu: logging to {} (logConfig)", path.display());
+    }
+    crate::daemon_log::start(&global.log_config)?;
     eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
     let trace_global = global.clone();
     let on_open: kmod_compat::service::OnOpen = Arc::new(move |stack, config| {

@@ -262,6 +262,24 @@ else
     bad "f) the traced device did not start: $(cat $W/traced.result 2>/dev/null)"
 fi
 
+# ---- g) logConfig: the daemon logs into logPath, rotated ----------------
+stop_daemon TERM
+cat >$W/logging.json <<JSON
+{"logConfig": {"logPath": "$W/log/obd-tcmu.log", "logLevel": 1, "logSizeMB": 1, "logRotateNum": 2}}
+JSON
+"$OBD" tcmu --global-config $W/logging.json >>$LOG 2>&1 &
+DAEMON=$!
+for i in $(seq 1 50); do
+    grep -q "serving" $W/log/obd-tcmu.log 2>/dev/null && break
+    sleep 0.2
+done
+if grep -Eq '^[0-9]+\.[0-9]{3} INFO obd tcmu: .*serving' $W/log/obd-tcmu.log 2>/dev/null &&
+    still_reads_right lsmt0; then
+    ok "g) logConfig.logPath: $(grep -c . $W/log/obd-tcmu.log) timestamped lines, devices served"
+else
+    bad "g) no log in logConfig.logPath: $(head -c 300 $W/log/obd-tcmu.log 2>&1)"
+fi
+
 # ---- teardown, reverse order ---------------------------------------------
 for name in corrupt missing rw2 dev ztool zcommit lsmt2 lsmt1 lsmt0; do
     [ -n "${WWN[$name]:-}" ] && remove_dev $name

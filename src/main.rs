@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 mod daemon_log;
+mod metrics_http;
 mod progress;
 
 #[derive(Parser)]

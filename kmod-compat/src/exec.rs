@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use overlaybd::stack::Stack;
 
+use crate::metrics::DiskStats;
 use crate::scsi::{self, Command, DiskInfo, Sense, GOOD};
 
 /// Largest bounce buffer used for one step of a READ or WRITE.
@@ -116,6 +117,8 @@ pub struct Disk {
     backend: Option<Arc<dyn Backend>>,
     /// Log every command (OBD_TCMU_TRACE=1).
     pub trace: bool,
+    /// What the disk has done (the exporter's counters).
+    pub stats: Arc<DiskStats>,
 }
 
 impl Disk {
@@ -134,12 +137,25 @@ impl Disk {
             info,
             backend,
             trace: false,
+            stats: Arc::default(),
         }
     }
 
     /// Run the command in `cdb` with its data buffer. Any number of
     /// threads may run commands on one disk at once.
     pub fn execute(&self, cdb: &[u8], data: &mut dyn DataBuf) -> Outcome {
+        let started = std::time::Instant::now();
+        let outcome = self.run(cdb, data);
+        self.stats.record(
+            scsi::parse(cdb).ok(),
+            outcome.status,
+            self.info.block_size as u64,
+            started.elapsed(),
+        );
+        outcome
+    }
+
+    fn run(&self, cdb: &[u8], data: &mut dyn DataBuf) -> Outcome {
         let command = match scsi::parse(cdb) {
             Ok(c) => c,
             Err(sense) => return Outcome::check(sense),

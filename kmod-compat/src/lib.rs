@@ -12,9 +12,11 @@
 //!   [`ring::SharedMem`] (the uio mapping, or a buffer in tests);
 //! - [`uio`]: finding TCMU devices under /sys/class/uio and mapping them;
 //! - [`service`]: one thread per device, rescanning for new ones;
+//! - [`metrics`]: per-disk counters for the Prometheus exporter;
 //! - [`probe`]: which kernel front ends this host offers.
 
 pub mod exec;
+pub mod metrics;
 pub mod probe;
 pub mod ring;
 pub mod scsi;

@@ -30,6 +30,7 @@ use overlaybd::config::{GlobalConfig, ImageConfig};
 use overlaybd::stack::Stack;
 
 use crate::exec::{Backend, Disk};
+use crate::metrics::Metrics;
 use crate::ring::{Mailbox, Request, Ring};
 use crate::scsi::DiskInfo;
 use crate::uio::{self, Mapping, TcmuName, UioEntry};
@@ -57,6 +58,8 @@ pub struct Options {
     /// Commands run at once per device.
     pub workers: usize,
     pub on_open: Option<OnOpen>,
+    /// Where each served disk's counters are published (the exporter).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Options {
@@ -68,6 +71,7 @@ impl Options {
             rescan: Duration::from_millis(500),
             workers: DEFAULT_WORKERS,
             on_open: None,
+            metrics: None,
         }
     }
 }
@@ -97,6 +101,7 @@ pub fn run(options: Options, stop: &AtomicBool) {
                 sys: options.sys_class_uio.clone(),
                 workers: options.workers,
                 on_open: options.on_open.clone(),
+                metrics: options.metrics.clone(),
             };
             let quit2 = quit.clone();
             let spawned = std::thread::Builder::new()
@@ -156,6 +161,7 @@ struct DeviceOptions {
     sys: PathBuf,
     workers: usize,
     on_open: Option<OnOpen>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Open the image a device's config names and report the outcome in its
@@ -222,6 +228,20 @@ fn serve_device(entry: &UioEntry, name: &TcmuName, options: &DeviceOptions, quit
     };
     let mut disk = Disk::new(disk_info(&config_path), backend.clone());
     disk.trace = std::env::var_os("OBD_TCMU_TRACE").is_some_and(|v| v == "1");
+    let metrics_key = config_path.display().to_string();
+    if let Some(metrics) = &options.metrics {
+        metrics.add(&metrics_key, disk.stats.clone());
+    }
+    /// Takes the disk off the exporter when serving ends, however it ends.
+    struct Unpublish<'a>(Option<&'a Metrics>, &'a str);
+    impl Drop for Unpublish<'_> {
+        fn drop(&mut self) {
+            if let Some(metrics) = self.0 {
+                metrics.remove(self.1);
+            }
+        }
+    }
+    let _unpublish = Unpublish(options.metrics.as_deref(), &metrics_key);
     let mapping = match Mapping::open(&dev.join(&entry.node), entry.map_size) {
         Ok(m) => m,
         Err(e) => {

@@ -86,9 +86,18 @@ pub fn run(args: Args) -> Result<()> {
             stack,
         ))))
     });
+    let metrics = Arc::new(kmod_compat::metrics::Metrics::default());
+    if global.exporter_config.enable {
+        crate::metrics_http::start(&global.exporter_config, metrics.clone())?;
+        eprintln!(
+            "obd tcmu: metrics at http://0.0.0.0:{}{} (exporterConfig)",
+            global.exporter_config.port, global.exporter_config.uri_prefix
+        );
+    }
     let options = Options {
         workers: usize::from(args.workers),
         on_open: Some(on_open),
+        metrics: Some(metrics),
         ..Options::new(global)
     };
     service::run(options, &AtomicBool::new(false));

@@ -265,7 +265,8 @@ fi
 # ---- g) logConfig: the daemon logs into logPath, rotated ----------------
 stop_daemon TERM
 cat >$W/logging.json <<JSON
-{"logConfig": {"logPath": "$W/log/obd-tcmu.log", "logLevel": 1, "logSizeMB": 1, "logRotateNum": 2}}
+{"logConfig": {"logPath": "$W/log/obd-tcmu.log", "logLevel": 1, "logSizeMB": 1, "logRotateNum": 2},
+ "exporterConfig": {"enable": true, "port": 9863, "uriPrefix": "/metrics"}}
 JSON
 "$OBD" tcmu --global-config $W/logging.json >>$LOG 2>&1 &
 DAEMON=$!
@@ -278,6 +279,20 @@ if grep -Eq '^[0-9]+\.[0-9]{3} INFO obd tcmu: .*serving' $W/log/obd-tcmu.log 2>/
     ok "g) logConfig.logPath: $(grep -c . $W/log/obd-tcmu.log) timestamped lines, devices served"
 else
     bad "g) no log in logConfig.logPath: $(head -c 300 $W/log/obd-tcmu.log 2>&1)"
+fi
+# The exporter: a scrape over bash's /dev/tcp (python starts slowly here).
+scrape() {
+    exec 3<>/dev/tcp/127.0.0.1/9863 || return 1
+    printf 'GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n' >&3
+    timeout 10 cat <&3
+    exec 3<&-
+}
+metrics=$(scrape 2>/dev/null)
+reads=$(echo "$metrics" | grep "^obd_device_reads_total{config=\"$W/lsmt0.json\"}" | awk '{print $2}')
+if echo "$metrics" | grep -q '^obd_tcmu_devices [1-9]' && [ "${reads:-0}" -gt 0 ]; then
+    ok "g) exporterConfig: /metrics lists $(echo "$metrics" | grep '^obd_tcmu_devices') and $reads READs of lsmt0"
+else
+    bad "g) no metrics on :9863/metrics: $(echo "$metrics" | head -c 300)"
 fi
 
 # ---- teardown, reverse order ---------------------------------------------

@@ -27,9 +27,11 @@ OBD_PKGS_DEMO=(e2fsprogs)
 # fixtures. docker-registry, apache2-utils (htpasswd), openssl, python3-jwt,
 # python3-cryptography (a token issuer): the registry-blob tests. mount
 # (losetup, mount) and util-linux (setpriv): the eBPF tests.
-# fonts-dejavu-core labels `obd trace plot` images.
+# fonts-dejavu-core labels `obd trace plot` images. strace: scripts/bench-fetch.sh
+# (its short form runs in scripts/test.sh) finds the files python's import
+# chain and gcc's compile open, to copy them into its image.
 OBD_PKGS_TEST=(python3 xz-utils docker-registry apache2-utils openssl python3-jwt python3-cryptography
-    mount util-linux fonts-dejavu-core)
+    mount util-linux fonts-dejavu-core strace)
 OBD_PKGS_VM=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs fio util-linux)
 # debootstrap makes the fresh Debian; git clones the commit under test into it.
 OBD_PKGS_FRESH=(debootstrap git)

@@ -270,8 +270,15 @@ pub struct Plan {
     pub mix: Option<(u64, Vec<Fault>)>,
     /// Delay before each answer.
     pub latency: Duration,
-    /// Bytes per second for bodies (0: unlimited).
+    /// Bytes per second for bodies (0: unlimited): each connection on its
+    /// own, unless `shared_link` is set.
     pub rate: u64,
+    /// Model one link: `rate` is shared by all connections (each 16 KiB
+    /// piece of any body takes its turn on one schedule), and answers that
+    /// pass unharmed are streamed as the upstream sends them instead of
+    /// being read whole first (so a large body is not delayed by the
+    /// upstream's own time to send it all). `latency` stays per request.
+    pub shared_link: bool,
     /// Answer blob GETs with a 307 to `/storage/<path>` on this proxy,
     /// which serves the blob (like a registry in front of blob storage).
     pub redirect: bool,
@@ -302,6 +309,43 @@ pub struct Proxy {
     stop: Arc<AtomicBool>,
 }
 
+/// The schedule of the one link of [`Plan::shared_link`]: the instant it is
+/// free again.
+#[derive(Default)]
+struct Link {
+    free_at: Mutex<Option<Instant>>,
+}
+
+/// A sender that comes back later than this after the link went idle
+/// starts a new schedule; sooner, it goes on from where the link stood
+/// (so a stream is not slowed by how late `sleep` wakes it).
+const LINK_SLACK: Duration = Duration::from_millis(1);
+
+impl Link {
+    /// Reserve the link for `bytes` at `rate` bytes/s; the instant they
+    /// have crossed it.
+    fn reserve(&self, bytes: usize, rate: u64) -> Instant {
+        let now = Instant::now();
+        let mut free_at = self.free_at.lock().unwrap();
+        let start = match *free_at {
+            Some(at) if at + LINK_SLACK >= now => at,
+            _ => now,
+        };
+        let end = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        *free_at = Some(end);
+        end
+    }
+
+    /// Send `piece` when the link has carried it.
+    fn send(&self, client: &mut TcpStream, piece: &[u8], rate: u64) -> std::io::Result<()> {
+        let end = self.reserve(piece.len(), rate);
+        if let Some(wait) = end.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        client.write_all(piece)
+    }
+}
+
 impl Proxy {
     pub fn start(upstream_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -310,15 +354,16 @@ impl Proxy {
         let stats = Arc::new(Stats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (p, s, st) = (plan.clone(), stats.clone(), stop.clone());
+        let link = Arc::new(Link::default());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (p, s) = (p.clone(), s.clone());
+                let (p, s, l) = (p.clone(), s.clone(), link.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream_port, &p, &s);
+                    let _ = serve(conn, upstream_port, &p, &s, &l);
                 });
             }
         });
@@ -392,6 +437,7 @@ fn serve(
     upstream_port: u16,
     plan: &Mutex<Plan>,
     stats: &Stats,
+    link: &Link,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut client = client;
@@ -428,7 +474,7 @@ fn serve(
     let mut body = vec![0u8; body_len];
     reader.read_exact(&mut body)?;
     let is_blob_get = method == "GET" && path.contains("/blobs/sha256:");
-    let (fault, latency, rate) = {
+    let (fault, latency, rate, shared_link) = {
         let mut plan = plan.lock().unwrap();
         let mut fault = Fault::Pass;
         if is_blob_get {
@@ -452,7 +498,7 @@ fn serve(
                 }
             }
         }
-        (fault, plan.latency, plan.rate)
+        (fault, plan.latency, plan.rate, plan.shared_link)
     };
     if !matches!(fault, Fault::Pass) {
         stats.faults.fetch_add(1, Ordering::Relaxed);
@@ -500,6 +546,9 @@ fn serve(
     out.push_str("Connection: close\r\n\r\n");
     upstream.write_all(out.as_bytes())?;
     upstream.write_all(&body)?;
+    if shared_link && matches!(fault, Fault::Pass) {
+        return stream_answer(client, upstream, latency, rate, stats, link);
+    }
     let mut answer = Vec::new();
     upstream.read_to_end(&mut answer)?;
     let split = answer
@@ -550,6 +599,49 @@ fn serve(
         reset(&client);
         return Ok(());
     }
+    client.shutdown(Shutdown::Write)
+}
+
+/// Forward the upstream's answer as it comes ([`Plan::shared_link`]): its
+/// head after `latency`, then its body in ≤ 16 KiB pieces over the link.
+fn stream_answer(
+    mut client: TcpStream,
+    upstream: TcpStream,
+    latency: Duration,
+    rate: u64,
+    stats: &Stats,
+    link: &Link,
+) -> std::io::Result<()> {
+    let mut upstream = BufReader::with_capacity(64 * 1024, upstream);
+    let Some(head) = read_head(&mut upstream)? else {
+        return client.shutdown(Shutdown::Both);
+    };
+    let mut new_head = String::new();
+    for line in &head {
+        let name = line.split(':').next().unwrap_or("").trim();
+        if name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        new_head.push_str(line);
+        new_head.push_str("\r\n");
+    }
+    new_head.push_str("Connection: close\r\n\r\n");
+    std::thread::sleep(latency);
+    client.write_all(new_head.as_bytes())?;
+    let mut piece = vec![0u8; 16 * 1024];
+    loop {
+        let n = upstream.read(&mut piece)?;
+        if n == 0 {
+            break;
+        }
+        if rate > 0 {
+            link.send(&mut client, &piece[..n], rate)?;
+        } else {
+            client.write_all(&piece[..n])?;
+        }
+        stats.body_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    client.flush()?;
     client.shutdown(Shutdown::Write)
 }
 

@@ -289,6 +289,7 @@ pub struct Registry {
     prefetch: Semaphore,
     requests: AtomicU64,
     body_bytes: AtomicU64,
+    http2: AtomicU64,
 }
 
 impl Registry {
@@ -323,6 +324,7 @@ impl Registry {
             state: Mutex::new(State::default()),
             requests: AtomicU64::new(0),
             body_bytes: AtomicU64::new(0),
+            http2: AtomicU64::new(0),
         }
     }
 
@@ -343,6 +345,11 @@ impl Registry {
     /// HTTP requests sent so far (token requests included).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Answers to blob GETs that came over HTTP/2.
+    pub fn http2_responses(&self) -> u64 {
+        self.http2.load(Ordering::Relaxed)
     }
 
     /// Blob bytes received so far.

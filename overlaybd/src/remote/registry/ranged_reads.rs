@@ -251,10 +251,14 @@ impl Registry {
             request = request.header("Authorization", value);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        request
+        let response = request
             .send()
             .await
-            .map_err(|e| transport_failure(e, "GET", url))
+            .map_err(|e| transport_failure(e, "GET", url))?;
+        if response.version() == reqwest::Version::HTTP_2 {
+            self.http2.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(response)
     }
 
     /// Copy the answer to a range request for `[offset, offset +

@@ -27,6 +27,30 @@ pub trait ReadAt: Send + Sync {
     /// ZFile block CRC) found them wrong. Sources without a cache have
     /// nothing to forget.
     fn drop_cached(&self, _offset: u64, _len: u64) {}
+    /// Fill each `(offset, buf)` of `parts`; the outcome of each, in order.
+    /// Sources that can have all of them in flight at once (a registry
+    /// blob) do; this default reads them on scoped threads, one each but
+    /// the first, which this thread reads.
+    fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Vec<io::Result<()>> {
+        let Some(((offset, buf), others)) = parts.split_first_mut() else {
+            return Vec::new();
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = others
+                .iter_mut()
+                .map(|(offset, buf)| scope.spawn(move || self.read_exact_at(buf, *offset)))
+                .collect();
+            let mut results = vec![self.read_exact_at(buf, *offset)];
+            for other in others {
+                results.push(
+                    other
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("a read thread panicked"))),
+                );
+            }
+            results
+        })
+    }
 }
 
 /// Shared handle to any source.

@@ -351,12 +351,12 @@ fn bearer_credentials_go_only_to_the_realm() {
     assert!(storage.seen().iter().all(|s| s.authorization.is_none()));
 }
 
-fn plain_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
+fn plain_agent() -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(overlaybd::remote::tls::default_tls())
+        .timeout(Duration::from_secs(5))
         .build()
-        .into()
+        .unwrap()
 }
 
 #[test]

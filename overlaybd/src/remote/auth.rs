@@ -207,7 +207,7 @@ const ANSWER_LIMIT: u64 = 1 << 20;
 enum Transport {
     /// `GET <endpoint>?remote_url=<blob url>` (`mode: http` or `https`).
     Url {
-        agent: ureq::Agent,
+        client: reqwest::Client,
         endpoint: String,
     },
     /// `GET /auth?remote_url=<blob url>` with `Host: localhost` over the
@@ -237,10 +237,11 @@ pub struct CredentialServer {
 }
 
 impl CredentialServer {
-    /// A server at an `http://` or `https://` endpoint, asked with `agent`.
-    pub fn new(agent: ureq::Agent, endpoint: &str) -> Self {
+    /// A server at an `http://` or `https://` endpoint, asked with
+    /// `client` (on the fetch engine's runtime).
+    pub fn new(client: reqwest::Client, endpoint: &str) -> Self {
         Self::with_transport(Transport::Url {
-            agent,
+            client,
             endpoint: endpoint.to_string(),
         })
     }
@@ -280,19 +281,21 @@ impl CredentialServer {
     /// Ask the server about `blob_url`: its whole answer, or why not.
     fn ask(&self, blob_url: &str) -> std::result::Result<Credentials, String> {
         let text = match &self.transport {
-            Transport::Url { agent, endpoint } => {
+            Transport::Url { client, endpoint } => {
                 let separator = if endpoint.contains('?') { '&' } else { '?' };
                 let url = format!("{endpoint}{separator}remote_url={}", query_escape(blob_url));
-                let mut response = agent.get(&url).call().map_err(|e| e.to_string())?;
-                if response.status() != 200 {
-                    return Err(format!("HTTP {}", response.status().as_u16()));
-                }
-                response
-                    .body_mut()
-                    .with_config()
-                    .limit(ANSWER_LIMIT)
-                    .read_to_string()
-                    .map_err(|e| e.to_string())?
+                let body = super::registry::block_on(async {
+                    let response = client
+                        .get(&url)
+                        .send()
+                        .await
+                        .map_err(super::registry::error_text)?;
+                    if response.status() != 200 {
+                        return Err(format!("HTTP {}", response.status().as_u16()));
+                    }
+                    super::registry::read_limited(response, ANSWER_LIMIT as usize).await
+                })?;
+                String::from_utf8(body).map_err(|_| "the answer is not UTF-8 text".to_string())?
             }
             Transport::Uds { path, timeout } => {
                 let target = format!("/auth?remote_url={}", query_escape(blob_url));
@@ -487,32 +490,40 @@ fn server_timeout(config: &CredentialConfig) -> Duration {
     }
 }
 
-/// The agent for `mode: http` and `https`: the server's timeout, and for
-/// https `server_ca_path` (the only CA trusted when set, as with the
-/// reference's libcurl) and the client certificate.
-fn server_agent(config: &CredentialConfig, user_agent: &str) -> Result<ureq::Agent> {
-    let mut tls = ureq::tls::TlsConfig::builder();
-    tls = match &config.server_ca_path {
-        Some(ca) => tls.root_certs(ureq::tls::RootCerts::new_with_certs(
-            &super::tls::load_pem_certs(ca)?,
-        )),
-        None => tls.root_certs(super::tls::root_certs(&[])),
+/// The client for `mode: http` and `https`: the server's timeout for a
+/// whole request, redirects not followed, and for https `server_ca_path`
+/// (the only CA trusted when set, as with the reference's libcurl) and the
+/// client certificate.
+fn server_client(config: &CredentialConfig, user_agent: &str) -> Result<reqwest::Client> {
+    let roots = match &config.server_ca_path {
+        Some(ca) => {
+            let mut store = rustls::RootCertStore::empty();
+            store.add_parsable_certificates(super::tls::load_pem_certs(ca)?);
+            store
+        }
+        None => super::tls::root_certs(&[]),
     };
-    if let Some(cert) = &config.client_cert_path {
-        tls = tls.client_cert(Some(super::tls::load_client_cert(
+    let client_cert = match &config.client_cert_path {
+        Some(cert) => Some(super::tls::load_client_cert(
             cert,
             config.client_key_path.as_deref(),
-        )?));
-    }
+        )?),
+        None => None,
+    };
     let timeout = server_timeout(config);
-    Ok(ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
+    reqwest::Client::builder()
+        .use_preconfigured_tls(super::tls::client_config(roots, client_cert)?)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(timeout)
+        .timeout(timeout)
         .user_agent(user_agent)
-        .tls_config(tls.build())
         .build()
-        .into())
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "credential server client: {}",
+                super::registry::error_text(e)
+            ))
+        })
 }
 
 /// The credential source `credentialConfig` names:
@@ -569,8 +580,8 @@ pub fn credential_source(
                     mode_name(mode)
                 )));
             }
-            let agent = server_agent(config, user_agent)?;
-            Ok(Box::new(CredentialServer::new(agent, &path)))
+            let client = server_client(config, user_agent)?;
+            Ok(Box::new(CredentialServer::new(client, &path)))
         }
         CredentialMode::Uds => {
             let path = need_path()?;

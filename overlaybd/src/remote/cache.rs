@@ -839,16 +839,23 @@ impl CachedBlob {
         result
     }
 
-    /// Fetch chunks `first..=last` (claimed by this thread) in one request
-    /// and store them; the bytes are returned, to serve the caller even if
-    /// another process evicts them at once.
-    fn fetch_run(&self, first: u64, last: u64) -> io::Result<Vec<u8>> {
+    /// The byte range `[start, end)` of chunks `first..=last`.
+    fn run_bounds(&self, first: u64, last: u64) -> (u64, u64) {
         let start = first * self.layout.chunk;
-        let end = last * self.layout.chunk + self.layout.chunk_len(last);
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.origin.read_exact_at(&mut buf, start)?;
-        self.cache.fetched.fetch_add(end - start, Ordering::Relaxed);
-        if let Err(e) = self.store(first, last, &buf) {
+        (
+            start,
+            last * self.layout.chunk + self.layout.chunk_len(last),
+        )
+    }
+
+    /// Keep the fetched bytes of run `first..=last` (claimed by this
+    /// thread) in the cache; the caller serves them from `buf`, even if
+    /// another process evicts them at once.
+    fn keep_run(&self, first: u64, last: u64, buf: &[u8]) {
+        self.cache
+            .fetched
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.store(first, last, buf) {
             // The bytes are in hand: serve them, say once that the cache
             // could not keep them.
             if !self.store_failed.swap(true, Ordering::Relaxed) {
@@ -859,7 +866,6 @@ impl CachedBlob {
                 );
             }
         }
-        Ok(buf)
     }
 
     /// Copy what run `first..` (its bytes in `buf`) holds of the caller's
@@ -946,29 +952,44 @@ impl CachedBlob {
                 _ => runs.push((index, index)),
             }
         }
-        let results: Vec<io::Result<Vec<u8>>> = match runs.len() {
+        // Every run in flight at once: a registry origin sends all the
+        // GETs together (see `ReadAt::read_many_at`).
+        let mut bufs: Vec<Vec<u8>> = runs
+            .iter()
+            .map(|&(first, last)| {
+                let (start, end) = self.run_bounds(first, last);
+                vec![0u8; (end - start) as usize]
+            })
+            .collect();
+        let mut parts: Vec<(u64, &mut [u8])> = runs
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(&(first, _), buf)| (first * self.layout.chunk, buf.as_mut_slice()))
+            .collect();
+        let results = match parts.len() {
             0 => Vec::new(),
-            1 => vec![self.fetch_run(runs[0].0, runs[0].1)],
-            _ => std::thread::scope(|scope| {
-                let others: Vec<_> = runs[1..]
-                    .iter()
-                    .map(|&(first, last)| scope.spawn(move || self.fetch_run(first, last)))
-                    .collect();
-                let mut results = vec![self.fetch_run(runs[0].0, runs[0].1)];
-                for other in others {
-                    results.push(
-                        other
-                            .join()
-                            .unwrap_or_else(|_| Err(io::Error::other("a fetch thread panicked"))),
-                    );
-                }
-                results
-            }),
+            1 => {
+                let (offset, buf) = &mut parts[0];
+                vec![self.origin.read_exact_at(buf, *offset)]
+            }
+            _ => self.origin.read_many_at(&mut parts),
         };
-        for (&(first, _), result) in runs.iter().zip(results) {
-            self.serve(first, &result?, read);
+        drop(parts);
+        let mut outcome = Ok(());
+        for ((&(first, last), buf), result) in runs.iter().zip(&bufs).zip(results) {
+            match result {
+                Ok(()) => {
+                    self.keep_run(first, last, buf);
+                    self.serve(first, buf, read);
+                }
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                }
+            }
         }
-        Ok(())
+        outcome
     }
 
     /// Chunks to read ahead of a miss at chunk `first`: none, unless the
@@ -1169,8 +1190,9 @@ impl Fetch for CachedBlob {
         self.touch();
         Ok(true)
     }
+    /// Prefetch: the registry reads it needs are in the prefetch class.
     fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
-        self.warm_range(offset, len)
+        super::registry::prefetching(|| self.warm_range(offset, len))
     }
 }
 

@@ -212,7 +212,8 @@ fn fill(
         if blob.is_present(offset, n) {
             blob.read_exact_at(piece, offset)?;
         } else {
-            blob.origin().read_exact_at(piece, offset)?;
+            // A background download is prefetch: on-demand reads go first.
+            super::registry::prefetching(|| blob.origin().read_exact_at(piece, offset))?;
             fetched += n;
             if max_mbps > 0 {
                 // Sleep until the average rate is back under the limit.

@@ -15,13 +15,17 @@
 //! - [`download`]: the background download of whole blobs into a lower's
 //!   `dir`.
 //!
-//! Why a blocking client (ureq) and not an async one: every [`ReadAt`]
-//! caller in the engine is synchronous today (CLI tools, tests, TCMU worker
-//! threads), and ureq with rustls compiles in a fraction of the time of
-//! reqwest + hyper + tokio on the two cores we build on. The ublk front end
-//! keeps its queue threads free by handing a miss to a worker (e.g. tokio's
-//! `spawn_blocking` pool) and awaiting the result; nothing here holds a lock
-//! across network I/O, so many misses can be in flight at once.
+//! One async fetch engine per process: reqwest (one connection pool per
+//! client, HTTP/2 where a registry offers it over TLS) on one shared tokio
+//! runtime with two worker threads ([`registry::runtime`]). Every caller
+//! in the engine is synchronous (CLI tools, TCMU workers, the ublk offload
+//! pool, prefetch workers), so the public API stays blocking: each call is
+//! a `block_on` of an async function, the calling thread waits for its own
+//! requests and nothing holds a lock across network I/O, so many misses
+//! are in flight at once. The blob cache merges adjacent misses and reads
+//! ahead for sequential readers and hands the separate runs of one read to
+//! the engine together; prefetch (`Fetch::warm`, background downloads) is
+//! a lower class than on-demand reads (see [`registry`]).
 //!
 //! Errors are `io::Error`s whose kind and [`errno_of`] say what a block front
 //! end should answer: 401/403 → `EPERM`, 404 → `ENOENT`, 429 → `EBUSY`,

@@ -27,25 +27,61 @@
 //! a bad request) is reported at once.
 
 //!
+//! ## The fetch engine
+//!
+//! One async engine per process: every [`Registry`] sends its requests
+//! with reqwest (hyper) on one process-wide tokio runtime ([`runtime`], two
+//! worker threads that drive the connections and timers). A `Registry` has
+//! one `reqwest::Client`, so one connection pool: connections to a host are
+//! reused, many requests to one host and one blob are in flight at once,
+//! and HTTP/2 is used where the registry offers it through TLS ALPN (plain
+//! http stays HTTP/1.1: reqwest does not try h2c without being told).
+//!
+//! The engine's callers are synchronous threads (CLI tools, TCMU workers,
+//! the ublk offload pool, prefetch workers). The blocking API
+//! ([`Registry::read_range`], [`RegistryBlob`]'s `ReadAt`, uploads...) is a
+//! thin [`block_on`] over the async functions: the calling thread drives
+//! its own request futures and waits, nothing else. A read that covers
+//! several separate ranges ([`RegistryBlob::read_ranges`], which the blob
+//! cache uses for the separate runs of one miss) sends all of them at once
+//! and waits for the last.
+//!
+//! Priority, kept simple: two classes. On-demand reads (someone is waiting
+//! for the bytes) are admitted at once, unbounded. Prefetch reads (a
+//! thread inside [`prefetching`]: `Fetch::warm`, the background download)
+//! first take a permit from a per-registry semaphore of
+//! [`RegistryOptions::prefetch_requests`] permits and hold it for the whole
+//! read, retries included. However many prefetch workers there are, at most
+//! that many prefetch reads are on the wire, so an on-demand read never
+//! queues behind prefetch in the engine; it shares the connections and the
+//! link with those few. (A chunk the cache already has a prefetch fetching
+//! is waited for, single-flight, rather than asked for twice.)
+//!
+//! Merging adjacent and overlapping misses and the read-ahead that grows
+//! while a reader stays sequential live one level up, in the blob cache
+//! (`remote/cache.rs`), which hands the engine one range per run.
+//!
 //! The work is split by job: [`authorization`] (the probe, Basic, Bearer
 //! tokens), [`ranged_reads`] (blob reads, redirects, answer checks) and
 //! [`uploads`] (`HEAD`, `POST` + `PUT` of whole blobs). This file holds what
-//! they share: the client and its caches, the options, the retry policy and
-//! what a failed answer means.
+//! they share: the runtime, the client and its caches, the options, the
+//! retry policy and what a failed answer means.
 
 mod authorization;
 mod ranged_reads;
 mod uploads;
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::ExponentialBuilder;
-use ureq::http::Response;
-use ureq::Body;
+use reqwest::Response;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::GlobalConfig;
 use crate::error::Result;
@@ -73,6 +109,9 @@ pub struct RegistryOptions {
     /// How long a redirect to blob storage is reused.
     pub redirect_ttl: Duration,
     pub user_agent: String,
+    /// Prefetch reads on the wire at once (per registry client); on-demand
+    /// reads are not limited.
+    pub prefetch_requests: usize,
 }
 
 impl Default for RegistryOptions {
@@ -86,6 +125,7 @@ impl Default for RegistryOptions {
             deadline: Duration::from_secs(60),
             redirect_ttl: Duration::from_secs(300),
             user_agent: concat!("obd/", env!("CARGO_PKG_VERSION")).to_string(),
+            prefetch_requests: 4,
         }
     }
 }
@@ -100,14 +140,16 @@ impl RegistryOptions {
     }
 
     /// The waits between the attempts of one read or upload: `backoff`,
-    /// doubled each time up to `max_backoff`, `tries - 1` of them (no
-    /// jitter: `with_jitter()` would add up to one more wait at random).
+    /// doubled each time up to `max_backoff`, `tries - 1` of them, each
+    /// plus a random part of up to itself (backon's jitter), so that many
+    /// readers failing together do not come back together.
     fn retry_delays(&self) -> ExponentialBuilder {
         ExponentialBuilder::new()
             .with_min_delay(self.backoff)
             .with_factor(2.0)
             .with_max_delay(self.max_backoff)
             .with_max_times(self.tries.saturating_sub(1) as usize)
+            .with_jitter()
     }
 }
 
@@ -169,46 +211,130 @@ impl From<io::Error> for Failure {
     }
 }
 
-/// A registry client: one HTTP agent (connection pool), and the auth,
+/// Which class a read belongs to (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// Someone is waiting for the bytes: admitted at once.
+    OnDemand,
+    /// Prefetch or background download: bounded by
+    /// [`RegistryOptions::prefetch_requests`].
+    Prefetch,
+}
+
+thread_local! {
+    static PRIORITY: Cell<Priority> = const { Cell::new(Priority::OnDemand) };
+}
+
+/// Run `f` with this thread's registry reads in the prefetch class.
+pub fn prefetching<R>(f: impl FnOnce() -> R) -> R {
+    let before = PRIORITY.with(|p| p.replace(Priority::Prefetch));
+    struct Restore(Priority);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PRIORITY.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
+}
+
+/// The class of this thread's registry reads now.
+pub fn current_priority() -> Priority {
+    PRIORITY.with(Cell::get)
+}
+
+/// The process-wide runtime every registry client's requests run on: two
+/// worker threads for connections and timers. Created on first use.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("obd-fetch")
+            .enable_io()
+            .enable_time()
+            .build()
+            .expect("cannot start the fetch engine's runtime")
+    })
+}
+
+/// Run `future` on [`runtime`] and wait for it on this thread. From a
+/// thread that is already inside a tokio runtime (where blocking on
+/// another is refused), a helper thread waits instead.
+pub fn block_on<F>(future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| runtime().block_on(future))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    } else {
+        runtime().block_on(future)
+    }
+}
+
+/// A registry client: one HTTP client (connection pool), and the auth,
 /// token and redirect caches shared by every blob read through it.
 pub struct Registry {
-    agent: ureq::Agent,
+    client: reqwest::Client,
     options: RegistryOptions,
     credentials: Box<dyn CredentialSource>,
     state: Mutex<State>,
+    /// Permits for prefetch reads on the wire.
+    prefetch: Semaphore,
     requests: AtomicU64,
     body_bytes: AtomicU64,
+    http2: AtomicU64,
 }
 
 impl Registry {
     /// A client using the global config's credentials and `certConfig`.
     pub fn new(options: RegistryOptions, global: &GlobalConfig) -> Result<Registry> {
-        let agent = make_agent(&options, super::tls::registry_tls(&global.cert_config)?);
+        let client = make_client(&options, super::tls::registry_tls(&global.cert_config)?)?;
         let credentials = credential_source(&global.credential_config, &options.user_agent)?;
-        Ok(Self::from_parts(agent, options, credentials))
+        Ok(Self::from_parts(client, options, credentials))
     }
 
     /// A client with explicit credentials and the default TLS roots.
+    /// Panics when `options.user_agent` cannot be a header value.
     pub fn with_credentials(
         options: RegistryOptions,
         credentials: Box<dyn CredentialSource>,
     ) -> Registry {
-        let agent = make_agent(&options, super::tls::default_tls());
-        Self::from_parts(agent, options, credentials)
+        let client = make_client(&options, super::tls::default_tls())
+            .expect("an HTTP client with the default TLS settings");
+        Self::from_parts(client, options, credentials)
     }
 
     fn from_parts(
-        agent: ureq::Agent,
+        client: reqwest::Client,
         options: RegistryOptions,
         credentials: Box<dyn CredentialSource>,
     ) -> Registry {
         Registry {
-            agent,
+            client,
+            prefetch: Semaphore::new(options.prefetch_requests.max(1)),
             options,
             credentials,
             state: Mutex::new(State::default()),
             requests: AtomicU64::new(0),
             body_bytes: AtomicU64::new(0),
+            http2: AtomicU64::new(0),
+        }
+    }
+
+    /// Wait until a read of class `priority` may go on the wire; the
+    /// permit (prefetch only) is to be held until it is done.
+    pub async fn admit(&self, priority: Priority) -> Option<SemaphorePermit<'_>> {
+        match priority {
+            Priority::OnDemand => None,
+            // The semaphore is never closed: `acquire` cannot fail.
+            Priority::Prefetch => self.prefetch.acquire().await.ok(),
         }
     }
 
@@ -221,6 +347,11 @@ impl Registry {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Answers to blob GETs that came over HTTP/2.
+    pub fn http2_responses(&self) -> u64 {
+        self.http2.load(Ordering::Relaxed)
+    }
+
     /// Blob bytes received so far.
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes.load(Ordering::Relaxed)
@@ -231,17 +362,54 @@ impl Registry {
     }
 }
 
-fn make_agent(options: &RegistryOptions, tls: ureq::tls::TlsConfig) -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .tls_config(tls)
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .timeout_connect(Some(options.connect_timeout))
-        .timeout_per_read(Some(options.read_timeout))
-        .timeout_per_call(Some(options.deadline))
+/// The HTTP client: redirects not followed (they are handled here, without
+/// credentials), a connect timeout, a timeout for each read of an answer,
+/// and `deadline` for a whole request, body included.
+fn make_client(options: &RegistryOptions, tls: rustls::ClientConfig) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(options.connect_timeout)
+        .read_timeout(options.read_timeout)
+        .timeout(options.deadline)
         .user_agent(options.user_agent.as_str())
         .build()
-        .into()
+        .map_err(|e| {
+            crate::error::Error::Invalid(format!("cannot make the HTTP client: {}", error_text(e)))
+        })
+}
+
+/// What went wrong, with its causes, and without the URL (which may hold
+/// a signed query or user info).
+pub fn error_text(e: reqwest::Error) -> String {
+    use std::error::Error as _;
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The body of `response`, at most `limit` bytes.
+pub async fn read_limited(
+    mut response: Response,
+    limit: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(error_text)? {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("the answer is over {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The part of a URL naming its repository: up to the last `/blobs`
@@ -279,7 +447,7 @@ pub fn resolve_location(base: &str, location: &str) -> String {
 }
 
 /// What a non-success status means for the caller.
-fn status_failure(response: &Response<Body>, url: &str) -> Failure {
+fn status_failure(response: &Response, url: &str) -> Failure {
     let status = response.status().as_u16();
     let name = redact_url(url);
     match status {
@@ -297,16 +465,20 @@ fn status_failure(response: &Response<Body>, url: &str) -> Failure {
     }
 }
 
-fn transport_failure(e: ureq::Error, what: &str, url: &str) -> Failure {
+fn transport_failure(e: reqwest::Error, what: &str, url: &str) -> Failure {
     let name = redact_url(url);
-    match e {
-        ureq::Error::Timeout(t) => {
-            Failure::retry(libc::ETIMEDOUT, format!("{what} {name}: timed out ({t})"))
-        }
-        ureq::Error::BadUri(_) | ureq::Error::Http(_) => {
-            Failure::fatal(libc::EINVAL, format!("{what} {name}: bad request: {e}"))
-        }
-        e => Failure::retry(libc::EIO, format!("{what} {name}: {e}")),
+    if e.is_timeout() {
+        Failure::retry(
+            libc::ETIMEDOUT,
+            format!("{what} {name}: timed out ({})", error_text(e)),
+        )
+    } else if e.is_builder() {
+        Failure::fatal(
+            libc::EINVAL,
+            format!("{what} {name}: bad request: {}", error_text(e)),
+        )
+    } else {
+        Failure::retry(libc::EIO, format!("{what} {name}: {}", error_text(e)))
     }
 }
 
@@ -358,7 +530,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_delays_double_up_to_the_cap() {
+    fn retry_delays_double_up_to_the_cap_with_jitter() {
         use backon::BackoffBuilder;
         let options = RegistryOptions {
             tries: 6,
@@ -366,12 +538,17 @@ mod tests {
             max_backoff: Duration::from_millis(500),
             ..RegistryOptions::default()
         };
-        let delays: Vec<u128> = options
-            .retry_delays()
-            .build()
-            .map(|d| d.as_millis())
-            .collect();
-        assert_eq!(delays, [100, 200, 400, 500, 500]);
+        for _ in 0..20 {
+            let delays: Vec<u128> = options
+                .retry_delays()
+                .build()
+                .map(|d| d.as_millis())
+                .collect();
+            assert_eq!(delays.len(), 5);
+            for (delay, base) in delays.iter().zip([100, 200, 400, 500, 500]) {
+                assert!((base..=2 * base).contains(delay), "{delays:?}");
+            }
+        }
         let once = RegistryOptions {
             tries: 1,
             ..RegistryOptions::default()

@@ -4,27 +4,29 @@
 //! Trusted roots: Mozilla's, compiled in (`webpki-root-certs`), plus the
 //! system CA bundle when there is one (`SSL_CERT_FILE`, else the first of
 //! the usual distribution paths, `/etc/ssl/certs/ca-certificates.crt` on
-//! Debian), plus the CA files `certConfig` names. They are handed to ureq
-//! as one list of certificates (`RootCerts::Specific`).
+//! Debian), plus the CA files `certConfig` names, all in one rustls
+//! `RootCertStore`. The `rustls::ClientConfig` made here (ring, TLS 1.2 and
+//! 1.3, ALPN `h2` then `http/1.1`) is handed to reqwest as it is
+//! (`use_preconfigured_tls`), so HTTP/2 is used where the server offers it.
 //!
-//! Why not ureq's `platform-verifier` feature: it pulls in
-//! `rustls-platform-verifier` and `rustls-native-certs` (and their
-//! `openssl-probe`, `security-framework`... trees) to end up reading the
-//! same PEM bundle on Linux, and it cannot take extra CAs through ureq's
-//! API. Reading the bundle with the PEM parser ureq already has costs one
-//! data-only crate (`webpki-root-certs`, needed because ureq's bundled
-//! `webpki-roots` are trust anchors, not certificates, and cannot be mixed
-//! with the others) and lets `certConfig` add its CAs to the same list.
+//! Why not `rustls-platform-verifier` or `rustls-native-certs`: they pull
+//! in more crates to end up reading the same PEM bundle on Linux, and
+//! cannot take `certConfig`'s extra CAs. Reading the bundle with the PEM
+//! parser of `rustls-pki-types` costs one data-only crate
+//! (`webpki-root-certs`) and lets `certConfig` add its CAs to the same
+//! store.
 //!
 //! A client certificate and key are checked against each other here, with
-//! rustls, when the config is loaded: ureq would otherwise panic on the
-//! first TLS connection if they did not match.
+//! rustls, when the config is loaded, so a mismatch is a config error and
+//! not a failure on the first connection.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ureq::tls::{parse_pem, Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::CertConfig;
 use crate::error::{Error, IoContext, Result};
@@ -50,19 +52,12 @@ pub fn system_bundle() -> Option<PathBuf> {
 
 /// The certificates of a PEM file; an error when it holds none (a CA file
 /// that silently adds nothing would be hard to find).
-pub fn load_pem_certs(path: &Path) -> Result<Vec<Certificate<'static>>> {
+pub fn load_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let name = path.display().to_string();
     let pem = fs::read(path).context(|| name.clone())?;
-    let mut certs = Vec::new();
-    for item in parse_pem(&pem) {
-        match item {
-            Ok(PemItem::Certificate(cert)) => certs.push(cert),
-            Ok(_) => {}
-            Err(e) => {
-                return Err(Error::corrupt(&name, format!("not a valid PEM file: {e}")));
-            }
-        }
-    }
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::corrupt(&name, format!("not a valid PEM file: {e:?}")))?;
     if certs.is_empty() {
         return Err(Error::corrupt(&name, "the file holds no PEM certificate"));
     }
@@ -95,25 +90,23 @@ pub fn ca_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Mozilla's roots, the system bundle's and `extra`, in that order.
-/// A system bundle that cannot be read is skipped: the compiled-in roots
-/// still work.
-pub fn root_certs(extra: &[Certificate<'static>]) -> RootCerts {
-    let mut certs: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
-        .iter()
-        .map(|der| Certificate::from_der(der.as_ref()))
-        .collect();
+/// Mozilla's roots, the system bundle's and `extra`, in one store.
+/// A system bundle that cannot be read is skipped (the compiled-in roots
+/// still work), as is any certificate that is not a usable trust anchor.
+pub fn root_certs(extra: &[CertificateDer<'static>]) -> RootCertStore {
+    let mut store = RootCertStore::empty();
+    store.add_parsable_certificates(webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned());
     if let Some(bundle) = system_bundle() {
         if let Ok(system) = load_pem_certs(&bundle) {
-            certs.extend(system);
+            store.add_parsable_certificates(system);
         }
     }
-    certs.extend_from_slice(extra);
-    RootCerts::Specific(Arc::new(certs))
+    store.add_parsable_certificates(extra.iter().cloned());
+    store
 }
 
 /// The CA certificates `certConfig` adds (`caFile`, then `caDir`).
-pub fn extra_cas(config: &CertConfig) -> Result<Vec<Certificate<'static>>> {
+pub fn extra_cas(config: &CertConfig) -> Result<Vec<CertificateDer<'static>>> {
     let mut files = Vec::new();
     files.extend(config.ca_file.clone());
     if let Some(dir) = &config.ca_dir {
@@ -126,6 +119,12 @@ pub fn extra_cas(config: &CertConfig) -> Result<Vec<Certificate<'static>>> {
     Ok(certs)
 }
 
+/// A client certificate chain and its private key.
+pub struct ClientCert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
 /// A client certificate chain from `cert` and its key from `key` (or from
 /// `cert` when `key` is `None`), checked to belong together.
 pub fn load_client_cert(cert: &Path, key: Option<&Path>) -> Result<ClientCert> {
@@ -133,33 +132,28 @@ pub fn load_client_cert(cert: &Path, key: Option<&Path>) -> Result<ClientCert> {
     let key_path = key.unwrap_or(cert);
     let key_name = key_path.display().to_string();
     let pem = fs::read(key_path).context(|| key_name.clone())?;
-    let no_key = || Error::corrupt(&key_name, "the file holds no PEM private key");
-    let private_key: PrivateKey<'static> = PrivateKey::from_pem(&pem).map_err(|_| no_key())?;
-    check_key_pair(&chain, &pem).map_err(|problem| {
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|_| Error::corrupt(&key_name, "the file holds no PEM private key"))?;
+    check_key_pair(&chain, &key).map_err(|problem| {
         Error::Invalid(format!(
             "client certificate {} and key {key_name}: {problem}",
             cert.display()
         ))
     })?;
-    Ok(ClientCert::new_with_certs(&chain, private_key))
+    Ok(ClientCert { chain, key })
 }
 
-/// Whether rustls accepts the first private key of `key_pem` for the first
-/// certificate of `chain`, as it will when a TLS connection is made.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Whether rustls accepts `key` for the first certificate of `chain`, as
+/// it will when a TLS connection is made.
 fn check_key_pair(
-    chain: &[Certificate<'static>],
-    key_pem: &[u8],
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
 ) -> std::result::Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("the key cannot be read ({e:?})"))?;
-    let chain: Vec<CertificateDer<'static>> = chain
-        .iter()
-        .map(|c| CertificateDer::from(c.der().to_vec()))
-        .collect();
-    let provider = rustls::crypto::ring::default_provider();
-    rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+    rustls::sign::CertifiedKey::from_der(chain.to_vec(), key.clone_key(), &provider())
         .map(|_| ())
         .map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => {
@@ -169,9 +163,29 @@ fn check_key_pair(
         })
 }
 
+/// A client TLS config trusting `roots` and offering `client_cert`, with
+/// ALPN for HTTP/2 and HTTP/1.1.
+pub fn client_config(
+    roots: RootCertStore,
+    client_cert: Option<ClientCert>,
+) -> Result<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Invalid(format!("TLS settings: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match client_cert {
+        Some(ClientCert { chain, key }) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| Error::Invalid(format!("client certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The TLS settings for registry requests: trusted roots ([`root_certs`]
 /// with `certConfig`'s CAs) and `certConfig`'s client certificate.
-pub fn registry_tls(config: &CertConfig) -> Result<TlsConfig> {
+pub fn registry_tls(config: &CertConfig) -> Result<ClientConfig> {
     let client_cert = match (&config.cert_file, &config.key_file) {
         (Some(cert), key) => Some(load_client_cert(cert, key.as_deref())?),
         (None, Some(key)) => {
@@ -182,15 +196,12 @@ pub fn registry_tls(config: &CertConfig) -> Result<TlsConfig> {
         }
         (None, None) => None,
     };
-    Ok(TlsConfig::builder()
-        .root_certs(root_certs(&extra_cas(config)?))
-        .client_cert(client_cert)
-        .build())
+    client_config(root_certs(&extra_cas(config)?), client_cert)
 }
 
 /// The default TLS settings: [`root_certs`], no client certificate.
-pub fn default_tls() -> TlsConfig {
-    TlsConfig::builder().root_certs(root_certs(&[])).build()
+pub fn default_tls() -> ClientConfig {
+    client_config(root_certs(&[]), None).expect("rustls's default protocol versions")
 }
 
 #[cfg(test)]
@@ -198,11 +209,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bundled_roots_are_certificates() {
-        let RootCerts::Specific(certs) = root_certs(&[]) else {
-            panic!("expected specific roots");
-        };
-        assert!(certs.len() >= webpki_root_certs::TLS_SERVER_ROOT_CERTS.len());
+    fn bundled_roots_are_trust_anchors() {
+        let store = root_certs(&[]);
+        assert!(store.len() >= webpki_root_certs::TLS_SERVER_ROOT_CERTS.len() * 9 / 10);
+        assert_eq!(
+            default_tls().alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
     }
 
     #[test]

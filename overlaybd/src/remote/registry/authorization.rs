@@ -10,8 +10,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use ureq::http::Response;
-use ureq::Body;
+use reqwest::Response;
 
 use crate::credentials::Credential;
 use crate::remote::auth::{
@@ -21,18 +20,19 @@ use crate::remote::auth::{
 use crate::remote::redact_url;
 
 use super::{
-    repo_key, status_failure, transport_failure, with_suffix, Failure, Registry, RepoAuth,
+    read_limited, repo_key, status_failure, transport_failure, with_suffix, Failure, Registry,
+    RepoAuth,
 };
 
 impl Registry {
     /// How `url`'s repository authenticates; the first time, find out with
     /// the anonymous probe.
-    pub(super) fn repo_auth(&self, url: &str) -> std::result::Result<RepoAuth, Failure> {
+    pub(super) async fn repo_auth(&self, url: &str) -> std::result::Result<RepoAuth, Failure> {
         let key = repo_key(url);
         if let Some(auth) = self.state().repos.get(key) {
             return Ok(auth.clone());
         }
-        let response = self.get(url, "bytes=0-0", None)?;
+        let response = self.get(url, "bytes=0-0", None).await?;
         let auth = match response.status().as_u16() {
             200 | 206 => RepoAuth::Anonymous,
             301 | 302 | 303 | 307 | 308 => {
@@ -74,7 +74,7 @@ impl Registry {
 
     /// The `Authorization` value for a request to `url`; `renew` forces a
     /// new token.
-    pub(super) fn authorization(
+    pub(super) async fn authorization(
         &self,
         url: &str,
         auth: &RepoAuth,
@@ -118,7 +118,9 @@ impl Registry {
                         }
                     }
                 }
-                let token = self.fetch_token(url, realm, service.as_deref(), scope.as_deref())?;
+                let token = self
+                    .fetch_token(url, realm, service.as_deref(), scope.as_deref())
+                    .await?;
                 let header = format!("Bearer {}", token.value);
                 self.state().tokens.insert(key, token);
                 Ok(Some(header))
@@ -126,7 +128,7 @@ impl Registry {
         }
     }
 
-    fn fetch_token(
+    async fn fetch_token(
         &self,
         url: &str,
         realm: &str,
@@ -157,7 +159,7 @@ impl Registry {
                 ),
             ));
         }
-        let mut request = self.agent.get(&token_url);
+        let mut request = self.client.get(&token_url);
         // Credentials go to the realm the registry named, and only over
         // https (or to loopback); otherwise ask for an anonymous token.
         if may_send_credentials(realm) {
@@ -171,8 +173,9 @@ impl Registry {
             );
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut response = request
-            .call()
+        let response = request
+            .send()
+            .await
             .map_err(|e| transport_failure(e, "token request to", realm))?;
         let status = response.status().as_u16();
         if status != 200 {
@@ -183,12 +186,12 @@ impl Registry {
             );
             return Err(failure);
         }
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(1 << 20)
-            .read_to_string()
-            .map_err(|e| transport_failure(e, "token from", realm))?;
+        let text = read_limited(response, 1 << 20).await.map_err(|why| {
+            Failure::retry(
+                libc::EIO,
+                format!("token from {}: {why}", redact_url(realm)),
+            )
+        })?;
         #[derive(serde::Deserialize)]
         struct Answer {
             #[serde(default)]
@@ -205,7 +208,7 @@ impl Registry {
             )
         };
         let answer: Answer =
-            serde_json::from_str(&text).map_err(|_| bad("the answer is not a token (JSON)"))?;
+            serde_json::from_slice(&text).map_err(|_| bad("the answer is not a token (JSON)"))?;
         let value = answer
             .token
             .filter(|t| !t.is_empty())
@@ -229,7 +232,7 @@ fn default_scope(url: &str) -> Option<String> {
     (!name.is_empty()).then(|| format!("repository:{name}:pull"))
 }
 
-pub(super) fn challenge_of(response: &Response<Body>) -> Option<Challenge> {
+pub(super) fn challenge_of(response: &Response) -> Option<Challenge> {
     parse_challenges(
         response
             .headers()
@@ -262,7 +265,12 @@ mod tests {
             "http://registry.example.com/v2/a/blobs/sha256:1",
             "http://10.1.2.3:5000/v2/a/blobs/sha256:1",
         ] {
-            let Err(failure) = registry.authorization(url, &RepoAuth::Basic, false) else {
+            let result = crate::remote::registry::block_on(registry.authorization(
+                url,
+                &RepoAuth::Basic,
+                false,
+            ));
+            let Err(failure) = result else {
                 panic!("{url}: Basic credentials would be sent");
             };
             let msg = failure.error.to_string();

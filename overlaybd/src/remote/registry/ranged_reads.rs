@@ -8,14 +8,13 @@
 //! (`headers`, `http-content-range`) bring more than the twelve lines they
 //! would replace, for one header of one form (`bytes FIRST-LAST/TOTAL`).
 
-use std::io::{self, Read};
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
-use ureq::http::Response;
-use ureq::Body;
+use reqwest::Response;
 
 use crate::io::{check_bounds, ReadAt};
 use crate::remote::{redact_url, remote_error};
@@ -28,12 +27,30 @@ pub const PEER_MAX_PAUSE: Duration = Duration::from_secs(300);
 
 use super::authorization::challenge_of;
 use super::{
-    resolve_location, status_failure, transport_failure, with_suffix, Failure, Registry, RepoAuth,
+    block_on, current_priority, error_text, prefetching, resolve_location, status_failure,
+    transport_failure, with_suffix, Failure, Priority, Registry, RepoAuth,
 };
 
 impl Registry {
-    /// Fill `buf` with the bytes at `offset` of the `size`-byte blob at `url`.
+    /// Fill `buf` with the bytes at `offset` of the `size`-byte blob at
+    /// `url`, in this thread's class ([`super::prefetching`]).
     pub fn read_range(&self, url: &str, size: u64, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let priority = current_priority();
+        block_on(async {
+            let _permit = self.admit(priority).await;
+            self.read_range_async(url, size, offset, buf).await
+        })
+    }
+
+    /// [`Registry::read_range`], async and not admitted (the caller holds
+    /// what [`Registry::admit`] gave it).
+    pub async fn read_range_async(
+        &self,
+        url: &str,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         let started = Instant::now();
         let mut done = 0usize;
         let mut failures = 0u32;
@@ -42,7 +59,7 @@ impl Registry {
         let mut delays = self.options.retry_delays().build();
         while done < buf.len() {
             let at = offset + done as u64;
-            match self.read_once(url, size, at, &mut buf[done..]) {
+            match self.read_once(url, size, at, &mut buf[done..]).await {
                 Ok(n) => done += n,
                 Err(failure) => {
                     failures += 1;
@@ -59,7 +76,7 @@ impl Registry {
                         };
                         return Err(with_suffix(failure.error, &after));
                     };
-                    std::thread::sleep(delay);
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             }
@@ -106,7 +123,7 @@ impl Registry {
 
     /// One attempt at a ranged read through a p2p peer: `<peer>/<url>`,
     /// no credentials, no retries (the caller falls back to the registry).
-    pub fn read_via_peer(
+    pub async fn read_via_peer(
         &self,
         peer: &str,
         url: &str,
@@ -119,11 +136,15 @@ impl Registry {
         while done < buf.len() {
             let at = offset + done as u64;
             let range = range_header(at, buf.len() - done);
-            let response = self.get(&peer_url, &range, None).map_err(|f| f.error)?;
+            let response = self
+                .get(&peer_url, &range, None)
+                .await
+                .map_err(|f| f.error)?;
             match response.status().as_u16() {
                 200 | 206 => {
                     done += self
                         .take_body(response, &peer_url, size, at, &mut buf[done..])
+                        .await
                         .map_err(|f| f.error)?
                 }
                 _ => return Err(status_failure(&response, &peer_url).error),
@@ -132,7 +153,7 @@ impl Registry {
         Ok(())
     }
 
-    fn read_once(
+    async fn read_once(
         &self,
         url: &str,
         size: u64,
@@ -141,25 +162,25 @@ impl Registry {
     ) -> std::result::Result<usize, Failure> {
         let range = range_header(offset, buf.len());
         if let Some(location) = self.cached_redirect(url) {
-            let response = self.get(&location, &range, None)?;
+            let response = self.get(&location, &range, None).await?;
             if matches!(response.status().as_u16(), 200 | 206) {
-                return self.take_body(response, &location, size, offset, buf);
+                return self.take_body(response, &location, size, offset, buf).await;
             }
             // Expired signature, moved object...: ask the registry again.
             self.state().redirects.remove(url);
         }
-        let mut auth = self.repo_auth(url)?;
+        let mut auth = self.repo_auth(url).await?;
         let mut renewed = false;
         loop {
-            let authorization = self.authorization(url, &auth, renewed)?;
-            let response = self.get(url, &range, authorization.as_deref())?;
+            let authorization = self.authorization(url, &auth, renewed).await?;
+            let response = self.get(url, &range, authorization.as_deref()).await?;
             match response.status().as_u16() {
-                200 | 206 => return self.take_body(response, url, size, offset, buf),
+                200 | 206 => return self.take_body(response, url, size, offset, buf).await,
                 301 | 302 | 303 | 307 | 308 => {
                     let location = self.remember_redirect(url, &response)?;
-                    let response = self.get(&location, &range, None)?;
+                    let response = self.get(&location, &range, None).await?;
                     return match response.status().as_u16() {
-                        200 | 206 => self.take_body(response, &location, size, offset, buf),
+                        200 | 206 => self.take_body(response, &location, size, offset, buf).await,
                         _ => Err(status_failure(&response, &location)),
                     };
                 }
@@ -194,7 +215,7 @@ impl Registry {
     pub(super) fn remember_redirect(
         &self,
         url: &str,
-        response: &Response<Body>,
+        response: &Response,
     ) -> std::result::Result<String, Failure> {
         let location = response
             .headers()
@@ -219,26 +240,33 @@ impl Registry {
         Ok(location)
     }
 
-    pub(super) fn get(
+    pub(super) async fn get(
         &self,
         url: &str,
         range: &str,
         authorization: Option<&str>,
-    ) -> std::result::Result<Response<Body>, Failure> {
-        let mut request = self.agent.get(url).header("Range", range);
+    ) -> std::result::Result<Response, Failure> {
+        let mut request = self.client.get(url).header("Range", range);
         if let Some(value) = authorization {
             request = request.header("Authorization", value);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        request.call().map_err(|e| transport_failure(e, "GET", url))
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_failure(e, "GET", url))?;
+        if response.version() == reqwest::Version::HTTP_2 {
+            self.http2.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(response)
     }
 
     /// Copy the answer to a range request for `[offset, offset +
     /// buf.len())` into `buf`; the number of bytes filled (a 206 may cover
     /// less than was asked).
-    fn take_body(
+    async fn take_body(
         &self,
-        response: Response<Body>,
+        mut response: Response,
         url: &str,
         size: u64,
         offset: u64,
@@ -294,28 +322,28 @@ impl Registry {
             }
             (offset, buf.len())
         };
-        let mut reader = response
-            .into_body()
-            .into_with_config()
-            .limit(u64::MAX)
-            .reader();
-        if skip > 0 {
-            let skipped = io::copy(&mut (&mut reader).take(skip), &mut io::sink())
-                .map_err(|e| body_failure(e, name))?;
-            if skipped != skip {
-                return Err(bad(format!(
-                    "the body ended after {skipped} bytes, before offset {skip}"
-                )));
-            }
-        }
+        let mut skipped = 0u64;
         let mut filled = 0;
         while filled < n {
-            match reader.read(&mut buf[filled..n]) {
-                Ok(0) => return Err(bad(format!("the body ended after {filled} of {n} bytes"))),
-                Ok(k) => filled += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) if skipped < skip => {
+                    return Err(bad(format!(
+                        "the body ended after {skipped} bytes, before offset {skip}"
+                    )))
+                }
+                Ok(None) => return Err(bad(format!("the body ended after {filled} of {n} bytes"))),
                 Err(e) => return Err(body_failure(e, name)),
+            };
+            let mut data = &chunk[..];
+            if skipped < skip {
+                let k = (skip - skipped).min(data.len() as u64) as usize;
+                skipped += k as u64;
+                data = &data[k..];
             }
+            let k = (n - filled).min(data.len());
+            buf[filled..filled + k].copy_from_slice(&data[..k]);
+            filled += k;
         }
         self.body_bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -344,7 +372,7 @@ pub fn parse_content_range(text: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((first, last, total))
 }
 
-fn header_u64(response: &Response<Body>, name: &str) -> Option<u64> {
+fn header_u64(response: &Response, name: &str) -> Option<u64> {
     response
         .headers()
         .get(name)
@@ -352,13 +380,16 @@ fn header_u64(response: &Response<Body>, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn body_failure(e: io::Error, name: &str) -> Failure {
-    let errno = if e.kind() == io::ErrorKind::TimedOut {
+fn body_failure(e: reqwest::Error, name: &str) -> Failure {
+    let errno = if e.is_timeout() {
         libc::ETIMEDOUT
     } else {
         libc::EIO
     };
-    Failure::retry(errno, format!("GET {name}: reading the body: {e}"))
+    Failure::retry(
+        errno,
+        format!("GET {name}: reading the body: {}", error_text(e)),
+    )
 }
 
 /// A registry blob as a byte source: `size` bytes at `url`, read with
@@ -385,19 +416,27 @@ impl RegistryBlob {
     pub fn url(&self) -> &str {
         &self.url
     }
-}
 
-impl ReadAt for RegistryBlob {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Fill `buf` from `offset`: through the p2p peer when there is one
+    /// and it is not paused, else (or when it fails) from the registry.
+    /// Admitted in class `priority` first.
+    pub async fn read_async(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        priority: Priority,
+    ) -> io::Result<()> {
         check_bounds(self, buf.len(), offset)?;
         if buf.is_empty() {
             return Ok(());
         }
+        let _permit = self.registry.admit(priority).await;
         if let Some(peer) = self.peer.as_deref() {
             if self.registry.peer_usable(peer) {
                 let ok = self
                     .registry
                     .read_via_peer(peer, &self.url, self.size, offset, buf)
+                    .await
                     .is_ok();
                 self.registry.peer_outcome(peer, ok);
                 if ok {
@@ -405,7 +444,33 @@ impl ReadAt for RegistryBlob {
                 }
             }
         }
-        self.registry.read_range(&self.url, self.size, offset, buf)
+        self.registry
+            .read_range_async(&self.url, self.size, offset, buf)
+            .await
+    }
+
+    /// Fill every `(offset, buf)` of `parts`, all requests in flight at
+    /// once; the outcome of each part, in order.
+    pub async fn read_ranges(
+        &self,
+        parts: &mut [(u64, &mut [u8])],
+        priority: Priority,
+    ) -> Vec<io::Result<()>> {
+        futures_util::future::join_all(
+            parts
+                .iter_mut()
+                .map(|(offset, buf)| self.read_async(buf, *offset, priority)),
+        )
+        .await
+    }
+}
+
+impl ReadAt for RegistryBlob {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        block_on(self.read_async(buf, offset, current_priority()))
+    }
+    fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Vec<io::Result<()>> {
+        block_on(self.read_ranges(parts, current_priority()))
     }
     fn size(&self) -> u64 {
         self.size
@@ -419,6 +484,20 @@ impl Fetch for RegistryBlob {
     /// Nothing of a blob read straight from the registry is local.
     fn is_present(&self, _offset: u64, len: u64) -> bool {
         len == 0
+    }
+
+    /// Read `[offset, offset + len)` and drop it, in the prefetch class.
+    fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
+        prefetching(|| {
+            let mut buf = vec![0u8; len.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(buf.len() as u64) as usize;
+                self.read_exact_at(&mut buf[..n], at)?;
+                at += n as u64;
+            }
+            Ok(len)
+        })
     }
 }
 

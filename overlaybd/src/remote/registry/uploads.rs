@@ -8,24 +8,29 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use backon::BlockingRetryable;
-use ureq::http::Response;
-use ureq::Body;
+use backon::Retryable;
+use reqwest::{Method, Response};
 
 use crate::remote::auth::query_escape;
 use crate::remote::remote_error;
 
 use super::authorization::challenge_of;
 use super::{
-    repo_key, resolve_location, status_failure, transport_failure, Failure, Registry, RepoAuth,
+    block_on, repo_key, resolve_location, status_failure, transport_failure, Failure, Registry,
+    RepoAuth,
 };
 
 impl Registry {
     /// Whether `repo_url/blobs/<digest>` exists (`repo_url` is
     /// `http(s)://host/v2/<repo>`).
     pub fn blob_exists(&self, repo_url: &str, digest: &str) -> io::Result<bool> {
+        block_on(self.blob_exists_async(repo_url, digest))
+    }
+
+    /// [`Registry::blob_exists`], async.
+    pub async fn blob_exists_async(&self, repo_url: &str, digest: &str) -> io::Result<bool> {
         let url = format!("{}/blobs/{digest}", repo_url.trim_end_matches('/'));
-        let response = self.exchange("HEAD", &url, None)?;
+        let response = self.exchange(Method::HEAD, &url, None).await?;
         match response.status().as_u16() {
             200 => Ok(true),
             404 => Ok(false),
@@ -36,8 +41,18 @@ impl Registry {
     /// Upload the file at `path` as `repo_url/blobs/<digest>` in one piece
     /// (`POST .../blobs/uploads/`, then `PUT <location>?digest=...`).
     pub fn upload_blob(&self, repo_url: &str, digest: &str, path: &Path) -> io::Result<()> {
+        block_on(self.upload_blob_async(repo_url, digest, path))
+    }
+
+    /// [`Registry::upload_blob`], async.
+    pub async fn upload_blob_async(
+        &self,
+        repo_url: &str,
+        digest: &str,
+        path: &Path,
+    ) -> io::Result<()> {
         let start = format!("{}/blobs/uploads/", repo_url.trim_end_matches('/'));
-        let response = self.exchange("POST", &start, None)?;
+        let response = self.exchange(Method::POST, &start, None).await?;
         if response.status().as_u16() != 202 {
             return Err(status_failure(&response, &start).error);
         }
@@ -54,7 +69,7 @@ impl Registry {
             })?;
         let separator = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{separator}digest={}", query_escape(digest));
-        let response = self.exchange("PUT", &put, Some(path))?;
+        let response = self.exchange(Method::PUT, &put, Some(path)).await?;
         match response.status().as_u16() {
             201 | 204 => Ok(()),
             _ => Err(status_failure(&response, &put).error),
@@ -63,51 +78,47 @@ impl Registry {
 
     /// Send one request with the repository's credentials, learning a
     /// challenge and retrying once on 401, and retrying transient failures.
-    fn exchange(&self, method: &str, url: &str, body: Option<&Path>) -> io::Result<Response<Body>> {
-        (|| self.exchange_once(method, url, body))
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Path>,
+    ) -> io::Result<Response> {
+        (|| self.exchange_once(method.clone(), url, body))
             .retry(self.options.retry_delays())
-            .sleep(std::thread::sleep)
+            .sleep(tokio::time::sleep)
             .when(|failure| failure.retry)
-            .call()
+            .await
             .map_err(|failure| failure.error)
     }
 
-    fn exchange_once(
+    async fn exchange_once(
         &self,
-        method: &str,
+        method: Method,
         url: &str,
         body: Option<&Path>,
-    ) -> std::result::Result<Response<Body>, Failure> {
+    ) -> std::result::Result<Response, Failure> {
         let known = self.state().repos.get(repo_key(url)).cloned();
         let mut auth = known.unwrap_or(RepoAuth::Anonymous);
         let mut renewed = false;
         loop {
-            let authorization = self.authorization(url, &auth, renewed)?;
-            let request = ureq::http::Request::builder()
-                .method(method)
-                .uri(url)
+            let authorization = self.authorization(url, &auth, renewed).await?;
+            let mut request = self
+                .client
+                .request(method.clone(), url)
                 .header("Content-Type", "application/octet-stream");
-            let request = match &authorization {
-                Some(value) => request.header("Authorization", value),
-                None => request,
-            };
+            if let Some(value) = &authorization {
+                request = request.header("Authorization", value);
+            }
+            if let Some(path) = body {
+                // The file is streamed from disk, not read into memory.
+                let file = tokio::fs::File::open(path).await?;
+                let len = file.metadata().await?.len();
+                request = request.header("Content-Length", len).body(file);
+            }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let result = match body {
-                Some(path) => {
-                    let file = std::fs::File::open(path)?;
-                    let request = request
-                        .body(file)
-                        .map_err(|e| Failure::fatal(libc::EINVAL, e.to_string()))?;
-                    self.agent.run(request)
-                }
-                None => {
-                    let request = request
-                        .body(())
-                        .map_err(|e| Failure::fatal(libc::EINVAL, e.to_string()))?;
-                    self.agent.run(request)
-                }
-            };
-            let response = result.map_err(|e| transport_failure(e, method, url))?;
+            let result = request.send().await;
+            let response = result.map_err(|e| transport_failure(e, method.as_str(), url))?;
             let status = response.status().as_u16();
             if status == 401 && !renewed {
                 if let Some(challenge) = challenge_of(&response) {

@@ -902,8 +902,16 @@ impl CachedBlob {
                 claimed.push(index);
             }
         }
-        // Read ahead only as part of a fetch of our own.
+        // Read ahead only as part of a fetch of our own, and only as far as
+        // the run ending at `last` stays one request (MAX_RUN).
         if let Some(&last) = wanted.last().filter(|&&last| claimed.last() == Some(&last)) {
+            let run = claimed
+                .iter()
+                .rev()
+                .zip((0..=last).rev())
+                .take_while(|(c, i)| c == &i)
+                .count() as u64;
+            let ahead = ahead.min((MAX_RUN / self.layout.chunk).saturating_sub(run));
             let end = (last + 1 + ahead).min(self.layout.chunks());
             for index in last + 1..end {
                 if fetching[index as usize] || is_present(self.entry(index)?) {
@@ -1024,21 +1032,19 @@ impl CachedBlob {
         let first = offset / self.layout.chunk;
         let last = (end - 1) / self.layout.chunk;
         let wanted: Vec<u64> = (first..=last).collect();
-        let before = self.cache.fetched();
         let mut nothing = PendingRead {
             buf: &mut [],
             offset,
             first,
             served: Vec::new(),
         };
-        let (claimed, busy) = self.claim(&wanted, 0)?;
+        // Chunks another thread is fetching are left to it: a prefetch
+        // worker goes on to its next range instead of waiting.
+        let (claimed, _busy) = self.claim(&wanted, 0)?;
         let fetched = self.fetch_claimed(&claimed, &mut nothing);
         self.release(&claimed);
         fetched?;
-        if busy {
-            self.wait_for(&wanted);
-        }
-        Ok(self.cache.fetched().saturating_sub(before))
+        Ok(claimed.iter().map(|&i| self.layout.chunk_len(i)).sum())
     }
 }
 
@@ -1267,6 +1273,19 @@ mod tests {
         }
         let requests = counted.reads.load(Ordering::Relaxed) - before;
         assert!(requests <= 8, "{requests} requests for 13 streamed chunks");
+    }
+
+    #[test]
+    fn warm_counts_only_what_it_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(1 << 20);
+        let cache = BlobCache::open(options(dir.path(), 64 << 20, 64 << 10)).unwrap();
+        let blob = cache.blob("sha256:aa", origin(&data)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        blob.read_exact_at(&mut buf, 0).unwrap();
+        // Chunks 0..4: chunk 0 is cached, three are fetched.
+        assert_eq!(blob.warm(0, 4 * (64 << 10)).unwrap(), 3 * (64 << 10));
+        assert_eq!(blob.warm(0, 4 * (64 << 10)).unwrap(), 0);
     }
 
     #[test]

@@ -13,6 +13,9 @@
 #    completes right once the registry resumes;
 #  - with the registry stopped, a read of a range never fetched fails (EIO)
 #    within a bounded time instead of hanging, and `obd del` still works;
+#  - a ublk device and an `obd tcmu` device of one registry image share one
+#    cacheDir smaller than the blob; both trees match, the cache stays
+#    within its capacity;
 #  - with background download on (no delay), the daemon that `obd add`
 #    starts downloads the whole blob into the lower's dir and switches to
 #    it (the download threads start when the image opens, which must be in
@@ -203,6 +206,66 @@ PY
     no_devices
 }
 
+# shared_cache: a ublk device (obd add) and a TCMU device (obd tcmu) of one
+# registry image at the same time, through one cacheDir smaller than the
+# blob, so each process evicts what the other reads: both trees match, and
+# the cache stays within its capacity.
+shared_cache() {
+    need_ublk || return 1
+    need_registry || return 1
+    local name=shared cap_mb=8
+    CFG=$WORK/$name/config.v1.json
+    GLOBAL=$WORK/$name/overlaybd.json
+    CACHE=$WORK/$name/cache
+    mkdir -p "$WORK/$name" "$MNT.tcmu"
+    push_layer "$WORK/ext4.zfile" "obd/$name" "$CFG" || return 1
+    set_config "$CFG" || return 1
+    cache_dir "$CACHE" || return 1
+    "$PY" - "$GLOBAL" "$CACHE" "$cap_mb" <<'PY' || { fail "write $GLOBAL"; return 1; }
+import json, sys
+json.dump({"cacheConfig": {"cacheDir": sys.argv[2], "cacheSizeMB": int(sys.argv[3]),
+                           "refillSize": 65536}}, open(sys.argv[1], "w"))
+PY
+    sed "s|$CFG.result|$CFG.tcmu-result|" "$CFG" >"$CFG.tcmu.json"
+    local udev
+    udev=$(add_device "$CFG" --global-config "$GLOBAL") || return 1
+    # The TCMU helpers keep their devices in an array named DEV.
+    unset DEV
+    # shellcheck source=tests/vm/tcmu/lib.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/../tcmu/lib.sh"
+    "$OBD" tcmu --global-config "$GLOBAL" >"$WORK/$name/tcmu.log" 2>&1 &
+    local tcmu=$! size
+    size=$(blockdev --getsize64 "$udev")
+    make_dev shared "$CFG.tcmu.json" "$size" || { fail "TCMU device: $(tail -n 3 "$WORK/$name/tcmu.log")"; kill $tcmu; return 1; }
+    local sd=${DEV[shared]:-}
+    [[ -b $sd ]] || { fail "no TCMU disk"; kill $tcmu; return 1; }
+    mount -o ro,noload "$udev" "$MNT" && mount -o ro,noload "$sd" "$MNT.tcmu" ||
+        { fail "mount $udev and $sd"; kill $tcmu; return 1; }
+    local largest=0 bytes rc1 rc2
+    same_tree "$SRC" "$MNT" >"$WORK/$name/ublk.cmp" 2>&1 &
+    local p1=$!
+    same_tree "$SRC" "$MNT.tcmu" >"$WORK/$name/tcmu.cmp" 2>&1 &
+    local p2=$!
+    while kill -0 $p1 2>/dev/null || kill -0 $p2 2>/dev/null; do
+        bytes=$(cache_bytes "$CACHE")
+        ((bytes > largest)) && largest=$bytes
+        sleep 0.2
+    done
+    wait $p1; rc1=$?
+    wait $p2; rc2=$?
+    umount "$MNT" "$MNT.tcmu"
+    remove_dev shared
+    kill $tcmu; wait $tcmu 2>/dev/null
+    "$OBD" del -n "${udev#/dev/ublkb}" || return 1
+    umount "$CACHE"
+    log "ublk: $(tail -n 1 "$WORK/$name/ublk.cmp"); TCMU: $(tail -n 1 "$WORK/$name/tcmu.cmp"); cache at most $largest bytes (capacity $((cap_mb << 20)))"
+    ((rc1 == 0)) || { fail "the ublk device's tree differs"; return 1; }
+    ((rc2 == 0)) || { fail "the TCMU device's tree differs"; return 1; }
+    # du counts whole blocks of every file the cache keeps (records too).
+    ((largest <= (cap_mb << 20) + (1 << 20))) || { fail "the cache held $largest bytes"; return 1; }
+    no_devices
+}
+
 log "building the image"
 build_image || echo "  image build failed"
 start_registry || echo "  registry start failed"
@@ -210,6 +273,7 @@ check "registry LSMT layer: obd add --global-config, mount reads a fraction of t
 check "registry ZFile layer: mount reads a fraction of the blob, tree matches" lazy_case "$WORK/ext4.zfile" zfile
 check "registry frozen: a fetch on one queue does not hold up cached reads on it" registry_stalls
 check "background download: the daemon obd add starts downloads the blob and serves it" download_in_daemon
+check "shared cache: a ublk and a TCMU device of one registry image, one small cacheDir, both trees match" shared_cache
 check "registry stopped: a read of unfetched data fails with EIO in bounded time, obd del works" registry_down
 stop_registry
 unmount_caches

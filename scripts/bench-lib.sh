@@ -43,7 +43,8 @@ bench_option() {
 
 # install_obd: cd to the repo, build obd (release; not with --no-build) and
 # copy it to $BENCH/obd, so that a rebuild by someone else mid-run cannot
-# change the binary the VM runs.
+# change the binary the VM runs. The binary is taken from
+# $CARGO_TARGET_DIR/release when that is set, as cargo puts it there.
 install_obd() {
     cd "$REPO" || exit 1
     mkdir -p "$BENCH"
@@ -51,7 +52,7 @@ install_obd() {
         say "cargo build --release -p obd"
         cargo build --release -p obd
     fi
-    cp target/release/obd "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
+    cp "${CARGO_TARGET_DIR:-target}/release/obd" "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
 }
 
 # run_bench: guest_main with --guest, host_main without.

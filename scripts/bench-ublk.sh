@@ -7,6 +7,7 @@
 #   bash scripts/bench-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--mem MB]
 #                              [--smp N] [--no-build] [--remake-data]
 #                              [--cases 'CASE ...'] [--storage disk|tmpfs]
+#                              [--ref-tcmu PATH]
 #
 # On the host it builds obd (cargo build --release -p obd) and copies the
 # binary to target/bench/obd (so a rebuild by someone else mid-run cannot
@@ -31,7 +32,27 @@
 # the same two stacks. N rounds, even ones in reverse order (the host's
 # load drifts: other jobs share its cores). --cases picks a subset (names:
 # loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2
-# tcmu-lsmt tcmu-zfile).
+# tcmu-lsmt tcmu-zfile ref-tcmu-lsmt ref-tcmu-zfile).
+# --ref-tcmu PATH: also serve both stacks through the reference C++
+# overlaybd-tcmu (PATH: the binary, or a wrapper that sets LD_LIBRARY_PATH
+# and execs it; it must be outside /tmp, the guest runs it from the host's
+# root) with the same configfs steps and tcm_loop: cases ref-tcmu-lsmt and
+# ref-tcmu-zfile, added to the default cases. It gets its own global
+# config, /tmp/obd-ref/overlaybd.json in the guest (its only argument),
+# with its log and cache under /tmp/obd-ref (the log is copied to the
+# results as ref-overlaybd.log). Without --ref-tcmu the ref-* cases cannot
+# be asked for and the benchmark runs as before.
+# Order: obd's `obd tcmu` and overlaybd-tcmu both claim every
+# overlaybd/... TCMU device, so only one runs at a time (each is stopped
+# before the other starts). Once overlaybd-tcmu (libtcmu) has registered
+# for netlink replies, the kernel waits for an answer to every new TCMU
+# device, which `obd tcmu` never sends. So in every round the reference
+# cases run last, after all of obd's cases (rotated among themselves the
+# same way), and after the reference daemon is stopped the script tells
+# target_core_user over generic netlink that no daemon answers any more
+# (TCMU_CMD_SET_FEATURES, reply support 0) and checks the kernel's
+# "command reply support 0" message before the next round's obd TCMU case;
+# without that message the remaining obd TCMU cases are skipped, not hung.
 # --storage: where the guest keeps the layers and the raw. disk (default):
 # ext4 on a virtio disk backed by a fresh sparse file target/bench/disk.img
 # (host page cache, cache=unsafe), like a real host's layer directory.
@@ -53,7 +74,8 @@ rounds=2
 mem=6144
 smp=2
 storage=disk
-cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 tcmu-lsmt tcmu-zfile"
+cases=
+ref_tcmu=
 while (($#)); do
     case $1 in
         --runtime) runtime=$2; shift 2 ;;
@@ -62,9 +84,14 @@ while (($#)); do
         --smp) smp=$2; shift 2 ;;
         --cases) cases=$2; shift 2 ;;
         --storage) storage=$2; shift 2 ;;
+        --ref-tcmu) ref_tcmu=$2; shift 2 ;;
         *) bench_option "$@"; shift "$BENCH_OPTION_WORDS" ;;
     esac
 done
+if [[ -z $cases ]]; then
+    cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 tcmu-lsmt tcmu-zfile"
+    [[ -z $ref_tcmu ]] || cases+=" ref-tcmu-lsmt ref-tcmu-zfile"
+fi
 
 # ---------------------------------------------------------------------------
 # host side
@@ -187,6 +214,18 @@ make_data() {
 }
 
 host_main() {
+    local ref_args=()
+    if [[ " $cases " == *" ref-tcmu-"* && -z $ref_tcmu ]]; then
+        say "the ref-tcmu-* cases need --ref-tcmu PATH"
+        exit 2
+    fi
+    if [[ -n $ref_tcmu ]]; then
+        ref_tcmu=$(realpath -s "$ref_tcmu")
+        [[ -f $ref_tcmu && -x $ref_tcmu ]] || { say "--ref-tcmu $ref_tcmu is not an executable file"; exit 2; }
+        # the guest sees the host's root, but its /tmp is its own tmpfs
+        [[ $ref_tcmu != /tmp/* ]] || { say "--ref-tcmu: the guest cannot see the host's /tmp"; exit 2; }
+        ref_args=(--ref-tcmu "$ref_tcmu")
+    fi
     install_obd
     if ((remake)) || [[ ! -s $DATA/flat.sha256 ]]; then
         make_data
@@ -208,7 +247,7 @@ host_main() {
     esac
     tests/vm/run.sh --timeout 1800 --mem "$mem" --smp "$smp" --results "$results" --quiet "${disk_args[@]}" \
         -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" \
-        --cases "$cases" --storage "$storage" || rc=$?
+        --cases "$cases" --storage "$storage" "${ref_args[@]}" || rc=$?
     rm -f "$BENCH/disk.img"
     if [[ -s $results/bench-ublk.md ]]; then
         cp "$results/bench-ublk.md" "$BENCH/bench-ublk.md"
@@ -226,6 +265,7 @@ host_main() {
 # guest side
 # ---------------------------------------------------------------------------
 OBD=$BENCH/obd
+REF_TCMU=$ref_tcmu
 W=/tmp/bench
 OUT=${OBD_VM_RESULTS:-/tmp}
 ROWS=$OUT/rows.tsv
@@ -343,36 +383,202 @@ ublk_case() {
     "$OBD" del -n "${dev#/dev/ublkb}"
 }
 
-# TCMU: one `obd tcmu` daemon for the whole boot; a device per case,
-# made and removed with the snapshotter's configfs steps.
+# TCMU: one `obd tcmu` daemon while obd's TCMU cases run (stopped while
+# the reference's run, see the header); a device per case, made and
+# removed with the snapshotter's configfs steps.
 TCMU_DAEMON=
-tcmu_case() {
-    local kind=$1 cfg size
+REF_DAEMON=
+NL_QUIET=1    # the kernel waits for no netlink answer (see ref_stop)
+
+# stop_daemon PID: SIGTERM, then wait for it (SIGKILL after 10 s).
+stop_daemon() {
+    local pid=$1 i
+    kill "$pid" 2>/dev/null || return 0
+    for i in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+obd_tcmu_stop() {
+    [[ -n $TCMU_DAEMON ]] || return 0
+    stop_daemon "$TCMU_DAEMON"
+    TCMU_DAEMON=
+}
+
+# tcmu_device KIND LABEL DAEMON: a TCMU device over the KIND stack made
+# with make_dev, fio on it (as LABEL), then remove_dev; DAEMON serves it.
+tcmu_device() {
+    local kind=$1 label=$2 daemon=$3 cfg size
     cfg=$(stack_config "$kind")
     rm -f "$cfg.result"
-    if [[ -z $TCMU_DAEMON ]]; then
-        "$OBD" tcmu >>"$OUT/tcmu-daemon.log" 2>&1 &
-        TCMU_DAEMON=$!
-    fi
     size=$(stat -c %s "$W/flat.raw")
-    make_dev "bench-$kind" "$cfg" "$size" || { echo "TCMU device for $kind not created"; return 1; }
+    make_dev "bench-$kind" "$cfg" "$size" || { echo "$label: TCMU device not created"; return 1; }
     local dev=${DEV[bench-$kind]} i
     for i in $(seq 1 50); do
         [[ -s $cfg.result ]] && break
         sleep 0.2
     done
     [[ $(cat "$cfg.result" 2>/dev/null) == success ]] ||
-        { echo "TCMU $kind: resultFile '$(cat "$cfg.result" 2>/dev/null)'"; return 1; }
+        { echo "$label: resultFile '$(cat "$cfg.result" 2>/dev/null)'"; remove_dev "bench-$kind" || true; return 1; }
     # the same request limits as ublk's defaults would not be fair to
     # either: leave sd's own (max_sectors_kb from the block limits VPD)
-    echo "== round $round tcmu $kind: $dev (max_sectors_kb $(cat "/sys/block/${dev#/dev/}/queue/max_sectors_kb"), daemon pid $TCMU_DAEMON)"
-    run_fio "$dev" "tcmu-$kind" 1 --direct=1 "$TCMU_DAEMON"
+    echo "== round $round $label: $dev (max_sectors_kb $(cat "/sys/block/${dev#/dev/}/queue/max_sectors_kb"), daemon pid $daemon)"
+    run_fio "$dev" "$label" 1 --direct=1 "$daemon"
     remove_dev "bench-$kind" || true
+}
+
+tcmu_case() {
+    ref_stop
+    if ((!NL_QUIET)); then
+        echo "== round $round tcmu-$1: skipped (the kernel may still wait for netlink answers)"
+        return 0
+    fi
+    if [[ -z $TCMU_DAEMON ]]; then
+        "$OBD" tcmu >>"$OUT/tcmu-daemon.log" 2>&1 &
+        TCMU_DAEMON=$!
+    fi
+    tcmu_device "$1" "tcmu-$1" "$TCMU_DAEMON"
+}
+
+# The reference overlaybd-tcmu takes its global config as its only
+# argument (default /etc/overlaybd/overlaybd.json). Ours: every path in it
+# is writable in the guest (/tmp), nothing talks to a network (no p2p,
+# exporter or API server; the layers are local files), the rest as in the
+# reference's example config (file cache, ioEngine 0 = psync) and its
+# defaults (enableThread off: every device on the one main photon thread).
+REF_DIR=/tmp/obd-ref
+ref_config() {
+    mkdir -p "$REF_DIR/registry_cache" "$REF_DIR/gzip_cache"
+    echo '{}' >"$REF_DIR/cred.json"
+    cat >"$REF_DIR/overlaybd.json" <<JSON
+{
+    "logConfig": { "logLevel": 1, "logPath": "$REF_DIR/overlaybd.log" },
+    "cacheConfig": { "cacheType": "file", "cacheDir": "$REF_DIR/registry_cache", "cacheSizeGB": 1 },
+    "gzipCacheConfig": { "enable": false, "cacheDir": "$REF_DIR/gzip_cache", "cacheSizeGB": 1 },
+    "credentialConfig": { "mode": "file", "path": "$REF_DIR/cred.json" },
+    "ioEngine": 0,
+    "download": { "enable": false },
+    "p2pConfig": { "enable": false },
+    "exporterConfig": { "enable": false },
+    "enableAudit": false,
+    "auditPath": "$REF_DIR/overlaybd-audit.log",
+    "registryFsVersion": "v2",
+    "serviceConfig": { "enable": false }
+}
+JSON
+}
+
+# nl_quiet: tell target_core_user over generic netlink that no daemon
+# answers its netlink commands (TCMU_CMD_SET_FEATURES with
+# TCMU_ATTR_SUPP_KERN_CMD_REPLY = 0; libtcmu sends 1 when it starts), and
+# check for the kernel's "command reply support 0" message.
+nl_quiet() {
+    "$PY" - <<'PY' || return 1
+import socket, struct
+NETLINK_GENERIC, GENL_ID_CTRL, CTRL_CMD_GETFAMILY = 16, 0x10, 3
+CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
+TCMU_CMD_SET_FEATURES, TCMU_ATTR_SUPP_KERN_CMD_REPLY = 7, 9
+NLMSG_ERROR, NLM_F_REQUEST, NLM_F_ACK = 2, 1, 4
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+s.bind((0, 0))
+
+def attr(t, payload):
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, t) + payload + bytes((4 - n % 4) % 4)
+
+def attrs(buf):
+    out = {}
+    while len(buf) >= 4:
+        n, t = struct.unpack_from("=HH", buf)
+        out[t & 0x3fff] = buf[4:n]
+        buf = buf[(n + 3) & ~3:]
+    return out
+
+# request: send one genetlink command with an ACK asked for; return the
+# payload after the genl header of the last reply before the ACK.
+def request(typ, cmd, version, body, seq):
+    payload = struct.pack("=BBH", cmd, version, 0) + body
+    s.send(struct.pack("=IHHII", 16 + len(payload), typ, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + payload)
+    reply = None
+    while True:
+        data = s.recv(65536)
+        while len(data) >= 16:
+            n, t = struct.unpack_from("=IH", data)
+            if t == NLMSG_ERROR:
+                err = struct.unpack_from("=i", data, 16)[0]
+                if err:
+                    raise SystemExit(f"netlink: error {err} for genl command {cmd}")
+                return reply
+            reply = data[20:n]
+            data = data[(n + 3) & ~3:]
+
+fam = attrs(request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, attr(CTRL_ATTR_FAMILY_NAME, b"TCM-USER\0"), 1))
+family = struct.unpack("=H", fam[CTRL_ATTR_FAMILY_ID][:2])[0]
+request(family, TCMU_CMD_SET_FEATURES, 2, attr(TCMU_ATTR_SUPP_KERN_CMD_REPLY, b"\0"), 2)
+PY
+    dmesg | tail -n 20 | grep -q 'command reply support 0'
+}
+
+# ref_stop: stop overlaybd-tcmu if it runs, then make the kernel stop
+# waiting for netlink answers (nl_quiet), so that the next round's obd
+# TCMU cases can make their devices.
+ref_stop() {
+    [[ -n $REF_DAEMON ]] || return 0
+    stop_daemon "$REF_DAEMON"
+    REF_DAEMON=
+    if nl_quiet; then
+        echo "== overlaybd-tcmu stopped; target_core_user told that no daemon answers netlink (command reply support 0)"
+        NL_QUIET=1
+    else
+        echo "== overlaybd-tcmu stopped; target_core_user's netlink reply support could not be reset: obd's TCMU cases are skipped from here on"
+        NL_QUIET=0
+    fi
+}
+
+ref_case() {
+    local kind=$1 i
+    obd_tcmu_stop
+    if [[ -z $REF_DAEMON ]]; then
+        [[ -s $REF_DIR/overlaybd.json ]] || ref_config
+        "$REF_TCMU" "$REF_DIR/overlaybd.json" >>"$OUT/ref-tcmu-daemon.log" 2>&1 &
+        REF_DAEMON=$!
+        NL_QUIET=0
+        # give it time to register with libtcmu (it logs its version just
+        # before; a device made earlier is found by its start-up scan)
+        for i in $(seq 1 150); do
+            grep -qs 'current version' "$REF_DIR/overlaybd.log" && break
+            kill -0 "$REF_DAEMON" 2>/dev/null || break
+            sleep 0.2
+        done
+        sleep 1
+        if ! kill -0 "$REF_DAEMON" 2>/dev/null; then
+            echo "ref-tcmu-$kind: overlaybd-tcmu exited:"
+            tail -n 20 "$OUT/ref-tcmu-daemon.log" "$REF_DIR/overlaybd.log" 2>/dev/null || true
+            ref_stop
+            return 1
+        fi
+    fi
+    tcmu_device "$kind" "ref-tcmu-$kind" "$REF_DAEMON"
+}
+
+# rotated WORDS...: the words, reversed in even rounds ($round).
+rotated() {
+    if ((round % 2)); then
+        echo "$@"
+    else
+        local i out=()
+        for ((i = $#; i >= 1; i--)); do out+=("${!i}"); done
+        echo "${out[@]}"
+    fi
 }
 
 run_case() {
     case $1 in
         tcmu-*) tcmu_case "${1#tcmu-}" ;;
+        ref-tcmu-*) ref_case "${1#ref-tcmu-}" ;;
         loop-*) loop_case "${1#loop-}" ;;
         file) file_case ;;
         ublk-*)
@@ -391,6 +597,9 @@ guest_main() {
             { echo "TCMU (target_core_user, tcm_loop, configfs) is missing in this kernel"; exit 1; }
         # shellcheck source=tests/vm/tcmu/lib.sh
         . "$REPO/tests/vm/tcmu/lib.sh"
+    fi
+    if [[ " $cases " == *" ref-tcmu-"* ]]; then
+        [[ -x $REF_TCMU ]] || { echo "--ref-tcmu '$REF_TCMU' is not executable in the guest"; exit 1; }
     fi
     mkdir -p "$W" "$OUT/fio"
     local storage_label=tmpfs
@@ -423,16 +632,21 @@ guest_main() {
     uname -r
 
     # Odd rounds in this order, even rounds reversed, so a slow drift in the
-    # host's load (other jobs share its cores) evens out in the means.
-    local c i case_list
-    read -r -a case_list <<<"$cases"
-    for ((round = 1; round <= rounds; round++)); do
-        if ((round % 2)); then
-            for c in "${case_list[@]}"; do run_case "$c"; done
-        else
-            for ((i = ${#case_list[@]} - 1; i >= 0; i--)); do run_case "${case_list[i]}"; done
-        fi
+    # host's load (other jobs share its cores) evens out in the means. The
+    # reference's cases come last in every round, rotated among themselves
+    # (see the header: after overlaybd-tcmu the kernel waits for netlink
+    # answers until ref_stop resets that).
+    local c obd_cases="" ref_cases=""
+    for c in $cases; do
+        if [[ $c == ref-tcmu-* ]]; then ref_cases+=" $c"; else obd_cases+=" $c"; fi
     done
+    for ((round = 1; round <= rounds; round++)); do
+        # shellcheck disable=SC2086 # lists of words
+        for c in $(rotated $obd_cases) $(rotated $ref_cases); do run_case "$c"; done
+    done
+    obd_tcmu_stop
+    ref_stop
+    [[ ! -s $REF_DIR/overlaybd.log ]] || cp "$REF_DIR/overlaybd.log" "$OUT/ref-overlaybd.log"
 
     local rev
     rev=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')
@@ -490,16 +704,34 @@ if pairs:
             cells.append(f"{mean(t, wl):.0f} / {mean(u, wl):.0f}")
             cells.append(f"{mean(t, wl) / mean(u, wl):.2f}")
         print(f"| {kind} | " + " | ".join(cells) + " |")
+refs = [(k, ("ref-tcmu-" + k, "1"), ("ublk-" + k, "1"), ("tcmu-" + k, "1")) for k in ("lsmt", "zfile")]
+refs = [p for p in refs if p[1] in r]
+if refs:
+    print()
+    print("obd / reference (overlaybd-tcmu, its TCMU device made the same way), same stack, same boot;")
+    print("above 1: obd is faster. ublk = `obd add --queues 1`, obd tcmu = `obd tcmu`:")
+    print()
+    print("| stack | seq MB/s ref | seq ublk / ref | seq obd tcmu / ref "
+          "| rand IOPS ref | rand ublk / ref | rand obd tcmu / ref |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind, f, u, t in refs:
+        cells = []
+        for wl in ("seq", "rand"):
+            m = mean(f, wl)
+            cells.append(f"{m:.0f}")
+            for o in (u, t):
+                cells.append(f"{mean(o, wl) / m:.2f}" if o in r and m else "-")
+        print(f"| {kind} | " + " | ".join(cells) + " |")
 print()
-print("obd daemon CPU by thread, % of one vCPU, user+sys, round 1 (iou-wrk = io_uring io-wq workers):")
+print("daemon CPU by thread (obd; overlaybd-tcmu for ref-tcmu-*), % of one vCPU, user+sys, round 1")
+print("(iou-wrk = io_uring io-wq workers):")
 print()
 for key in order:
-    if key[0].startswith(("ublk", "tcmu")):
+    if key[0].startswith(("ublk", "tcmu", "ref-tcmu")):
         s, x = r[key]["seq"][0][3], r[key]["rand"][0][3]
         print(f"- {key[0]} --queues {key[1]}: seq: {s}; rand: {x}")
 PY
-    if [[ -n $TCMU_DAEMON ]]; then
-        kill "$TCMU_DAEMON" 2>/dev/null || true
+    if [[ $cases == *tcmu-* ]]; then
         rmdir /sys/kernel/config/target/core/user_1 2>/dev/null || true
     fi
     echo

@@ -45,15 +45,22 @@ pub trait Fetch: ReadAt {
         if self.is_present(offset, len) {
             return Ok(0);
         }
-        let mut buf = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(buf.len() as u64) as usize;
-            self.read_exact_at(&mut buf[..n], at)?;
-            at += n as u64;
-        }
-        Ok(len)
+        read_and_drop(self, offset, len)
     }
+}
+
+/// Read `[offset, offset + len)` of `source` in pieces of at most 1 MiB and
+/// drop the bytes (what warming a source without a cache of its own is);
+/// returns `len`.
+pub fn read_and_drop(source: &(impl ReadAt + ?Sized), offset: u64, len: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(buf.len() as u64) as usize;
+        source.read_exact_at(&mut buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(len)
 }
 
 /// A layer blob as stored.

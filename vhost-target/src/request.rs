@@ -331,6 +331,15 @@ fn discard(device: &Device<'_>, mem: &Memory, s: &Scratch, kind: u32, len: usize
     Status::Ok
 }
 
+/// Which way a request's data goes.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Stack → guest memory (IN).
+    ToGuest,
+    /// Guest memory → stack (OUT).
+    FromGuest,
+}
+
 /// Read `offset..` of the stack into the guest memory of `segments`.
 fn read(
     stack: &Stack,
@@ -339,44 +348,77 @@ fn read(
     offset: u64,
     bounce: &mut Vec<u8>,
 ) -> bool {
-    if whole_sectors(segments) {
-        let mut at = offset;
-        let mut run: Option<(*mut u8, usize)> = None;
-        for &(addr, len) in segments {
-            if len == 0 {
-                continue;
-            }
-            let Some(ptr) = host_pointer(mem, addr, len) else {
-                // Not one contiguous mapping: this segment via the bounce
-                // buffer (it still starts on a sector).
-                if let Some((p, n)) = run.take() {
-                    if !read_run(stack, p, n, &mut at) {
-                        return false;
-                    }
-                }
-                if !bounce_read(stack, mem, &[(addr, len)], at, bounce) {
+    transfer(stack, mem, segments, offset, bounce, Direction::ToGuest)
+}
+
+/// Write the guest memory of `segments` to the stack at `offset..`.
+fn write(
+    stack: &Stack,
+    mem: &Memory,
+    segments: &[Segment],
+    offset: u64,
+    bounce: &mut Vec<u8>,
+) -> bool {
+    transfer(stack, mem, segments, offset, bounce, Direction::FromGuest)
+}
+
+/// Move the data of `segments` (guest memory) and `offset..` of the stack
+/// the way `direction` says: segments that are whole sectors and adjacent
+/// in this process's memory go as one run straight to or from guest memory;
+/// the rest through the bounce buffer.
+fn transfer(
+    stack: &Stack,
+    mem: &Memory,
+    segments: &[Segment],
+    offset: u64,
+    bounce: &mut Vec<u8>,
+    direction: Direction,
+) -> bool {
+    let run_io = |ptr: *mut u8, n: usize, at: &mut u64| match direction {
+        Direction::ToGuest => read_run(stack, ptr, n, at),
+        Direction::FromGuest => write_run(stack, ptr, n, at),
+    };
+    let bounce_io = |segments: &[Segment], at: u64, bounce: &mut Vec<u8>| match direction {
+        Direction::ToGuest => bounce_read(stack, mem, segments, at, bounce),
+        Direction::FromGuest => bounce_write(stack, mem, segments, at, bounce),
+    };
+    if !whole_sectors(segments) {
+        return bounce_io(segments, offset, bounce);
+    }
+    let mut at = offset;
+    let mut run: Option<(*mut u8, usize)> = None;
+    for &(addr, len) in segments {
+        if len == 0 {
+            continue;
+        }
+        let Some(ptr) = host_pointer(mem, addr, len) else {
+            // Not one contiguous mapping: this segment via the bounce
+            // buffer (it still starts on a sector).
+            if let Some((p, n)) = run.take() {
+                if !run_io(p, n, &mut at) {
                     return false;
                 }
-                at += len as u64;
-                continue;
-            };
-            run = match run {
-                Some((p, n)) if p.wrapping_add(n) == ptr => Some((p, n + len)),
-                Some((p, n)) => {
-                    if !read_run(stack, p, n, &mut at) {
-                        return false;
-                    }
-                    Some((ptr, len))
+            }
+            if !bounce_io(&[(addr, len)], at, bounce) {
+                return false;
+            }
+            at += len as u64;
+            continue;
+        };
+        run = match run {
+            Some((p, n)) if p.wrapping_add(n) == ptr => Some((p, n + len)),
+            Some((p, n)) => {
+                if !run_io(p, n, &mut at) {
+                    return false;
                 }
-                None => Some((ptr, len)),
-            };
-        }
-        match run {
-            Some((p, n)) => read_run(stack, p, n, &mut at),
-            None => true,
-        }
-    } else {
-        bounce_read(stack, mem, segments, offset, bounce)
+                Some((ptr, len))
+            }
+            None => Some((ptr, len)),
+        };
+    }
+    match run {
+        Some((p, n)) => run_io(p, n, &mut at),
+        None => true,
     }
 }
 
@@ -392,53 +434,6 @@ fn read_run(stack: &Stack, ptr: *mut u8, n: usize, at: &mut u64) -> bool {
     let ok = stack.read(buf, *at).is_ok();
     *at += n as u64;
     ok
-}
-
-/// Write the guest memory of `segments` to the stack at `offset..`.
-fn write(
-    stack: &Stack,
-    mem: &Memory,
-    segments: &[Segment],
-    offset: u64,
-    bounce: &mut Vec<u8>,
-) -> bool {
-    if whole_sectors(segments) {
-        let mut at = offset;
-        let mut run: Option<(*mut u8, usize)> = None;
-        for &(addr, len) in segments {
-            if len == 0 {
-                continue;
-            }
-            let Some(ptr) = host_pointer(mem, addr, len) else {
-                if let Some((p, n)) = run.take() {
-                    if !write_run(stack, p, n, &mut at) {
-                        return false;
-                    }
-                }
-                if !bounce_write(stack, mem, &[(addr, len)], at, bounce) {
-                    return false;
-                }
-                at += len as u64;
-                continue;
-            };
-            run = match run {
-                Some((p, n)) if p.wrapping_add(n) == ptr => Some((p, n + len)),
-                Some((p, n)) => {
-                    if !write_run(stack, p, n, &mut at) {
-                        return false;
-                    }
-                    Some((ptr, len))
-                }
-                None => Some((ptr, len)),
-            };
-        }
-        match run {
-            Some((p, n)) => write_run(stack, p, n, &mut at),
-            None => true,
-        }
-    } else {
-        bounce_write(stack, mem, segments, offset, bounce)
-    }
 }
 
 /// Write `n` bytes of guest memory at `ptr` to the stack at `*at`.

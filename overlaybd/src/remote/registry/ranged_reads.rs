@@ -488,16 +488,7 @@ impl Fetch for RegistryBlob {
 
     /// Read `[offset, offset + len)` and drop it, in the prefetch class.
     fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
-        prefetching(|| {
-            let mut buf = vec![0u8; len.min(1 << 20) as usize];
-            let mut at = offset;
-            while at < offset + len {
-                let n = (offset + len - at).min(buf.len() as u64) as usize;
-                self.read_exact_at(&mut buf[..n], at)?;
-                at += n as u64;
-            }
-            Ok(len)
-        })
+        prefetching(|| crate::storage::read_and_drop(self, offset, len))
     }
 }
 

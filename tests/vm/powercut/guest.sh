@@ -12,6 +12,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 MNT=/mnt/obd-powercut
 OBD=${OBD_BIN:-obd}
+# A relative path is relative to where the script started, not to $MNT.
+[[ $OBD == */* && $OBD != /* ]] && OBD=$PWD/$OBD
 kind=${POWERCUT_KIND:?}
 mount /dev/vda "$MNT"
 cd "$MNT"

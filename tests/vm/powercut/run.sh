@@ -31,8 +31,9 @@ while (($#)); do
     esac
 done
 ((build)) && cargo build --release -p obd
-OBD_BIN=$PWD/target/release/obd
-export OBD_BIN
+# The host runs this binary; the guest gets the path relative to the
+# checkout, which it sees at another place when the checkout is under /tmp.
+OBD_HOST=$PWD/target/release/obd
 MNT=/mnt/obd-powercut
 mkdir -p "$MNT"
 WORK=$(mktemp -d /tmp/obd-powercut.XXXXXX)
@@ -53,7 +54,7 @@ for ((t = 1; t <= trials; t++)); do
     truncate -s 1G "$disk"
     mkfs.ext4 -q -F "$disk"
     tests/vm/run.sh --quiet --timeout 400 --results "$results" \
-        --env OBD_BIN --env POWERCUT_KIND="$kind" \
+        --env OBD_BIN=target/release/obd --env POWERCUT_KIND="$kind" \
         --qemu-arg -drive --qemu-arg "file=$disk,if=virtio,format=raw,cache=none" \
         -- bash tests/vm/powercut/guest.sh >"$results/run.out" 2>&1 &
     runner=$!
@@ -83,7 +84,7 @@ for ((t = 1; t <= trials; t++)); do
     mount -o loop "$disk" "$MNT"
     out=$WORK/image.raw
     rm -f "$out"
-    if ! "$OBD_BIN" export --config "$MNT/config.v1.json" --length $((64 << 20)) \
+    if ! "$OBD_HOST" export --config "$MNT/config.v1.json" --length $((64 << 20)) \
         --output "$out" 2>"$results/export.err"; then
         echo "trial $t ($kind): FAIL: the image does not reopen: $(cat "$results/export.err")"
         failed=$((failed + 1))

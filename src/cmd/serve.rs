@@ -162,9 +162,11 @@ pub fn run(args: Args) -> Result<()> {
         args.block_size,
         socket.display()
     );
+    // The resultFile first: whoever waits for the printed path may read it
+    // at once.
+    loaded.report(Ok(()));
     println!("{}", socket.display());
     let _ = std::io::stdout().flush();
-    loaded.report(Ok(()));
 
     let served = vhost_target::serve(
         stack,

@@ -7,7 +7,7 @@
 
 mod remote_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,24 +92,11 @@ fn global(mode: Option<CredentialMode>, path: Option<String>) -> GlobalConfig {
     global
 }
 
-fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("cred.json");
-    std::fs::write(
-        &path,
-        format!(
-            r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{}"}}}}}}"#,
-            BASE64.encode(format!("{USER}:{PASSWORD}"))
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[test]
 fn file_and_empty_modes_read_the_credential_file() {
     let dir = tempfile::tempdir().unwrap();
     let (registry, url, bytes) = basic_registry_with_blob(dir.path());
-    let file = write_credential_file(dir.path(), registry.port);
+    let file = remote_support::write_credential_file(dir.path(), registry.port);
     for mode in [None, Some(CredentialMode::File)] {
         let got = read_with(
             &global(mode, Some(file.display().to_string())),

@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use common::{sha256_hex, ReferenceVectors};
 use overlaybd::config::{GlobalConfig, ImageConfig};
 use overlaybd::image::open_config_remote;
@@ -121,26 +119,13 @@ fn plain_remote(cache: &Path, refill: u64) -> Remote {
 /// A remote with credentials for `port` (a credential file in `dir`) and a
 /// 1 GiB cache in `dir`/cache.
 fn remote_with_credentials(dir: &Path, port: u16, refill: u64) -> Remote {
-    let creds = write_credential_file(dir, port);
+    let creds = remote_support::write_credential_file(dir, port);
     make_remote(
         &global_with(Some(&creds)),
         &dir.join("cache"),
         1 << 30,
         refill,
     )
-}
-
-fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
-    let path = dir.join("cred.json");
-    std::fs::write(
-        &path,
-        format!(
-            r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{}"}}}}}}"#,
-            BASE64.encode(format!("{USER}:{PASSWORD}"))
-        ),
-    )
-    .unwrap();
-    path
 }
 
 /// Every stack of the reference vectors through `remote`, from `base`.

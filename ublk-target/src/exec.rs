@@ -68,7 +68,8 @@ enum Fetch<'a> {
     Cached {
         blob: &'a dyn overlaybd::storage::Fetch,
         offset: u64,
-        zfile: Option<(&'a ZFileReader, u64)>,
+        /// The reader, the decompressed position and the stored length.
+        zfile: Option<(&'a ZFileReader, u64, usize)>,
     },
     /// No local file underneath, nothing to wait for (in memory): a
     /// synchronous read on the queue thread.
@@ -199,11 +200,15 @@ impl Backend {
                 reader,
                 position,
                 stored: At::Fetch { blob, offset },
-                ..
+                stored_len,
             } => Fetch::Cached {
                 blob,
                 offset,
-                zfile: Some((reader, position)),
+                zfile: Some((
+                    reader,
+                    position,
+                    usize::try_from(stored_len).map_err(|_| -libc::EIO)?,
+                )),
             },
             other => Fetch::Sync(other),
         })
@@ -259,13 +264,10 @@ impl Backend {
                     scratch.stored[job.stored].resize(stored_len, 0);
                 }
                 Fetch::Cached {
-                    zfile: Some((reader, position)),
+                    zfile: Some((_, _, stored_len)),
                     ..
                 } => {
-                    let (_, stored_len) = reader
-                        .stored_span(position, job.chunk.len())
-                        .map_err(|_| -libc::EIO)?;
-                    scratch.stored[job.stored].resize(stored_len as usize, 0);
+                    scratch.stored[job.stored].resize(stored_len, 0);
                 }
                 _ => {}
             }
@@ -337,7 +339,7 @@ impl Backend {
                     reader, position, ..
                 } => (reader, position),
                 Fetch::Cached {
-                    zfile: Some((reader, position)),
+                    zfile: Some((reader, position, _)),
                     ..
                 } => (reader, position),
                 _ => continue,

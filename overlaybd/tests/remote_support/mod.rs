@@ -19,6 +19,21 @@ pub const USER: &str = "obd-user";
 pub const PASSWORD: &str = "s3cret-Pa55";
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
+/// A docker-style credential file `dir/cred.json` with [`USER`] and
+/// [`PASSWORD`] for the registry on 127.0.0.1:`port`.
+pub fn write_credential_file(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("cred.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{}"}}}}}}"#,
+            BASE64.encode(format!("{USER}:{PASSWORD}"))
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -744,28 +759,12 @@ impl MiniServer {
     pub fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> MiniServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (seen, stop) = (
-            Arc::new(Mutex::new(Vec::new())),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let handler: Handler = Arc::new(handler);
-        let (s, st) = (seen.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (h, s) = (handler.clone(), s.clone());
-                std::thread::spawn(move || answer(conn, &h, &s));
-            }
-        });
-        MiniServer {
+        Self::serve(
+            move || listener.accept().map(|(c, _)| c),
             port,
-            socket: None,
-            seen,
-            stop,
-        }
+            None,
+            handler,
+        )
     }
 
     /// The same on the unix socket `path`.
@@ -774,25 +773,40 @@ impl MiniServer {
         handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
     ) -> MiniServer {
         let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let socket = Some(path.to_path_buf());
+        Self::serve(
+            move || listener.accept().map(|(c, _)| c),
+            0,
+            socket,
+            handler,
+        )
+    }
+
+    /// Answer every connection `accept` gives, each on its own thread.
+    fn serve<S: Read + Write + Send + 'static>(
+        mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+        port: u16,
+        socket: Option<PathBuf>,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> MiniServer {
         let (seen, stop) = (
             Arc::new(Mutex::new(Vec::new())),
             Arc::new(AtomicBool::new(false)),
         );
         let handler: Handler = Arc::new(handler);
         let (s, st) = (seen.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let (h, s) = (handler.clone(), s.clone());
-                std::thread::spawn(move || answer(conn, &h, &s));
+        std::thread::spawn(move || loop {
+            let conn = accept();
+            if st.load(Ordering::Relaxed) {
+                break;
             }
+            let Ok(conn) = conn else { continue };
+            let (h, s) = (handler.clone(), s.clone());
+            std::thread::spawn(move || answer(conn, &h, &s));
         });
         MiniServer {
-            port: 0,
-            socket: Some(path.to_path_buf()),
+            port,
+            socket,
             seen,
             stop,
         }

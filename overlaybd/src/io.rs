@@ -51,6 +51,25 @@ pub trait ReadAt: Send + Sync {
             results
         })
     }
+    /// Wait for a turn to read from this source in the prefetch class, and
+    /// hold it while the returned value lives; this thread's reads of the
+    /// source are not admitted again meanwhile. A cache takes the turn
+    /// before it claims the chunks a prefetch will fetch, so a prefetch
+    /// that waits for its turn never holds chunks an on-demand read needs.
+    /// Sources with no bound on prefetch reads give `None`.
+    fn prefetch_turn(&self) -> Option<PrefetchTurn> {
+        None
+    }
+}
+
+/// A turn to read in the prefetch class ([`ReadAt::prefetch_turn`]):
+/// whatever the source needs to keep while it is held.
+pub struct PrefetchTurn(#[allow(dead_code)] Box<dyn std::any::Any>);
+
+impl PrefetchTurn {
+    pub fn new(hold: impl std::any::Any) -> Self {
+        PrefetchTurn(Box::new(hold))
+    }
 }
 
 /// Shared handle to any source.

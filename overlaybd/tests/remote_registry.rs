@@ -495,10 +495,12 @@ fn a_failing_p2p_peer_is_skipped_for_a_while() {
     let cache = tempfile::tempdir().unwrap();
     let remote = make_remote(&global, cache.path(), 1 << 30, 64 << 10);
     serve_all_stacks(&v, &remote, &registry.base(), &layers[..1]);
-    assert_eq!(
-        peer.blob_gets(),
-        1,
-        "after its first failure the peer is skipped, not asked on every miss"
+    // Opening the image reads both ends of the blob at once: both may ask
+    // the peer before its first failure is known; nothing after that does.
+    assert!(
+        peer.blob_gets() <= 2,
+        "after its first failure the peer is skipped, not asked on every miss: {} asks",
+        peer.blob_gets()
     );
 }
 
@@ -511,13 +513,17 @@ fn redirects_to_storage_are_cached_and_followed_without_credentials() {
     serve_all_stacks(&v, &remote, &proxy.base(), &layers);
     let redirects = count(&proxy.stats.redirects);
     let storage = count(&proxy.stats.storage_gets);
-    // One redirect per blob (the probe's, or the first read's), then the
+    // At most two redirects per blob (opening the image reads both ends of
+    // every blob at once, before either redirect is known), then the
     // cached location serves every read.
     assert!(
         redirects <= layers.len() as u64 * 2,
         "{redirects} redirects"
     );
-    assert!(storage > redirects * 3, "{storage} storage reads");
+    assert!(
+        storage >= redirects * 3,
+        "{storage} storage reads, {redirects} redirects"
+    );
     assert_eq!(
         count(&proxy.stats.storage_with_auth),
         0,

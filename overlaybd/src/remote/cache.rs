@@ -45,7 +45,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{FallocateFlags, FlockOperation};
@@ -219,6 +219,7 @@ impl BlobCache {
             )));
         }
         let blob = Arc::new(CachedBlob::open(self.clone(), &file_key, origin)?);
+        let _ = blob.me.set(Arc::downgrade(&blob));
         open.retain(|_, weak| weak.strong_count() > 0);
         open.insert(file_key, Arc::downgrade(&blob));
         Ok(blob)
@@ -553,6 +554,27 @@ fn scan_record(path: &Path) -> io::Result<(u64, u64)> {
     Ok((held, mtime))
 }
 
+/// Where a sequential reader of a blob is, for read-ahead. Windows are in
+/// chunks; one window is at most [`MAX_RUN`] bytes (one request).
+#[derive(Default)]
+struct Stream {
+    /// The chunk after the last one fetched, or being fetched, for it.
+    end: u64,
+    /// The read-ahead window: 0 until a miss starts where the last fetch
+    /// ended, then doubling with each such miss up to [`MAX_RUN`].
+    window: u64,
+    /// Windows being fetched in the background ([`CachedBlob::keep_ahead`]).
+    in_flight: u32,
+}
+
+/// Windows fetched in the background ahead of one sequential reader.
+const WINDOWS_AHEAD: u32 = 2;
+/// Fetching ahead in the background starts once the read-ahead window has
+/// grown this big (three misses in a row at the end of the last fetch): a
+/// reader that goes on for a few chunks and then jumps (a small file read
+/// whole, an ELF's sections) is not followed with megabytes it never reads.
+const PIPELINE_FROM: u64 = 1 << 20;
+
 /// A caller's read in progress: its buffer, where it starts, and which of
 /// its chunks (from chunk `first`) are already copied in.
 struct PendingRead<'a> {
@@ -593,9 +615,10 @@ pub struct CachedBlob {
     fetched_one: Condvar,
     /// Orders this process's writers; `flock` on `data` orders processes.
     writer: Mutex<()>,
-    /// The chunk after the last one fetched, and the read-ahead window in
-    /// chunks.
-    stream: Mutex<(u64, u64)>,
+    /// The sequential reader's read-ahead.
+    stream: Mutex<Stream>,
+    /// This blob, for the threads that fetch ahead of a sequential reader.
+    me: OnceLock<Weak<CachedBlob>>,
     last_touch: AtomicU64,
     store_failed: AtomicBool,
     name: String,
@@ -681,7 +704,8 @@ impl CachedBlob {
             fetching: Mutex::new(vec![false; chunks]),
             fetched_one: Condvar::new(),
             writer: Mutex::new(()),
-            stream: Mutex::new((0, 0)),
+            stream: Mutex::new(Stream::default()),
+            me: OnceLock::new(),
             last_touch: AtomicU64::new(0),
             store_failed: AtomicBool::new(false),
         })
@@ -1003,23 +1027,107 @@ impl CachedBlob {
     /// Chunks to read ahead of a miss at chunk `first`: none, unless the
     /// miss starts right where the last fetch of this blob (read-ahead
     /// included) ended, so the reader has consumed all of it in order;
-    /// then a window that doubles with each such miss, up to [`MAX_RUN`].
-    /// Scattered reads (a mount, small files) never grow it.
+    /// then a window that doubles with each such miss, up to [`MAX_RUN`]
+    /// (chunks found cached in between do not count as a jump).
+    /// Scattered reads (a mount, small files) never grow it; a miss inside
+    /// the windows being fetched ahead keeps it.
     fn read_ahead(&self, first: u64) -> u64 {
         let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        let (fetched_end, window) = *stream;
-        let window = if fetched_end > 0 && first == fetched_end {
-            (window * 2).clamp(1, MAX_RUN / self.layout.chunk)
+        let max = (MAX_RUN / self.layout.chunk).max(1);
+        // Chunks the reader found cached since the last fetch do not break
+        // its stream.
+        let continues = stream.end > 0
+            && first >= stream.end
+            && first - stream.end <= max
+            && (stream.end..first).all(|i| self.entry(i).is_ok_and(is_present));
+        if continues {
+            stream.window = (stream.window * 2).clamp(1, max);
+            stream.window
         } else {
+            let ahead_span = stream.window * (u64::from(WINDOWS_AHEAD) + 1);
+            if first >= stream.end || stream.end - first > ahead_span {
+                stream.window = 0;
+            }
             0
-        };
-        stream.1 = window;
-        window
+        }
     }
 
     /// Note where a fetch ended (the chunk after its last).
     fn fetched_up_to(&self, end: u64) {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner()).0 = end;
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        stream.end = stream.end.max(end);
+        if stream.window == 0 {
+            stream.end = end;
+        }
+    }
+
+    /// Pipelined read-ahead: after a read that ended at chunk `last`, when
+    /// a sequential reader (a window grown to [`PIPELINE_FROM`]) is within [`WINDOWS_AHEAD`]
+    /// windows of where its fetches end, fetch the next (doubled) window on a thread
+    /// of its own, so the reader finds its chunks present or on the way
+    /// instead of waiting a round trip at each window's end. The window is
+    /// claimed here, before the thread starts, so the reader waits for it
+    /// (single flight) rather than asking for it again. Never blocks on the
+    /// network: ublk queue threads call it.
+    fn keep_ahead(&self, last: u64) {
+        let chunks = self.layout.chunks();
+        let claimed = {
+            let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            if stream.window * self.layout.chunk < PIPELINE_FROM
+                || stream.in_flight >= WINDOWS_AHEAD
+                || last >= stream.end
+                || stream.end - last > u64::from(WINDOWS_AHEAD) * stream.window
+                || stream.end >= chunks
+            {
+                return;
+            }
+            // Each window fetched ahead doubles it, as a miss at the end
+            // would have.
+            stream.window = (stream.window * 2).min((MAX_RUN / self.layout.chunk).max(1));
+            let next_end = (stream.end + stream.window).min(chunks);
+            let wanted: Vec<u64> = (stream.end..next_end).collect();
+            let Ok((claimed, _busy)) = self.claim(&wanted, 0) else {
+                return;
+            };
+            stream.end = next_end;
+            if claimed.is_empty() {
+                return;
+            }
+            stream.in_flight += 1;
+            claimed
+        };
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            self.release(&claimed);
+            self.ahead_done();
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("obd-read-ahead".into())
+            .spawn({
+                let claimed = claimed.clone();
+                move || {
+                    let mut nothing = PendingRead {
+                        buf: &mut [],
+                        offset: 0,
+                        first: 0,
+                        served: Vec::new(),
+                    };
+                    // A failure is the reader's to meet: it fetches the
+                    // chunks itself when it gets there.
+                    let _ = me.fetch_claimed(&claimed, &mut nothing);
+                    me.ahead_done();
+                    me.release(&claimed);
+                }
+            });
+        if spawned.is_err() {
+            self.release(&claimed);
+            self.ahead_done();
+        }
+    }
+
+    fn ahead_done(&self) {
+        let mut stream = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        stream.in_flight = stream.in_flight.saturating_sub(1);
     }
 
     /// Fetch every missing chunk of `[offset, offset + len)` into the cache
@@ -1079,15 +1187,10 @@ fn create_record(dir: &Path, record_path: &Path, layout: Layout) -> io::Result<(
     result
 }
 
-impl ReadAt for CachedBlob {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_bounds(self, buf.len(), offset)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let end = offset + buf.len() as u64;
-        let first = offset / self.layout.chunk;
-        let last = (end - 1) / self.layout.chunk;
+impl CachedBlob {
+    /// Serve `buf` at `offset` (chunks `first..=last`) from the file, from
+    /// fetches of this thread, and from other threads' fetches.
+    fn read_chunks(&self, buf: &mut [u8], offset: u64, first: u64, last: u64) -> io::Result<()> {
         let mut read = PendingRead {
             buf,
             offset,
@@ -1139,6 +1242,21 @@ impl ReadAt for CachedBlob {
                 self.name
             ),
         ))
+    }
+}
+
+impl ReadAt for CachedBlob {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_bounds(self, buf.len(), offset)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64;
+        let first = offset / self.layout.chunk;
+        let last = (end - 1) / self.layout.chunk;
+        self.read_chunks(buf, offset, first, last)?;
+        self.keep_ahead(last);
+        Ok(())
     }
     fn size(&self) -> u64 {
         self.size
@@ -1194,11 +1312,21 @@ impl Fetch for CachedBlob {
             }
         }
         self.touch();
+        self.keep_ahead(last);
         Ok(true)
     }
-    /// Prefetch: the registry reads it needs are in the prefetch class.
+    /// Prefetch: the registry reads it needs are in the prefetch class,
+    /// and the chunks are claimed only once the origin gives a turn, so
+    /// an on-demand read never waits on chunks of a prefetch that is still
+    /// waiting for its turn.
     fn warm(&self, offset: u64, len: u64) -> io::Result<u64> {
-        super::registry::prefetching(|| self.warm_range(offset, len))
+        if self.is_present(offset, len) {
+            return Ok(0);
+        }
+        super::registry::prefetching(|| {
+            let _turn = self.origin.prefetch_turn();
+            self.warm_range(offset, len)
+        })
     }
 }
 
@@ -1259,20 +1387,76 @@ mod tests {
             blob.read_exact_at(&mut buf, index * chunk).unwrap();
         }
         assert_eq!(cache.fetched(), 5 * chunk);
-        // A reader going through 32 chunks in order, a chunk at a time:
-        // the window doubles, so far fewer requests than chunks.
+        // A reader going through chunks in order, a chunk at a time: the
+        // window doubles, so far fewer requests than chunks.
         let before = counted.reads.load(Ordering::Relaxed);
         let mut piece = vec![0u8; chunk as usize];
-        for index in 0..4u64 {
-            blob.read_exact_at(&mut piece, index * chunk).unwrap();
-        }
-        for index in 10..19u64 {
+        for index in 0..64u64 {
             blob.read_exact_at(&mut piece, index * chunk).unwrap();
             let at = (index * chunk) as usize;
             assert_eq!(piece, data[at..at + chunk as usize]);
         }
         let requests = counted.reads.load(Ordering::Relaxed) - before;
-        assert!(requests <= 8, "{requests} requests for 13 streamed chunks");
+        // (Chunks 5, 9, 20, 33 and 40 are cached: windows around them
+        // split.)
+        assert!(requests <= 16, "{requests} requests for 64 streamed chunks");
+    }
+
+    /// An origin that takes its time and says which threads asked it.
+    struct Slow {
+        inner: Source,
+        delay: Duration,
+        by_reader: AtomicU64,
+        ahead: AtomicU64,
+    }
+
+    impl ReadAt for Slow {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let counter = match std::thread::current().name() {
+                Some("obd-read-ahead") => &self.ahead,
+                _ => &self.by_reader,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(self.delay);
+            self.inner.read_exact_at(buf, offset)
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn name(&self) -> &str {
+            "slow"
+        }
+    }
+
+    #[test]
+    fn a_sequential_reader_finds_the_next_windows_fetched_ahead() {
+        let chunk = 64 << 10;
+        let data = pattern(128 * chunk as usize);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(options(dir.path(), 1 << 30, chunk)).unwrap();
+        let slow = Arc::new(Slow {
+            inner: origin(&data),
+            delay: Duration::from_millis(20),
+            by_reader: AtomicU64::new(0),
+            ahead: AtomicU64::new(0),
+        });
+        let blob = cache.blob("sha256:aa", slow.clone()).unwrap();
+        let mut piece = vec![0u8; chunk as usize];
+        for index in 0..100u64 {
+            blob.read_exact_at(&mut piece, index * chunk).unwrap();
+            let at = (index * chunk) as usize;
+            assert_eq!(piece, data[at..at + chunk as usize], "chunk {index}");
+        }
+        // The reader fetched the first chunks itself, in windows of 1, 2,
+        // 4, 8 and 16 chunks (PIPELINE_FROM); everything after came from
+        // windows fetched ahead of it, which it waited for or found.
+        let by_reader = slow.by_reader.load(Ordering::Relaxed);
+        let ahead = slow.ahead.load(Ordering::Relaxed);
+        assert!(by_reader <= 6, "the reader fetched {by_reader} times");
+        assert!(ahead >= 2, "{ahead} windows fetched ahead");
+        // The window ahead of where the reader stopped is on its way or in.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(blob.is_present(100 * chunk, chunk));
     }
 
     #[test]

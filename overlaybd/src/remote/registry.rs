@@ -1,11 +1,13 @@
 //! The registry protocol for blobs: how to get the bytes `[offset, offset +
 //! len)` of `repoBlobUrl/<digest>`, and how to upload a blob.
 //!
-//! For each repository the first read sends an anonymous probe (`Range:
-//! bytes=0-0`, redirects not followed). Its answer decides how the
-//! repository is read from then on: anonymously, with Basic auth on every
-//! request, or with a Bearer token from the challenge's realm (cached until
-//! it expires, renewed once when the registry refuses it). A 3xx to blob
+//! For each repository the first read is sent anonymously (redirects not
+//! followed) as the probe: its answer decides how the repository is read
+//! from then on, and when the answer is the bytes they are used, so an
+//! anonymous registry costs no extra round trip. The repository is read
+//! anonymously, with Basic auth on every request, or with a Bearer token
+//! from the challenge's realm (cached until it expires, renewed once when
+//! the registry refuses it). A 3xx to blob
 //! storage is remembered for [`RegistryOptions::redirect_ttl`] and followed
 //! without credentials; if storage refuses the cached location, the
 //! registry is asked again.
@@ -76,15 +78,16 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::ExponentialBuilder;
 use reqwest::Response;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use crate::config::GlobalConfig;
 use crate::error::Result;
+use crate::io::PrefetchTurn;
 
 use super::auth::{credential_source, CredentialSource, Token};
 use super::{redact_url, remote_error};
@@ -125,7 +128,7 @@ impl Default for RegistryOptions {
             deadline: Duration::from_secs(60),
             redirect_ttl: Duration::from_secs(300),
             user_agent: concat!("obd/", env!("CARGO_PKG_VERSION")).to_string(),
-            prefetch_requests: 4,
+            prefetch_requests: 8,
         }
     }
 }
@@ -219,6 +222,8 @@ pub enum Priority {
     /// Prefetch or background download: bounded by
     /// [`RegistryOptions::prefetch_requests`].
     Prefetch,
+    /// A prefetch that holds its turn already ([`Registry::prefetch_turn`]).
+    Admitted,
 }
 
 thread_local! {
@@ -286,7 +291,7 @@ pub struct Registry {
     credentials: Box<dyn CredentialSource>,
     state: Mutex<State>,
     /// Permits for prefetch reads on the wire.
-    prefetch: Semaphore,
+    prefetch: Arc<Semaphore>,
     requests: AtomicU64,
     body_bytes: AtomicU64,
     http2: AtomicU64,
@@ -318,7 +323,7 @@ impl Registry {
     ) -> Registry {
         Registry {
             client,
-            prefetch: Semaphore::new(options.prefetch_requests.max(1)),
+            prefetch: Arc::new(Semaphore::new(options.prefetch_requests.max(1))),
             options,
             credentials,
             state: Mutex::new(State::default()),
@@ -332,10 +337,32 @@ impl Registry {
     /// permit (prefetch only) is to be held until it is done.
     pub async fn admit(&self, priority: Priority) -> Option<SemaphorePermit<'_>> {
         match priority {
-            Priority::OnDemand => None,
+            Priority::OnDemand | Priority::Admitted => None,
             // The semaphore is never closed: `acquire` cannot fail.
             Priority::Prefetch => self.prefetch.acquire().await.ok(),
         }
+    }
+
+    /// Wait (this thread blocks) for a prefetch permit and hold it, with
+    /// this thread's reads in [`Priority::Admitted`], until the turn is
+    /// dropped (on this thread).
+    pub fn prefetch_turn(&self) -> PrefetchTurn {
+        struct Turn {
+            _permit: Option<OwnedSemaphorePermit>,
+            before: Priority,
+        }
+        impl Drop for Turn {
+            fn drop(&mut self) {
+                PRIORITY.with(|p| p.set(self.before));
+            }
+        }
+        // The semaphore is never closed: `acquire_owned` cannot fail.
+        let permit = block_on(self.prefetch.clone().acquire_owned()).ok();
+        let before = PRIORITY.with(|p| p.replace(Priority::Admitted));
+        PrefetchTurn::new(Turn {
+            _permit: permit,
+            before,
+        })
     }
 
     pub fn options(&self) -> &RegistryOptions {

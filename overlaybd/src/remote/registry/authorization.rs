@@ -1,7 +1,8 @@
-//! How a repository is authorized: the anonymous probe that learns how it
-//! wants to be read, the `Authorization` header for Basic auth or a Bearer
-//! token, and the token requests (cached per realm, service and scope until
-//! they expire, renewed once when the registry refuses one).
+//! How a repository is authorized: what its first, anonymous read (the
+//! probe) learnt of how it wants to be read, the `Authorization` header
+//! for Basic auth or a Bearer token, and the token requests (cached per
+//! realm, service and scope until they expire, renewed once when the
+//! registry refuses one).
 //!
 //! Kept apart from the reads and uploads that use it because it is the one
 //! place credentials are handled: none is ever put in a message.
@@ -25,28 +26,16 @@ use super::{
 };
 
 impl Registry {
-    /// How `url`'s repository authenticates; the first time, find out with
-    /// the anonymous probe.
-    pub(super) async fn repo_auth(&self, url: &str) -> std::result::Result<RepoAuth, Failure> {
-        let key = repo_key(url);
-        if let Some(auth) = self.state().repos.get(key) {
-            return Ok(auth.clone());
-        }
-        let response = self.get(url, "bytes=0-0", None).await?;
-        let auth = match response.status().as_u16() {
-            200 | 206 => RepoAuth::Anonymous,
-            301 | 302 | 303 | 307 | 308 => {
-                self.remember_redirect(url, &response)?;
-                RepoAuth::Anonymous
-            }
-            401 | 403 => match challenge_of(&response) {
-                Some(challenge) => return Ok(self.set_repo_auth(url, challenge)),
-                None => return Err(status_failure(&response, url)),
-            },
-            _ => return Err(status_failure(&response, url)),
-        };
-        self.state().repos.insert(key.to_string(), auth.clone());
-        Ok(auth)
+    /// How `url`'s repository authenticates, if a read has found out.
+    pub(super) fn known_repo_auth(&self, url: &str) -> Option<RepoAuth> {
+        self.state().repos.get(repo_key(url)).cloned()
+    }
+
+    /// `url`'s repository answered an anonymous read.
+    pub(super) fn set_repo_anonymous(&self, url: &str) {
+        self.state()
+            .repos
+            .insert(repo_key(url).to_string(), RepoAuth::Anonymous);
     }
 
     pub(super) fn set_repo_auth(&self, url: &str, challenge: Challenge) -> RepoAuth {

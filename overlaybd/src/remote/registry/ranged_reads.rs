@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 use reqwest::Response;
 
-use crate::io::{check_bounds, ReadAt};
+use crate::io::{check_bounds, PrefetchTurn, ReadAt};
 use crate::remote::{redact_url, remote_error};
 use crate::storage::Fetch;
 
@@ -169,12 +169,22 @@ impl Registry {
             // Expired signature, moved object...: ask the registry again.
             self.state().redirects.remove(url);
         }
-        let mut auth = self.repo_auth(url).await?;
+        // A repository's first read is its probe: sent anonymously, its
+        // answer says how the repository wants to be read, and when that
+        // answer is the bytes, they are used (no round trip of its own).
+        let mut auth = self.known_repo_auth(url);
         let mut renewed = false;
         loop {
-            let authorization = self.authorization(url, &auth, renewed).await?;
+            let authorization = match &auth {
+                Some(auth) => self.authorization(url, auth, renewed).await?,
+                None => None,
+            };
             let response = self.get(url, &range, authorization.as_deref()).await?;
-            match response.status().as_u16() {
+            let status = response.status().as_u16();
+            if auth.is_none() && matches!(status, 200 | 206 | 301 | 302 | 303 | 307 | 308) {
+                self.set_repo_anonymous(url);
+            }
+            match status {
                 200 | 206 => return self.take_body(response, url, size, offset, buf).await,
                 301 | 302 | 303 | 307 | 308 => {
                     let location = self.remember_redirect(url, &response)?;
@@ -184,13 +194,17 @@ impl Registry {
                         _ => Err(status_failure(&response, &location)),
                     };
                 }
+                401 | 403 if auth.is_none() => match challenge_of(&response) {
+                    Some(challenge) => auth = Some(self.set_repo_auth(url, challenge)),
+                    None => return Err(status_failure(&response, url)),
+                },
                 401 if !renewed => {
                     // The token expired, or the registry changed its mind:
                     // learn the challenge again and renew once.
                     if let Some(challenge) = challenge_of(&response) {
-                        auth = self.set_repo_auth(url, challenge);
+                        auth = Some(self.set_repo_auth(url, challenge));
                     }
-                    if matches!(auth, RepoAuth::Anonymous) {
+                    if matches!(auth, Some(RepoAuth::Anonymous)) {
                         return Err(status_failure(&response, url));
                     }
                     renewed = true;
@@ -471,6 +485,9 @@ impl ReadAt for RegistryBlob {
     }
     fn read_many_at(&self, parts: &mut [(u64, &mut [u8])]) -> Vec<io::Result<()>> {
         block_on(self.read_ranges(parts, current_priority()))
+    }
+    fn prefetch_turn(&self) -> Option<PrefetchTurn> {
+        Some(self.registry.prefetch_turn())
     }
     fn size(&self) -> u64 {
         self.size

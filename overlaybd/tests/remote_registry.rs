@@ -19,7 +19,7 @@ use overlaybd::remote::cache::CacheOptions;
 use overlaybd::remote::registry::{Registry as Client, RegistryOptions};
 use overlaybd::remote::{errno_of, Remote};
 use overlaybd::stack::{PieceSource, Plan, Stack};
-use remote_support::{Auth, Fault, Proxy, Registry, PASSWORD, USER};
+use remote_support::{Auth, Fault, Proxy, Registry, UploadFault, PASSWORD, USER};
 
 const REPO: &str = "obd/ref";
 
@@ -253,6 +253,38 @@ fn proxied(auth: Auth) -> (ReferenceVectors, Registry, Vec<(String, u64)>, Proxy
     let (v, registry, layers) = pushed(auth);
     let proxy = Proxy::start(registry.port);
     (v, registry, layers, proxy)
+}
+
+/// An upload whose request or answer is lost is not sent again into the
+/// same session (the registry dropped it, or took the blob already): the
+/// blob is looked for, and sent in a new session when it is not there.
+#[test]
+fn uploads_survive_a_lost_request_and_a_lost_answer() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let proxy = Proxy::start(registry.port);
+    proxy
+        .plan()
+        .upload_faults
+        .extend([UploadFault::LostAnswer, UploadFault::LostRequest]);
+    let client = Client::with_credentials(fast_options(), Box::new(Anonymous));
+    let repo_url = format!("{}/v2/{REPO}", proxy.base());
+    for path in layer_files(&v).iter().take(2) {
+        let bytes = std::fs::read(path).unwrap();
+        let digest = format!("sha256:{}", sha256_hex(&bytes));
+        client.upload_blob(&repo_url, &digest, path).unwrap();
+        let mut back = vec![0u8; bytes.len()];
+        client
+            .read_range(
+                &format!("{repo_url}/blobs/{digest}"),
+                bytes.len() as u64,
+                0,
+                &mut back,
+            )
+            .unwrap();
+        assert!(back == bytes, "{digest} reads back different bytes");
+    }
+    assert_eq!(count(&proxy.stats.faults), 2);
 }
 
 #[test]

@@ -297,6 +297,18 @@ pub struct Plan {
     /// Answer blob GETs with a 307 to `/storage/<path>` on this proxy,
     /// which serves the blob (like a registry in front of blob storage).
     pub redirect: bool,
+    /// Faults for the next upload `PUT`s, in order.
+    pub upload_faults: VecDeque<UploadFault>,
+}
+
+/// What happens to an upload `PUT` (`.../blobs/uploads/...`).
+#[derive(Clone, Copy, Debug)]
+pub enum UploadFault {
+    /// The connection is reset before the registry sees the request.
+    LostRequest,
+    /// The registry takes the blob; the connection is reset before its
+    /// answer reaches the client.
+    LostAnswer,
 }
 
 #[derive(Default)]
@@ -488,6 +500,36 @@ fn serve(
         .unwrap_or(0);
     let mut body = vec![0u8; body_len];
     reader.read_exact(&mut body)?;
+    if method == "PUT" && path.contains("/blobs/uploads/") {
+        let upload_fault = plan.lock().unwrap().upload_faults.pop_front();
+        match upload_fault {
+            Some(UploadFault::LostRequest) => {
+                stats.faults.fetch_add(1, Ordering::Relaxed);
+                reset(&client);
+                return Ok(());
+            }
+            Some(UploadFault::LostAnswer) => {
+                stats.faults.fetch_add(1, Ordering::Relaxed);
+                let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+                let mut out = format!("{request_line}\r\n");
+                for line in head.iter().skip(1) {
+                    let name = line.split(':').next().unwrap_or("").trim();
+                    if !name.eq_ignore_ascii_case("connection") {
+                        out.push_str(line);
+                        out.push_str("\r\n");
+                    }
+                }
+                out.push_str("Connection: close\r\n\r\n");
+                upstream.write_all(out.as_bytes())?;
+                upstream.write_all(&body)?;
+                let mut answer = Vec::new();
+                upstream.read_to_end(&mut answer)?;
+                reset(&client);
+                return Ok(());
+            }
+            None => {}
+        }
+    }
     let is_blob_get = method == "GET" && path.contains("/blobs/sha256:");
     let (fault, latency, rate, shared_link) = {
         let mut plan = plan.lock().unwrap();

@@ -1,5 +1,6 @@
 //! Uploads: whether a blob exists (`HEAD`), and a whole blob pushed in one
-//! piece (`POST .../blobs/uploads/`, then `PUT <location>?digest=...`).
+//! piece (`POST .../blobs/uploads/`, then `PUT <location>?digest=...`, a
+//! new session for each try).
 //! Each request carries the repository's credentials, learns a challenge
 //! and retries once on 401, and is retried with the client's backoff when
 //! it failed in a way that may pass.
@@ -7,12 +8,12 @@
 use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use backon::Retryable;
 use reqwest::{Method, Response};
 
 use crate::remote::auth::query_escape;
-use crate::remote::remote_error;
 
 use super::authorization::challenge_of;
 use super::{
@@ -44,17 +45,55 @@ impl Registry {
         block_on(self.upload_blob_async(repo_url, digest, path))
     }
 
-    /// [`Registry::upload_blob`], async.
+    /// [`Registry::upload_blob`], async. An upload session is used once:
+    /// when its `PUT` fails (a timeout while the registry checks a large
+    /// blob, a reset), the registry may have taken the blob or dropped the
+    /// session, so the blob is looked for (`HEAD`) and, when it is not
+    /// there, sent again in a new session, up to [`RegistryOptions::tries`]
+    /// times.
     pub async fn upload_blob_async(
         &self,
         repo_url: &str,
         digest: &str,
         path: &Path,
     ) -> io::Result<()> {
+        let len = tokio::fs::metadata(path).await?.len();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let failure = match self.upload_session(repo_url, digest, path, len).await {
+                Ok(()) => return Ok(()),
+                Err(failure) => failure,
+            };
+            if self
+                .blob_exists_async(repo_url, digest)
+                .await
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            if !failure.retry || tries >= self.options.tries.max(1) {
+                return Err(failure.error);
+            }
+        }
+    }
+
+    /// One upload session: `POST .../blobs/uploads/`, then the whole file
+    /// in one `PUT <location>?digest=...`, given time for its size.
+    async fn upload_session(
+        &self,
+        repo_url: &str,
+        digest: &str,
+        path: &Path,
+        len: u64,
+    ) -> std::result::Result<(), Failure> {
         let start = format!("{}/blobs/uploads/", repo_url.trim_end_matches('/'));
-        let response = self.exchange(Method::POST, &start, None).await?;
+        let response = self
+            .exchange(Method::POST, &start, None)
+            .await
+            .map_err(Failure::from)?;
         if response.status().as_u16() != 202 {
-            return Err(status_failure(&response, &start).error);
+            return Err(status_failure(&response, &start));
         }
         let location = response
             .headers()
@@ -62,17 +101,19 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .map(|l| resolve_location(&start, l))
             .ok_or_else(|| {
-                remote_error(
+                Failure::fatal(
                     libc::EIO,
                     format!("POST {start}: the registry gave no upload Location"),
                 )
             })?;
         let separator = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{separator}digest={}", query_escape(digest));
-        let response = self.exchange(Method::PUT, &put, Some(path)).await?;
+        let response = self
+            .exchange_once(Method::PUT, &put, Some((path, len)))
+            .await?;
         match response.status().as_u16() {
             201 | 204 => Ok(()),
-            _ => Err(status_failure(&response, &put).error),
+            _ => Err(status_failure(&response, &put)),
         }
     }
 
@@ -82,7 +123,7 @@ impl Registry {
         &self,
         method: Method,
         url: &str,
-        body: Option<&Path>,
+        body: Option<(&Path, u64)>,
     ) -> io::Result<Response> {
         (|| self.exchange_once(method.clone(), url, body))
             .retry(self.options.retry_delays())
@@ -96,7 +137,7 @@ impl Registry {
         &self,
         method: Method,
         url: &str,
-        body: Option<&Path>,
+        body: Option<(&Path, u64)>,
     ) -> std::result::Result<Response, Failure> {
         let known = self.state().repos.get(repo_key(url)).cloned();
         let mut auth = known.unwrap_or(RepoAuth::Anonymous);
@@ -110,11 +151,15 @@ impl Registry {
             if let Some(value) = &authorization {
                 request = request.header("Authorization", value);
             }
-            if let Some(path) = body {
-                // The file is streamed from disk, not read into memory.
+            if let Some((path, len)) = body {
+                // The file is streamed from disk, not read into memory, with
+                // time to send it at 1 MiB/s or faster on top of the usual
+                // deadline.
                 let file = tokio::fs::File::open(path).await?;
-                let len = file.metadata().await?.len();
-                request = request.header("Content-Length", len).body(file);
+                request = request
+                    .header("Content-Length", len)
+                    .timeout(self.options.deadline + Duration::from_secs(len >> 20))
+                    .body(file);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let result = request.send().await;

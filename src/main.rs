@@ -12,6 +12,7 @@ mod cmd;
 mod daemon_log;
 mod metrics_http;
 mod progress;
+mod snapshot_socket;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,7 @@ enum Command {
     List(cmd::list::Args),
     Del(cmd::del::Args),
     Recover(cmd::recover::Args),
+    Snapshot(cmd::snapshot::Args),
     Serve(cmd::serve::Args),
 }
 
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::List(args) => cmd::list::run(args),
         Command::Del(args) => cmd::del::run(args),
         Command::Recover(args) => cmd::recover::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::Serve(args) => cmd::serve::run(args),
     };
     match result {

@@ -97,3 +97,15 @@ fn bad_configs_report_failed_in_the_result_file() {
         assert!(written.starts_with("failed:"), "{what}: {written}");
     }
 }
+
+#[test]
+fn snapshot_of_a_device_obd_does_not_serve_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = obd(&["snapshot", "-n", "7"], &dir.path().join("run"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("/dev/ublkb7 is not a device obd serves"),
+        "{stderr}"
+    );
+}

@@ -102,6 +102,14 @@ pub enum Lower {
     /// A layer that only exists in `dir` (one of [`LOCAL_LAYER_NAMES`]):
     /// the acceleration layer `ctr record-trace` makes has only `dir`.
     Dir { dir: PathBuf },
+    /// A writable layer that is written no more, read as a lower (obd's
+    /// extension: `data`, and `index` unless it is sparse). `obd snapshot`
+    /// leaves the device's old upper here until `obd commit` makes a
+    /// committed layer of it.
+    Frozen {
+        data: PathBuf,
+        index: Option<PathBuf>,
+    },
 }
 
 impl Lower {
@@ -110,6 +118,7 @@ impl Lower {
     pub fn local_candidates(&self) -> Vec<PathBuf> {
         match self {
             Lower::File { file } => vec![file.clone()],
+            Lower::Frozen { data, .. } => vec![data.clone()],
             Lower::Blob { dir, .. } | Lower::Dir { dir } => {
                 LOCAL_LAYER_NAMES.iter().map(|n| dir.join(n)).collect()
             }
@@ -230,10 +239,14 @@ impl ImageConfig {
     fn resolve_paths(&mut self, base: &Path) {
         let mut paths: Vec<&mut PathBuf> = Vec::new();
         for lower in &mut self.lowers {
-            paths.push(match lower {
-                Lower::File { file } => file,
-                Lower::Blob { dir, .. } | Lower::Dir { dir } => dir,
-            });
+            match lower {
+                Lower::File { file } => paths.push(file),
+                Lower::Blob { dir, .. } | Lower::Dir { dir } => paths.push(dir),
+                Lower::Frozen { data, index } => {
+                    paths.push(data);
+                    paths.extend(index.as_mut());
+                }
+            }
         }
         if let Some(upper) = &mut self.upper {
             if let Some(index) = &mut upper.index {
@@ -275,6 +288,18 @@ struct RawLower {
     digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     size: Option<u64>,
+    #[serde(
+        default,
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    data: Option<PathBuf>,
+    #[serde(
+        default,
+        deserialize_with = "non_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    index: Option<PathBuf>,
     /// TurboOCI (data left in the original gzip layer): refused until
     /// supported, never ignored.
     #[serde(default, rename = "gzipIndex", skip_serializing_if = "Option::is_none")]
@@ -315,6 +340,13 @@ impl TryFrom<RawLower> for Lower {
         if let Some(file) = raw.file {
             return Ok(Lower::File { file });
         }
+        match (raw.data, raw.index) {
+            (Some(data), index) => return Ok(Lower::Frozen { data, index }),
+            (None, Some(_)) => {
+                return Err("a frozen writable lower with an `index` needs its `data` too".into())
+            }
+            (None, None) => {}
+        }
         // A zero size is what Go's omitempty leaves out, so it counts as unset.
         let size = raw.size.filter(|&s| s != 0);
         match (raw.dir, raw.digest, size) {
@@ -354,6 +386,11 @@ impl From<Lower> for RawLower {
             },
             Lower::Dir { dir } => RawLower {
                 dir: Some(dir),
+                ..RawLower::default()
+            },
+            Lower::Frozen { data, index } => RawLower {
+                data: Some(data),
+                index,
                 ..RawLower::default()
             },
         }

@@ -205,6 +205,10 @@ fn open_config_inner(
         let candidates = lower.local_candidates();
         let path = candidates.iter().find(|p| p.exists());
         match (path, lower) {
+            (_, Lower::Frozen { data, index }) => {
+                let layer = WritableLayer::open(data, index.as_deref(), false)?;
+                opening.push(Opening::Local(Box::new(ReadOnlyLayer::frozen(&layer)?)));
+            }
             (Some(path), _) => opening.push(Opening::Local(Box::new(open_read_only(path)?))),
             (None, Lower::File { file }) => {
                 return Err(Error::io(

@@ -14,6 +14,7 @@ pub mod error;
 pub mod image;
 pub mod index;
 pub mod io;
+pub mod live;
 pub mod lsmt;
 pub mod remote;
 pub mod stack;

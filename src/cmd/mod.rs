@@ -11,6 +11,7 @@ pub mod list;
 pub mod push;
 pub mod recover;
 pub mod serve;
+pub mod snapshot;
 pub mod tcmu;
 pub mod trace;
 pub mod ublk;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use overlaybd::config::{GlobalConfig, ImageConfig, GLOBAL_CONFIG_PATH};
+use overlaybd::live::LiveStack;
 use overlaybd::stack::Stack;
 use trace_tools::Session;
 use ublk_target::state::DeviceRecord;
@@ -406,7 +407,9 @@ fn serve_foreground(
     let session = trace.start(&stack);
     let ready_record = record.clone();
     let result_config = loaded.config.clone();
-    let served = ublk_target::serve(stack, options, start, move |dev_id| {
+    let live = Arc::new(LiveStack::new(stack));
+    let snapshots = live.clone();
+    let served = ublk_target::serve(live, options, start, move |dev_id| {
         let record = DeviceRecord {
             dev_id,
             pid: std::process::id() as i32,
@@ -415,6 +418,7 @@ fn serve_foreground(
         if let Err(e) = record.save() {
             eprintln!("obd: cannot record device {dev_id}: {e}");
         }
+        answer_snapshots(dev_id, snapshots, &record);
         println!("/dev/ublkb{dev_id}");
         let _ = std::io::stdout().flush();
         if let Some(config) = result_config {
@@ -446,7 +450,9 @@ fn daemon_main(
     let ready = std::sync::Mutex::new(Some(ready));
     let ready = Arc::new(ready);
     let notify = ready.clone();
-    let served = ublk_target::serve(stack, options, start, move |dev_id| {
+    let live = Arc::new(LiveStack::new(stack));
+    let snapshots = live.clone();
+    let served = ublk_target::serve(live, options, start, move |dev_id| {
         let record = DeviceRecord {
             dev_id,
             pid: std::process::id() as i32,
@@ -455,6 +461,7 @@ fn daemon_main(
         if let Err(e) = record.save() {
             eprintln!("obd: cannot record device {dev_id}: {e}");
         }
+        answer_snapshots(dev_id, snapshots, &record);
         eprintln!("obd: serving /dev/ublkb{dev_id}");
         if let Some(mut pipe) = notify.lock().ok().and_then(|mut p| p.take()) {
             let _ = writeln!(pipe, "ok {dev_id}");
@@ -481,8 +488,20 @@ fn finish_serving(start: Start, served: bool) {
     let me = std::process::id() as i32;
     for record in DeviceRecord::all() {
         if record.pid == me {
+            crate::snapshot_socket::remove(record.dev_id);
             let _ = DeviceRecord::remove(record.dev_id);
         }
+    }
+}
+
+/// Answer `obd snapshot` for a writable device (a failure to listen is
+/// reported; the device is served anyway).
+fn answer_snapshots(dev_id: u32, live: Arc<LiveStack>, record: &DeviceRecord) {
+    if !record.writable {
+        return;
+    }
+    if let Err(e) = crate::snapshot_socket::listen(dev_id, live, record.config.clone()) {
+        eprintln!("obd: /dev/ublkb{dev_id} cannot take snapshots: {e:#}");
     }
 }
 

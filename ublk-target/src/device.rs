@@ -13,7 +13,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::{sys, BufDesc, UblkError, UblkFlags};
-use overlaybd::stack::Stack;
+use overlaybd::live::LiveStack;
 
 use crate::exec::{Backend, Scratch};
 
@@ -83,12 +83,13 @@ fn ublk_error(what: &str, e: UblkError) -> String {
     }
 }
 
-/// Serve `stack` as a ublk device until the device is deleted. `on_ready`
+/// Serve `live`'s stack as a ublk device until the device is deleted
+/// (the stack may be replaced meanwhile: see [`LiveStack`]). `on_ready`
 /// runs once the device is live, with its id; by then `/dev/ublkbN` accepts
 /// I/O. Errors before that point come back as `Err(reason)` and leave no
 /// device behind (a failed add is deleted again).
 pub fn serve<F>(
-    stack: Arc<Stack>,
+    live: Arc<LiveStack>,
     options: Options,
     start: Start,
     on_ready: F,
@@ -135,10 +136,12 @@ where
             ctrl
         }
     };
+    let stack = live.current();
     let writable = stack.top().is_some();
     let size = stack.virtual_size();
+    drop(stack);
     let backend =
-        Arc::new(Backend::new(stack).map_err(|e| format!("cannot start the fetch threads: {e}"))?);
+        Arc::new(Backend::new(live).map_err(|e| format!("cannot start the fetch threads: {e}"))?);
     let tgt_init = move |dev: &mut UblkDev| {
         dev.set_default_params(size);
         let params = &mut dev.tgt.params;

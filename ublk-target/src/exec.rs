@@ -36,6 +36,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types};
 use libublk::io::UblkQueue;
 use libublk::sys;
+use overlaybd::live::{Entry, LiveStack};
 use overlaybd::stack::{PieceSource, Plan, Stack};
 use overlaybd::storage::{Access, At};
 use overlaybd::zfile::ZFileReader;
@@ -110,21 +111,35 @@ pub struct Scratch {
 
 /// What every queue of one device serves.
 pub struct Backend {
-    stack: Arc<Stack>,
+    /// The stack, replaceable while the device runs (`obd snapshot`).
+    live: Arc<LiveStack>,
     /// Threads for reads that may wait on a registry (see `offload`).
     pool: Pool,
 }
 
+/// How long a request waits before asking again whether a live snapshot
+/// has finished replacing the stack.
+const PAUSED_WAIT: types::Timespec = types::Timespec::new().nsec(200_000);
+
 impl Backend {
-    pub fn new(stack: Arc<Stack>) -> std::io::Result<Backend> {
+    pub fn new(live: Arc<LiveStack>) -> std::io::Result<Backend> {
         Ok(Backend {
-            stack,
+            live,
             pool: Pool::new(POOL_THREADS, "obd-fetch")?,
         })
     }
 
-    pub fn stack(&self) -> &Stack {
-        &self.stack
+    /// Hold the current stack for one request. While a live snapshot
+    /// replaces it, wait on the ring: blocking the thread would stop the
+    /// requests in flight on this queue, which the snapshot waits for.
+    async fn enter(&self, q: &UblkQueue<'_>) -> Entry<'_> {
+        loop {
+            if let Some(entry) = self.live.try_enter() {
+                return entry;
+            }
+            let wait = opcode::Timeout::new(&PAUSED_WAIT).build();
+            let _ = q.ublk_submit_sqe(wait).await;
+        }
     }
 
     /// Serve the request in `iod`; `buf` is the tag's I/O buffer. Returns
@@ -143,21 +158,23 @@ impl Backend {
         if data_op && bytes > buf.len() as u64 {
             return -libc::EINVAL;
         }
+        let entry = self.enter(q).await;
+        let stack = entry.stack();
         let result = match op {
             sys::UBLK_IO_OP_READ => {
-                self.read(q, offset, &mut buf[..bytes as usize], scratch)
+                self.read(q, stack, offset, &mut buf[..bytes as usize], scratch)
                     .await
             }
-            sys::UBLK_IO_OP_WRITE => self
-                .stack
+            sys::UBLK_IO_OP_WRITE => stack
                 .write(&buf[..bytes as usize], offset)
                 .map_err(|e| -e.errno()),
-            sys::UBLK_IO_OP_FLUSH => self.flush(q).await,
+            sys::UBLK_IO_OP_FLUSH => self.flush(q, stack).await,
             sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-                self.stack.discard(offset, bytes).map_err(|e| -e.errno())
+                stack.discard(offset, bytes).map_err(|e| -e.errno())
             }
             _ => Err(-libc::EOPNOTSUPP),
         };
+        drop(entry);
         match result {
             Ok(()) if data_op => bytes as i32,
             Ok(()) => 0,
@@ -166,11 +183,13 @@ impl Backend {
     }
 
     /// How the `len` bytes of plan piece `source` are read.
-    fn fetch_of(&self, source: PieceSource, len: usize) -> Result<Fetch<'_>, i32> {
-        let access = self
-            .stack
-            .access(source, len as u64)
-            .map_err(|e| -e.errno())?;
+    fn fetch_of<'s>(
+        &self,
+        stack: &'s Stack,
+        source: PieceSource,
+        len: usize,
+    ) -> Result<Fetch<'s>, i32> {
+        let access = stack.access(source, len as u64).map_err(|e| -e.errno())?;
         if access.may_fetch(len as u64) {
             return Ok(Fetch::Offload);
         }
@@ -217,12 +236,13 @@ impl Backend {
     async fn read(
         &self,
         q: &UblkQueue<'_>,
+        stack: &Arc<Stack>,
         offset: u64,
         buf: &mut [u8],
         scratch: &mut Scratch,
     ) -> Result<(), i32> {
         scratch.plan.clear();
-        self.stack
+        stack
             .plan(offset, buf.len() as u64, &mut scratch.plan)
             .map_err(|e| -e.errno())?;
         // Split the buffer along the plan and work out each piece's fetch.
@@ -237,7 +257,7 @@ impl Backend {
             let (chunk, tail) = rest.split_at_mut(len);
             rest = tail;
             if let PieceSource::Layer { .. } = piece.source {
-                let fetch = self.fetch_of(piece.source, len)?;
+                let fetch = self.fetch_of(stack, piece.source, len)?;
                 let stored = zfile_pieces;
                 if let Fetch::ZFile { .. } | Fetch::Cached { zfile: Some(_), .. } = fetch {
                     zfile_pieces += 1;
@@ -315,7 +335,7 @@ impl Backend {
                             // (decoded there too), never here.
                             Ok(false) => {
                                 job.fetch = Fetch::Offload;
-                                self.offload_read(q, job.chunk, job.source).await
+                                self.offload_read(q, stack, job.chunk, job.source).await
                             }
                             Err(e) => {
                                 eprintln!("obd: {e}");
@@ -323,7 +343,7 @@ impl Backend {
                             }
                         }
                     }
-                    _ => self.offload_read(q, job.chunk, job.source).await,
+                    _ => self.offload_read(q, stack, job.chunk, job.source).await,
                 },
             };
             if let (Err(errno), Ok(())) = (step, &result) {
@@ -358,10 +378,11 @@ impl Backend {
     async fn offload_read(
         &self,
         q: &UblkQueue<'_>,
+        stack: &Arc<Stack>,
         chunk: &mut [u8],
         source: PieceSource,
     ) -> Result<(), i32> {
-        let stack = self.stack.clone();
+        let stack = stack.clone();
         let len = chunk.len();
         let bytes = self
             .pool
@@ -384,8 +405,8 @@ impl Backend {
     }
 
     /// Data file, then index file, each with fdatasync on the ring.
-    async fn flush(&self, q: &UblkQueue<'_>) -> Result<(), i32> {
-        let Some(top) = self.stack.top() else {
+    async fn flush(&self, q: &UblkQueue<'_>, stack: &Stack) -> Result<(), i32> {
+        let Some(top) = stack.top() else {
             return Ok(());
         };
         let files = [Some(top.data_file()), top.index_file()];

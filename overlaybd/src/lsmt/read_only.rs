@@ -8,10 +8,12 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{Entry, ENTRY_SIZE, SECTOR};
 use crate::io::{ReadAt, Source};
 use crate::storage::LayerData;
+use std::sync::Arc;
 
 /// A read-only layer: a committed layer (`commit` output) or a sealed one.
 /// Its bytes are [`LayerData`]: a file, a ZFile, a tar payload, a registry
 /// blob.
+#[derive(Clone)]
 pub struct ReadOnlyLayer {
     pub header: Header,
     pub trailer: Header,
@@ -57,6 +59,38 @@ impl ReadOnlyLayer {
         Ok(ReadOnlyLayer {
             header,
             trailer,
+            entries,
+            data,
+            source,
+        })
+    }
+
+    /// A writable layer that is written no more, read as a lower: its index
+    /// as it stands now, its data file as the bytes (both kinds place data
+    /// at the same file positions as a committed layer's index names).
+    /// Nothing may write to `layer` afterwards: a live snapshot stops
+    /// writing to it before it is frozen.
+    pub fn frozen(layer: &super::WritableLayer) -> Result<ReadOnlyLayer> {
+        let name = layer.name().to_string();
+        let mut entries = Vec::new();
+        for (offset, extent) in layer.snapshot().iter() {
+            super::writable::push_split(
+                &mut entries,
+                offset,
+                extent.length,
+                extent.moffset,
+                extent.zeroed,
+            );
+        }
+        let file = layer.data_file().try_clone().context(|| name.clone())?;
+        let local = crate::io::LocalFile::from_file(file, name.clone())?;
+        let stored =
+            crate::storage::Stored::whole(crate::storage::Container::Local(Arc::new(local)));
+        let data = LayerData::plain(stored).context(|| name.clone())?;
+        let source = data.source();
+        Ok(ReadOnlyLayer {
+            header: layer.header.clone(),
+            trailer: layer.header.clone(),
             entries,
             data,
             source,

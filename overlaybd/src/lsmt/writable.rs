@@ -570,7 +570,13 @@ impl WritableLayer {
 }
 
 /// Entries for one extent, split so none exceeds the on-disk length limit.
-fn push_split(entries: &mut Vec<Entry>, offset: u64, length: u64, moffset: u64, zeroed: bool) {
+pub(crate) fn push_split(
+    entries: &mut Vec<Entry>,
+    offset: u64,
+    length: u64,
+    moffset: u64,
+    zeroed: bool,
+) {
     let mut done = 0;
     while done < length {
         let n = (length - done).min(MAX_ENTRY_SECTORS);

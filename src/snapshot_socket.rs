@@ -1,0 +1,345 @@
+//! The snapshot socket of a ublk daemon, `<run dir>/ublk/<id>.sock`: how
+//! `obd snapshot` asks the process serving a device for a live snapshot.
+//! One JSON line asks, one JSON line answers; only root can connect (the
+//! socket is 0600 in a root-only directory).
+//!
+//! What the daemon does, in order, while new requests wait and none is in
+//! flight ([`LiveStack::replace`]): flush the writable layer, create the
+//! new one, rewrite the image config (written whole, synced, renamed into
+//! place) so the old upper is the top lower and the new files the upper,
+//! then serve the new stack. A crash at any point leaves a config naming
+//! files that hold every acknowledged write: the old one until the rename,
+//! the new one after.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use overlaybd::config::ImageConfig;
+use overlaybd::live::{snapshot_stack, LiveStack, NewUpper};
+use serde::{Deserialize, Serialize};
+
+/// How long a snapshot waits for the requests in flight to end.
+const QUIET_WITHIN: Duration = Duration::from_secs(30);
+
+/// A request: where the new writable layer goes (default: next to the
+/// current one, numbered).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Request {
+    pub data: Option<PathBuf>,
+    pub index: Option<PathBuf>,
+}
+
+/// A writable layer's files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerFiles {
+    pub data: PathBuf,
+    pub index: Option<PathBuf>,
+}
+
+/// The answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Answer {
+    Done {
+        /// The old upper, now the top lower.
+        frozen: LayerFiles,
+        /// The new upper.
+        upper: LayerFiles,
+        config: PathBuf,
+    },
+    Failed(String),
+}
+
+pub fn socket_path(dev_id: u32) -> PathBuf {
+    ublk_target::state::dir().join(format!("{dev_id}.sock"))
+}
+
+/// Start answering snapshot requests for device `dev_id`, whose image
+/// config is `config`, on a thread of its own.
+pub fn listen(dev_id: u32, live: Arc<LiveStack>, config: PathBuf) -> Result<()> {
+    let path = socket_path(dev_id);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    }
+    let _ = fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| path.display().to_string())?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .with_context(|| path.display().to_string())?;
+    std::thread::Builder::new()
+        .name("obd-snapshot".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(stream, &live, &config) {
+                    eprintln!("obd: snapshot socket: {e:#}");
+                }
+            }
+        })
+        .context("cannot start the snapshot socket's thread")?;
+    Ok(())
+}
+
+/// Remove the socket of device `dev_id` (its daemon is ending).
+pub fn remove(dev_id: u32) {
+    let _ = fs::remove_file(socket_path(dev_id));
+}
+
+fn answer(stream: UnixStream, live: &LiveStack, config: &Path) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let answer = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => match take(live, config, &request) {
+            Ok(answer) => answer,
+            Err(e) => Answer::Failed(format!("{e:#}")),
+        },
+        Err(e) => Answer::Failed(format!("unreadable request: {e}")),
+    };
+    match &answer {
+        Answer::Done { frozen, upper, .. } => eprintln!(
+            "obd: snapshot: {} is now a read-only lower; writes go to {}",
+            frozen.data.display(),
+            upper.data.display()
+        ),
+        Answer::Failed(reason) => eprintln!("obd: snapshot failed: {reason}"),
+    }
+    let mut stream = stream;
+    writeln!(stream, "{}", serde_json::to_string(&answer)?)?;
+    Ok(())
+}
+
+/// Take the snapshot (see the module doc).
+fn take(live: &LiveStack, config_path: &Path, request: &Request) -> Result<Answer> {
+    let config = ImageConfig::load(config_path)?;
+    let Some(old) = config.upper.as_ref() else {
+        bail!("the image has no writable layer (`upper`) to snapshot");
+    };
+    let frozen = LayerFiles {
+        data: old.data.clone(),
+        index: old.index.clone(),
+    };
+    let upper = match (&request.data, &request.index) {
+        (Some(data), index) => {
+            if index.is_some() != old.index.is_some() {
+                bail!(
+                    "the new writable layer must be of the current one's kind ({})",
+                    if old.index.is_some() {
+                        "data and index files"
+                    } else {
+                        "one sparse file, no index"
+                    }
+                );
+            }
+            LayerFiles {
+                data: data.clone(),
+                index: index.clone(),
+            }
+        }
+        (None, Some(_)) => bail!("an index for the new writable layer needs its data file too"),
+        (None, None) => next_to(&frozen)?,
+    };
+    let text =
+        fs::read_to_string(config_path).with_context(|| config_path.display().to_string())?;
+    let rewritten = rewrite_config(&text, &frozen, &upper)
+        .with_context(|| format!("{}: cannot rewrite it", config_path.display()))?;
+    live.replace(QUIET_WITHIN, |stack| {
+        let next = snapshot_stack(
+            stack,
+            &NewUpper {
+                data: &upper.data,
+                index: upper.index.as_deref(),
+            },
+        )?;
+        if let Err(e) = write_synced(config_path, &rewritten) {
+            let _ = fs::remove_file(&upper.data);
+            if let Some(index) = &upper.index {
+                let _ = fs::remove_file(index);
+            }
+            return Err(overlaybd::error::Error::Invalid(format!(
+                "{}: cannot write the new config: {e:#}",
+                config_path.display()
+            )));
+        }
+        Ok((next, ()))
+    })?;
+    Ok(Answer::Done {
+        frozen,
+        upper,
+        config: config_path.to_path_buf(),
+    })
+}
+
+/// The config with `frozen` appended to `lowers` and `upper` naming the new
+/// files; every other key is kept as it was.
+fn rewrite_config(text: &str, frozen: &LayerFiles, upper: &LayerFiles) -> Result<String> {
+    let mut json: serde_json::Value = serde_json::from_str(text)?;
+    let object = json
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("not a JSON object"))?;
+    let files = |layer: &LayerFiles| {
+        let mut files = serde_json::Map::new();
+        files.insert("data".into(), layer.data.display().to_string().into());
+        if let Some(index) = &layer.index {
+            files.insert("index".into(), index.display().to_string().into());
+        }
+        files
+    };
+    let lowers = object
+        .entry("lowers")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    if lowers.is_null() {
+        *lowers = serde_json::Value::Array(Vec::new());
+    }
+    lowers
+        .as_array_mut()
+        .ok_or_else(|| anyhow!("`lowers` is not a list"))?
+        .push(serde_json::Value::Object(files(frozen)));
+    let upper_entry = object
+        .entry("upper")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let upper_object = upper_entry
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("`upper` is not an object"))?;
+    upper_object.remove("index");
+    upper_object.extend(files(upper));
+    let text = serde_json::to_string_pretty(&json)?;
+    // What is written must load.
+    ImageConfig::from_json(&text, "the rewritten config")?;
+    Ok(text)
+}
+
+/// Write `path` whole: a synced temporary file renamed over it, then the
+/// directory synced.
+fn write_synced(path: &Path, text: &str) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temp = dir.join(format!(
+        ".{}.snapshot-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        let mut file = fs::File::create(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&temp, path)?;
+        fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// The first free numbered name next to the current upper: `upper.data`
+/// (and `upper.index`) → `upper-1.data` (`upper-1.index`), then `-2`...
+fn next_to(current: &LayerFiles) -> Result<LayerFiles> {
+    for n in 1..10_000 {
+        let data = numbered(&current.data, n)?;
+        let index = current.index.as_ref().map(|i| numbered(i, n)).transpose()?;
+        if !data.exists() && !index.as_ref().is_some_and(|i| i.exists()) {
+            return Ok(LayerFiles { data, index });
+        }
+    }
+    bail!(
+        "no free numbered name next to {}; give --data (and --index)",
+        current.data.display()
+    )
+}
+
+/// `dir/stem[-k].ext` → `dir/stem-n.ext`.
+fn numbered(path: &Path, n: u32) -> Result<PathBuf> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| anyhow!("{}: not a file name obd can number", path.display()))?;
+    let base = match stem.rsplit_once('-') {
+        Some((base, k)) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => stem,
+    };
+    let name = match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) => format!("{base}-{n}.{ext}"),
+        None => format!("{base}-{n}"),
+    };
+    Ok(path.with_file_name(name))
+}
+
+/// Ask the daemon serving device `dev_id` for a snapshot.
+pub fn request(dev_id: u32, request: &Request) -> Result<Answer> {
+    let path = socket_path(dev_id);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        anyhow!(
+            "cannot reach the daemon of /dev/ublkb{dev_id} at {}: {e} (is the device served by obd add, and is its daemon running?)",
+            path.display()
+        )
+    })?;
+    writeln!(stream, "{}", serde_json::to_string(request)?)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("the daemon of /dev/ublkb{dev_id} closed the socket without an answer");
+    }
+    Ok(serde_json::from_str(&line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_names_go_next_to_the_current_ones() {
+        assert_eq!(
+            numbered(Path::new("/x/upper.data"), 1).unwrap(),
+            PathBuf::from("/x/upper-1.data")
+        );
+        assert_eq!(
+            numbered(Path::new("/x/upper-1.data"), 2).unwrap(),
+            PathBuf::from("/x/upper-2.data")
+        );
+        assert_eq!(
+            numbered(Path::new("/x/my-disk"), 3).unwrap(),
+            PathBuf::from("/x/my-disk-3")
+        );
+    }
+
+    #[test]
+    fn the_rewritten_config_keeps_every_other_key() {
+        let text = r#"{"lowers":[{"file":"/l0"}],"upper":{"data":"/u.data","index":"/u.index","target":"/t"},"resultFile":"/r"}"#;
+        let frozen = LayerFiles {
+            data: "/u.data".into(),
+            index: Some("/u.index".into()),
+        };
+        let upper = LayerFiles {
+            data: "/u-1.data".into(),
+            index: Some("/u-1.index".into()),
+        };
+        let out = rewrite_config(text, &frozen, &upper).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["lowers"][1]["data"], "/u.data");
+        assert_eq!(json["lowers"][1]["index"], "/u.index");
+        assert_eq!(json["upper"]["data"], "/u-1.data");
+        assert_eq!(json["upper"]["index"], "/u-1.index");
+        assert_eq!(json["upper"]["target"], "/t");
+        assert_eq!(json["resultFile"], "/r");
+        // Sparse: no index anywhere.
+        let sparse = LayerFiles {
+            data: "/s.data".into(),
+            index: None,
+        };
+        let next = LayerFiles {
+            data: "/s-1.data".into(),
+            index: None,
+        };
+        let out = rewrite_config(r#"{"upper":{"data":"/s.data"}}"#, &sparse, &next).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["lowers"][0]["data"], "/s.data");
+        assert!(json["lowers"][0].get("index").is_none());
+        assert_eq!(json["upper"]["data"], "/s-1.data");
+    }
+}

@@ -17,6 +17,7 @@
 
 pub mod exec;
 pub mod metrics;
+pub mod netlink;
 pub mod probe;
 pub mod ring;
 pub mod scsi;

@@ -11,8 +11,9 @@
 //! once the device's ring is mapped and its image is open (or with an
 //! error status when it cannot be: `enable` then fails instead of
 //! hanging), REMOVED_DEVICE once the device's thread has let go of it,
-//! RECONFIG_DEVICE with what tcmu-runner's handlers accept (the size
-//! served already; nothing else). And /sys/class/uio is rescanned on a
+//! RECONFIG_DEVICE as tcmu-runner's handlers do (dev_config and the write
+//! cache never change), except that a larger dev_size is taken when the
+//! image has a writable upper to grow. And /sys/class/uio is rescanned on a
 //! short timer, which finds devices that existed before this daemon
 //! started (after a restart) and serves kernels without TCMU netlink.
 //!
@@ -109,10 +110,9 @@ type Key = (String, String);
 /// What the main loop and a device's thread both know of the device.
 #[derive(Default)]
 struct DeviceState {
-    /// Once the thread has tried: the size served, in bytes, or the
-    /// status (a negative errno) the kernel is told when the device
-    /// cannot be served.
-    opened: Option<Result<u64, i32>>,
+    /// Once the thread has tried: the disk served, or the status (a
+    /// negative errno) the kernel is told when the device cannot be served.
+    opened: Option<Result<Arc<Disk>, i32>>,
     /// The device id of an ADDED_DEVICE the kernel waits on.
     added_pending: Option<u32>,
     /// The device id of a REMOVED_DEVICE the kernel waits on.
@@ -389,10 +389,10 @@ impl Service {
                     let mut state = lock(&device.state);
                     if !state.retired && !state.finished {
                         // Found by a rescan first: answer once it is open.
-                        match state.opened {
+                        match &state.opened {
                             None => state.added_pending = device_id,
                             Some(outcome) => {
-                                let status = outcome.err().unwrap_or(0);
+                                let status = outcome.as_ref().err().copied().unwrap_or(0);
                                 state.retired = status != 0;
                                 drop(state);
                                 reply(cmd::ADDED_DEVICE_DONE, status);
@@ -433,7 +433,9 @@ impl Service {
                 }
             }
             cmd::RECONFIG_DEVICE => {
-                let opened = self.live_device(&node).map(|d| lock(&d.state).opened);
+                let opened = self
+                    .live_device(&node)
+                    .map(|d| lock(&d.state).opened.clone());
                 let status = reconfigure(&label, &event, opened);
                 reply(cmd::RECONFIG_DEVICE_DONE, status);
             }
@@ -462,11 +464,12 @@ impl Service {
     }
 }
 
-/// The status for a RECONFIG_DEVICE of a device that serves `opened`
-/// (`None`: not served here), as tcmu-runner's handlers decide: dev_size
-/// only when it is the size served already; dev_config and the write cache
-/// never.
-fn reconfigure(label: &str, event: &Event, opened: Option<Option<Result<u64, i32>>>) -> i32 {
+/// The status for a RECONFIG_DEVICE of a device whose thread reached
+/// `opened` (`None`: not served here), as tcmu-runner decides, with one
+/// addition: dev_size is taken when it is the size served, or when the
+/// image can grow to it (a writable upper; the initiator is told with a
+/// unit attention); dev_config and the write cache never change.
+fn reconfigure(label: &str, event: &Event, opened: Option<Option<Result<Arc<Disk>, i32>>>) -> i32 {
     let say = |m: String| log(&format!("{label}: {m}"));
     let Some(opened) = opened else {
         say("reconfiguring a device not served here".into());
@@ -480,27 +483,35 @@ fn reconfigure(label: &str, event: &Event, opened: Option<Option<Result<u64, i32
         return -libc::EOPNOTSUPP;
     }
     if let Some(size) = event.dev_size {
-        return match opened {
-            Some(Ok(served)) if size / 512 == served / 512 => {
-                say(format!("dev_size {size}: the size served"));
-                0
-            }
-            Some(Ok(served)) => {
-                say(format!(
-                    "dev_size {size}: obd cannot change the size of an image it serves \
-                     ({served} bytes); failed"
-                ));
-                -libc::EOPNOTSUPP
-            }
+        let disk = match opened {
+            Some(Ok(disk)) => disk,
             None => {
                 say(format!("dev_size {size}: the image is still being opened"));
-                -libc::EAGAIN
+                return -libc::EAGAIN;
             }
             Some(Err(_)) => {
                 say(format!(
                     "dev_size {size}: the device is not served (its image failed)"
                 ));
-                -libc::ENODEV
+                return -libc::ENODEV;
+            }
+        };
+        let served = disk.blocks() * u64::from(disk.info.block_size);
+        return match disk.grow(size) {
+            Ok(()) if size == served => {
+                say(format!("dev_size {size}: the size served"));
+                0
+            }
+            Ok(()) => {
+                say(format!(
+                    "dev_size {size}: grown from {served} bytes (the initiator is told: \
+                     capacity data has changed)"
+                ));
+                0
+            }
+            Err((status, reason)) => {
+                say(format!("dev_size {size}: not taken: {reason}"));
+                status
             }
         };
     }
@@ -596,19 +607,19 @@ fn device_thread(
     state: &SharedState,
 ) {
     let label = format!("{} ({})", entry.node, entry.name);
-    let report = |outcome: Result<u64, i32>| {
+    let report = |outcome: Result<Arc<Disk>, i32>| {
+        let status = outcome.as_ref().err().copied().unwrap_or(0);
         let pending = {
             let mut s = lock(state);
             s.opened = Some(outcome);
             let pending = s.added_pending.take();
-            if pending.is_some() && outcome.is_err() {
+            if pending.is_some() && status != 0 {
                 s.retired = true;
             }
             pending
         };
         match (pending, &options.events) {
             (Some(id), Some(events)) => {
-                let status = outcome.err().unwrap_or(0);
                 answer(events, &label, cmd::ADDED_DEVICE_DONE, id, status);
                 // Refused: the kernel drops the device.
                 status == 0
@@ -678,7 +689,7 @@ fn serve_device(
     name: &TcmuName,
     options: &DeviceOptions,
     quit: &AtomicBool,
-    report: &dyn Fn(Result<u64, i32>) -> bool,
+    report: &dyn Fn(Result<Arc<Disk>, i32>) -> bool,
 ) {
     let (global, dev, sys, workers) = (
         &*options.global,
@@ -727,21 +738,21 @@ fn serve_device(
                 if stack.writable() { ", writable" } else { "" }
             ));
             _on_open_guard = options.on_open.as_ref().map(|f| f(&stack, &config));
-            let size = stack.size();
-            (Some(stack as Arc<dyn Backend>), Ok(size))
+            (Some(stack as Arc<dyn Backend>), Ok(()))
         }
         Err(reason) => {
             say(&format!("failed: {reason}"));
             (None, Err(open_failure_status(&config_path)))
         }
     };
-    if !report(outcome) {
-        return;
-    }
     // Without an image the ring is still served, answering NOT READY, so
     // the kernel never waits on a command nobody completes.
     let mut disk = Disk::new(disk_info(&config_path), backend.clone());
     disk.trace = std::env::var_os("OBD_TCMU_TRACE").is_some_and(|v| v == "1");
+    let disk = Arc::new(disk);
+    if !report(outcome.map(|()| disk.clone())) {
+        return;
+    }
     let metrics_key = config_path.display().to_string();
     if let Some(metrics) = &options.metrics {
         metrics.add(&metrics_key, disk.stats.clone());
@@ -873,22 +884,96 @@ mod tests {
         event
     }
 
+    /// A backend that only grows, up to `limit` bytes.
+    struct Growable {
+        size: std::sync::atomic::AtomicU64,
+        writable: bool,
+    }
+
+    impl Backend for Growable {
+        fn size(&self) -> u64 {
+            self.size.load(Ordering::Relaxed)
+        }
+        fn writable(&self) -> bool {
+            self.writable
+        }
+        fn read(&self, buf: &mut [u8], _: u64) -> Result<(), String> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write(&self, _: &[u8], _: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn grow(&self, new_size: u64) -> Result<(), String> {
+            if new_size > 1 << 30 {
+                return Err("the disk is full".into());
+            }
+            self.size.store(new_size, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn disk(writable: bool) -> Arc<Disk> {
+        let backend = Growable {
+            size: (64 << 20).into(),
+            writable,
+        };
+        Arc::new(Disk::new(
+            disk_info(Path::new("/c.json")),
+            Some(Arc::new(backend)),
+        ))
+    }
+
     #[test]
-    fn reconfiguration_takes_only_the_size_served() {
-        let served = Some(Some(Ok(64u64 << 20)));
-        let same = reconfig(|e| e.dev_size = Some(64 << 20));
-        assert_eq!(reconfigure("t", &same, served), 0);
-        let bigger = reconfig(|e| e.dev_size = Some(128 << 20));
-        assert_eq!(reconfigure("t", &bigger, served), -libc::EOPNOTSUPP);
-        assert_eq!(reconfigure("t", &same, Some(None)), -libc::EAGAIN);
-        assert_eq!(reconfigure("t", &same, Some(Some(Err(-2)))), -libc::ENODEV);
-        assert_eq!(reconfigure("t", &same, None), -libc::ENODEV);
-        let config = reconfig(|e| e.dev_config = Some("overlaybd//x.json".into()));
-        assert_eq!(reconfigure("t", &config, served), -libc::EOPNOTSUPP);
-        let cache = reconfig(|e| e.write_cache = Some(0));
-        assert_eq!(reconfigure("t", &cache, served), -libc::EOPNOTSUPP);
+    fn reconfiguration_takes_the_size_served_or_a_larger_one_it_can_grow_to() {
+        let served = || Some(Some(Ok(disk(true))));
+        let size = |bytes: u64| reconfig(|e| e.dev_size = Some(bytes));
+        assert_eq!(reconfigure("t", &size(64 << 20), served()), 0);
+        let rw = disk(true);
         assert_eq!(
-            reconfigure("t", &reconfig(|_| {}), served),
+            reconfigure("t", &size(128 << 20), Some(Some(Ok(rw.clone())))),
+            0
+        );
+        assert_eq!(rw.blocks(), (128 << 20) / 512);
+        // The next command is told, once.
+        let mut buf = vec![0u8; 512];
+        let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let first = rw.execute(&read10, &mut buf);
+        assert_eq!(
+            first.sense,
+            Some(crate::scsi::Sense::CAPACITY_DATA_HAS_CHANGED)
+        );
+        assert_eq!(rw.execute(&read10, &mut buf).status, crate::scsi::GOOD);
+        assert_eq!(reconfigure("t", &size(32 << 20), served()), -libc::EINVAL);
+        assert_eq!(
+            reconfigure("t", &size((64 << 20) + 100), served()),
+            -libc::EINVAL
+        );
+        assert_eq!(reconfigure("t", &size(2 << 30), served()), -libc::EIO);
+        let read_only = || Some(Some(Ok(disk(false))));
+        assert_eq!(reconfigure("t", &size(64 << 20), read_only()), 0);
+        assert_eq!(
+            reconfigure("t", &size(128 << 20), read_only()),
+            -libc::EOPNOTSUPP
+        );
+        assert_eq!(reconfigure("t", &size(64 << 20), Some(None)), -libc::EAGAIN);
+        assert_eq!(
+            reconfigure("t", &size(64 << 20), Some(Some(Err(-2)))),
+            -libc::ENODEV
+        );
+        assert_eq!(reconfigure("t", &size(64 << 20), None), -libc::ENODEV);
+        let config = reconfig(|e| e.dev_config = Some("overlaybd//x.json".into()));
+        assert_eq!(reconfigure("t", &config, served()), -libc::EOPNOTSUPP);
+        let cache = reconfig(|e| e.write_cache = Some(0));
+        assert_eq!(reconfigure("t", &cache, served()), -libc::EOPNOTSUPP);
+        assert_eq!(
+            reconfigure("t", &reconfig(|_| {}), served()),
             -libc::EOPNOTSUPP
         );
     }

@@ -27,8 +27,10 @@ use super::export::load_global_config;
 /// configfs writes then wait for its answers: `enable` returns once the
 /// image is open, or fails (ENOENT, EINVAL) when it cannot be; removing a
 /// device waits until obd has let go of it; a new `dev_size` is taken
-/// only when it is the size served. When it stops it turns replies off
-/// again, so devices made while no daemon runs do not hang.
+/// when it is the size served or, for an image with a writable upper, a
+/// larger one: the upper grows online and the disk reports its new
+/// capacity. When it stops it turns replies off again, so devices made
+/// while no daemon runs do not hang.
 ///
 /// ublk (`obd add`) stays the default way to serve an image; use this
 /// where the snapshotter is configured for TCMU.

@@ -15,9 +15,10 @@
 #      (every device above is made with kernel command replies on, since
 #      obd turns them on); a write left hanging by a daemon that is gone is
 #      released when obd starts; enable, dev_size, emulate_write_cache and
-#      rmdir return, each bounded; a bad config fails enable with an
-#      error instead of hanging; after obd stops a device is made without
-#      a daemon and served by the next one;
+#      rmdir return, each bounded; a larger dev_size grows an image with
+#      a writable upper online (and is refused for a read-only one); a
+#      bad config fails enable with an error instead of hanging; after obd
+#      stops a device is made without a daemon and served by the next one;
 #   h) logConfig and exporterConfig.
 # Prints `tcmu: N passed, M failed` last; exits non-zero on any failure,
 # including a kernel without TCMU.
@@ -374,9 +375,39 @@ size=$(cat $U/nl/attrib/dev_size)
 if [ $rc1 -eq 0 ] && [ $rc2 -ne 0 ] && [ $rc2 -ne 124 ] && [ $rc3 -ne 0 ] && [ $rc3 -ne 124 ] &&
     [ "$size" = "$REF_SIZE" ] && answered RECONFIG_DEVICE_DONE ok &&
     answered RECONFIG_DEVICE_DONE "-95 "; then
-    ok "g) dev_size: the size served is taken, another refused (${err2##*: }), emulate_write_cache refused; none hangs"
+    ok "g) read-only image: dev_size the size served is taken, a larger one refused (${err2##*: }), emulate_write_cache refused; none hangs"
 else
     bad "g) reconfig: same size rc $rc1, double rc $rc2 ($err2), write cache rc $rc3, dev_size now $size"
+fi
+# Online growth of an image with a writable upper: the kernel's dev_size,
+# the disk's capacity (after the unit attention, on a rescan) and the
+# upper's header follow; a write past the old end reads back.
+"$OBD" create $W/nlrw.data $W/nlrw.index 1 >/dev/null
+config nlrw $R/layer0.lsmt -- $W/nlrw.data $W/nlrw.index
+GROWN=$((REF_SIZE + (64 << 20)))
+if make_dev nlrw $W/nlrw.json "$REF_SIZE"; then
+    sd=${DEV[nlrw]#/dev/}
+    before=$(cat /sys/block/$sd/size)
+    bounded 60 put $U/nlrw/attrib/dev_size $((REF_SIZE - (1 << 20)))
+    rc1=$?
+    err1=$(cat $W/bounded.err)
+    bounded 60 put $U/nlrw/attrib/dev_size $GROWN
+    rc2=$?
+    echo 1 >/sys/block/$sd/device/rescan
+    after=$(cat /sys/block/$sd/size)
+    head -c $((1 << 20)) /dev/urandom >$W/tail.bin
+    dd if=$W/tail.bin of=/dev/$sd bs=1M seek=$((REF_SIZE >> 20)) oflag=direct conv=notrunc 2>/dev/null
+    back=$(timeout 60 dd if=/dev/$sd bs=1M skip=$((REF_SIZE >> 20)) count=1 iflag=direct 2>/dev/null | sha256sum)
+    if [ $rc1 -ne 0 ] && [ $rc1 -ne 124 ] && [ $rc2 -eq 0 ] && [ "$before" = $((REF_SIZE / 512)) ] &&
+        [ "$after" = $((GROWN / 512)) ] && [ "$(cat $U/nlrw/attrib/dev_size)" = $GROWN ] &&
+        [ "$back" = "$(sha256sum <$W/tail.bin)" ] && [ "$(vsize $W/nlrw.data:$W/nlrw.index)" = $GROWN ]; then
+        ok "g) writable upper: dev_size grows it online to $GROWN bytes ($before -> $after sectors, header too), a write past the old end reads back; shrinking refused (${err1##*: })"
+    else
+        bad "g) growth: shrink rc $rc1 ($err1), grow rc $rc2, sectors $before -> $after, upper vsize $(vsize $W/nlrw.data:$W/nlrw.index), tail read back $([ "$back" = "$(sha256sum <$W/tail.bin)" ] && echo same || echo differs)"
+    fi
+    remove_dev nlrw
+else
+    bad "g) growth: device nlrw not created"
 fi
 bounded 60 rmdir $U/nl
 rc=$?

@@ -631,6 +631,11 @@ fn device_thread(
     let removed = {
         let mut s = lock(state);
         s.finished = true;
+        // Let go of the image now, not when the main loop forgets the
+        // device.
+        if matches!(s.opened, Some(Ok(_))) {
+            s.opened = Some(Err(-libc::ENODEV));
+        }
         // Never opened (it could not even start): no answer was given.
         let added = s.added_pending.take();
         (s.removed_pending.take(), added)
@@ -1004,6 +1009,25 @@ mod tests {
         assert!(keys[0].starts_with("enableAudit"));
         assert!(keys[1].contains("\"ocf\""));
         assert!(keys[2].starts_with("ioEngine 1"));
+    }
+
+    #[test]
+    fn the_service_stops_when_asked() {
+        let dir = std::env::temp_dir().join(format!("obd-tcmu-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = Options {
+            sys_class_uio: dir.clone(),
+            rescan: Duration::from_millis(20),
+            netlink: false,
+            ..Options::new(GlobalConfig::default())
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let service = std::thread::spawn(move || run(options, &stop2));
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        service.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

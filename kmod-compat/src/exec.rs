@@ -5,6 +5,7 @@
 //! TCMU data area in service), so the whole path from CDB to status and
 //! sense is testable without a kernel.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use overlaybd::stack::Stack;
@@ -23,6 +24,10 @@ pub trait Backend: Send + Sync {
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), String>;
     fn discard(&self, offset: u64, length: u64) -> Result<(), String>;
     fn flush(&self) -> Result<(), String>;
+    /// Grow to `new_size` bytes while served.
+    fn grow(&self, new_size: u64) -> Result<(), String> {
+        Err(format!("this image cannot grow to {new_size} bytes"))
+    }
 }
 
 impl Backend for Stack {
@@ -43,6 +48,9 @@ impl Backend for Stack {
     }
     fn flush(&self) -> Result<(), String> {
         Stack::flush(self).map_err(|e| e.to_string())
+    }
+    fn grow(&self, new_size: u64) -> Result<(), String> {
+        Stack::grow(self, new_size).map_err(|e| e.to_string())
     }
 }
 
@@ -113,7 +121,13 @@ impl Outcome {
 /// so the kernel can attach and detach it, and fails everything else
 /// with NOT READY instead of leaving commands hanging.
 pub struct Disk {
+    /// As the disk started; `blocks` is the size now.
     pub info: DiskInfo,
+    /// Logical blocks now (the image can grow, see [`Disk::grow`]).
+    blocks: AtomicU64,
+    /// The size changed and the initiator has not been told yet: the next
+    /// command gets a unit attention (CAPACITY DATA HAS CHANGED).
+    capacity_changed: AtomicBool,
     backend: Option<Arc<dyn Backend>>,
     /// Log every command (OBD_TCMU_TRACE=1).
     pub trace: bool,
@@ -134,11 +148,57 @@ impl Disk {
             }
         }
         Disk {
+            blocks: AtomicU64::new(info.blocks),
+            capacity_changed: AtomicBool::new(false),
             info,
             backend,
             trace: false,
             stats: Arc::default(),
         }
+    }
+
+    /// Logical blocks now.
+    pub fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Acquire)
+    }
+
+    /// Grow the image to `new_size` bytes while it is served, and tell
+    /// the initiator with its next command. `Err` carries the status for
+    /// the kernel (a negative errno) and the reason: EINVAL for a size
+    /// that is not whole blocks or is smaller, EOPNOTSUPP for an image
+    /// that cannot grow (no writable layer, or not open), EIO when
+    /// growing failed.
+    pub fn grow(&self, new_size: u64) -> Result<(), (i32, String)> {
+        let bs = u64::from(self.info.block_size);
+        let blocks = self.blocks();
+        if !new_size.is_multiple_of(bs) {
+            return Err((
+                -libc::EINVAL,
+                format!("{new_size} bytes is not a whole number of {bs}-byte blocks"),
+            ));
+        }
+        if new_size / bs < blocks {
+            return Err((
+                -libc::EINVAL,
+                format!(
+                    "the disk cannot shrink from {} bytes (data would be lost)",
+                    blocks * bs
+                ),
+            ));
+        }
+        if new_size / bs == blocks {
+            return Ok(());
+        }
+        let Some(backend) = self.backend.as_ref().filter(|b| b.writable()) else {
+            return Err((
+                -libc::EOPNOTSUPP,
+                "a read-only image cannot grow (it has no writable upper)".into(),
+            ));
+        };
+        backend.grow(new_size).map_err(|e| (-libc::EIO, e))?;
+        self.blocks.store(new_size / bs, Ordering::Release);
+        self.capacity_changed.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Run the command in `cdb` with its data buffer. Any number of
@@ -181,12 +241,22 @@ impl Disk {
         let Some(backend) = self.backend.clone() else {
             return Outcome::check(Sense::NOT_READY_MANUAL);
         };
+        if self.capacity_changed.load(Ordering::Relaxed)
+            && self.capacity_changed.swap(false, Ordering::AcqRel)
+        {
+            return Outcome::check(Sense::CAPACITY_DATA_HAS_CHANGED);
+        }
         let bs = self.info.block_size as u64;
+        let disk_blocks = self.blocks();
+        let info_now = || DiskInfo {
+            blocks: disk_blocks,
+            ..self.info.clone()
+        };
         match command {
             Command::TestUnitReady | Command::StartStop => Outcome::good(0),
-            Command::ReadCapacity10 => respond(data, &scsi::read_capacity10(&self.info), 8),
+            Command::ReadCapacity10 => respond(data, &scsi::read_capacity10(&info_now()), 8),
             Command::ReadCapacity16 { alloc } => {
-                respond(data, &scsi::read_capacity16(&self.info), alloc)
+                respond(data, &scsi::read_capacity16(&info_now()), alloc)
             }
             Command::ModeSense {
                 ten,
@@ -195,12 +265,12 @@ impl Disk {
                 subpage,
                 alloc,
                 ..
-            } => match scsi::mode_sense(ten, pc, page, subpage, &self.info) {
+            } => match scsi::mode_sense(ten, pc, page, subpage, &info_now()) {
                 Ok(reply) => respond(data, &reply, alloc),
                 Err(sense) => Outcome::check(sense),
             },
             Command::Read { lba, blocks } => {
-                if let Err(s) = scsi::check_range(lba, blocks as u64, self.info.blocks) {
+                if let Err(s) = scsi::check_range(lba, blocks as u64, disk_blocks) {
                     return Outcome::check(s);
                 }
                 let total = (blocks as u64 * bs).min(data.len() as u64) as usize;
@@ -222,7 +292,7 @@ impl Disk {
                 if !self.info.writable {
                     return Outcome::check(Sense::WRITE_PROTECTED);
                 }
-                if let Err(s) = scsi::check_range(lba, blocks as u64, self.info.blocks) {
+                if let Err(s) = scsi::check_range(lba, blocks as u64, disk_blocks) {
                     return Outcome::check(s);
                 }
                 let total = blocks as u64 * bs;
@@ -267,7 +337,7 @@ impl Disk {
                     Err(s) => return Outcome::check(s),
                 };
                 for r in &ranges {
-                    if let Err(s) = scsi::check_range(r.lba, r.blocks as u64, self.info.blocks) {
+                    if let Err(s) = scsi::check_range(r.lba, r.blocks as u64, disk_blocks) {
                         return Outcome::check(s);
                     }
                 }
@@ -283,11 +353,11 @@ impl Disk {
                     return Outcome::check(Sense::WRITE_PROTECTED);
                 }
                 let blocks = if blocks == 0 {
-                    self.info.blocks.saturating_sub(lba)
+                    disk_blocks.saturating_sub(lba)
                 } else {
                     blocks as u64
                 };
-                if let Err(s) = scsi::check_range(lba, blocks, self.info.blocks) {
+                if let Err(s) = scsi::check_range(lba, blocks, disk_blocks) {
                     return Outcome::check(s);
                 }
                 if data.len() < bs as usize {

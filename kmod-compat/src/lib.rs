@@ -11,12 +11,16 @@
 //! - [`ring`]: the target_core_user mailbox and command ring, over any
 //!   [`ring::SharedMem`] (the uio mapping, or a buffer in tests);
 //! - [`uio`]: finding TCMU devices under /sys/class/uio and mapping them;
-//! - [`service`]: one thread per device, rescanning for new ones;
+//! - [`netlink`]: target_core_user's generic netlink (device events and
+//!   the answers the kernel waits for);
+//! - [`service`]: one thread per device, found by netlink events and by
+//!   rescans, answering the kernel's events;
 //! - [`metrics`]: per-disk counters for the Prometheus exporter;
 //! - [`probe`]: which kernel front ends this host offers.
 
 pub mod exec;
 pub mod metrics;
+pub mod netlink;
 pub mod probe;
 pub mod ring;
 pub mod scsi;

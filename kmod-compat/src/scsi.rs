@@ -15,6 +15,7 @@ pub const NO_SENSE: u8 = 0x0;
 pub const NOT_READY: u8 = 0x2;
 pub const MEDIUM_ERROR: u8 = 0x3;
 pub const ILLEGAL_REQUEST: u8 = 0x5;
+pub const UNIT_ATTENTION: u8 = 0x6;
 pub const DATA_PROTECT: u8 = 0x7;
 
 /// Length of a fixed-format sense buffer as we build it.
@@ -39,6 +40,8 @@ impl Sense {
     pub const WRITE_PROTECTED: Sense = Sense::new(DATA_PROTECT, 0x27, 0x00);
     /// LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED: the image
     /// could not be opened.
+    /// The disk's size changed: the initiator reads the capacity again.
+    pub const CAPACITY_DATA_HAS_CHANGED: Sense = Sense::new(UNIT_ATTENTION, 0x2a, 0x09);
     pub const NOT_READY_MANUAL: Sense = Sense::new(NOT_READY, 0x04, 0x03);
 
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {

@@ -2,35 +2,50 @@
 //! a thread each that takes commands off its ring, and a few workers each
 //! that run them.
 //!
-//! Devices are found by rescanning /sys/class/uio on a short timer (uio
-//! nodes appear without any event we could wait on short of netlink or
-//! udev, and a scan is a handful of small reads). A device seen for the
-//! first time — created while we run, or left by a previous daemon — gets
-//! a thread that opens its image with the engine, writes `resultFile`,
-//! and serves the ring until the uio node goes away: it hands commands to
-//! the device's workers (`Options::workers`), which run them at once and
-//! answer them in ring order (see [`Ring`]). A previous daemon's
-//! unfinished commands are still in the ring past `cmd_tail`, so a restart
-//! simply picks them up.
+//! Devices are found two ways. target_core_user announces each device it
+//! adds, removes or reconfigures on generic netlink ([`crate::netlink`]);
+//! like libtcmu (tcmu-runner, the reference overlaybd-tcmu) the service
+//! listens there, turns on kernel command replies, and answers every
+//! event: the configfs write that made the event waits for that answer,
+//! and its status becomes the write's result. ADDED_DEVICE is answered
+//! once the device's ring is mapped and its image is open (or with an
+//! error status when it cannot be: `enable` then fails instead of
+//! hanging), REMOVED_DEVICE once the device's thread has let go of it,
+//! RECONFIG_DEVICE as tcmu-runner's handlers do (dev_config and the write
+//! cache never change), except that a larger dev_size is taken when the
+//! image has a writable upper to grow. And /sys/class/uio is rescanned on a
+//! short timer, which finds devices that existed before this daemon
+//! started (after a restart) and serves kernels without TCMU netlink.
 //!
-//! Netlink: target_core_user announces devices on a generic-netlink
-//! multicast group and waits for a reply only after a daemon has
-//! registered for replies (TCMU_CMD_SET_FEATURES) and the device's
-//! `nl_reply_supported` attribute is positive. This daemon never does
-//! either, so the kernel never waits on it and no netlink code is needed.
+//! A device seen for the first time gets a thread that opens its image
+//! with the engine, writes `resultFile`, and serves the ring until the
+//! device goes: it hands commands to the device's workers
+//! (`Options::workers`), which run them at once and answer them in ring
+//! order (see [`Ring`]). A previous daemon's unfinished commands are still
+//! in the ring past `cmd_tail`, so a restart simply picks them up.
+//!
+//! Reply support is a global switch of the kernel that stays on after the
+//! daemon that set it is gone, and the kernel then waits for ever for an
+//! answer to each new device. So, as tcmu-runner does, the service starts
+//! by blocking netlink commands and failing the ones a dead daemon left
+//! unanswered (module parameters `block_netlink`, `reset_netlink`), and,
+//! unlike libtcmu, it turns reply support off again when it stops, so that
+//! devices made while no daemon runs are created (and served from the
+//! next daemon's scan) instead of hanging.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use overlaybd::config::{GlobalConfig, ImageConfig};
 use overlaybd::stack::Stack;
 
 use crate::exec::{Backend, Disk};
 use crate::metrics::Metrics;
+use crate::netlink::{self, cmd, errno_text, Event, Events, Incoming};
 use crate::ring::{Mailbox, Request, Ring};
 use crate::scsi::DiskInfo;
 use crate::uio::{self, Mapping, TcmuName, UioEntry};
@@ -41,6 +56,9 @@ pub const SUBTYPE: &str = "overlaybd";
 /// Commands run at once per device unless told otherwise: enough to keep
 /// a few registry fetches or disk reads in flight.
 pub const DEFAULT_WORKERS: usize = 4;
+
+/// target_core_user's module parameters.
+pub const MODULE_PARAMETERS: &str = "/sys/module/target_core_user/parameters";
 
 /// Called with each device's image once it is open, and its config; what
 /// it returns is kept as long as the device is served and dropped when the
@@ -60,6 +78,10 @@ pub struct Options {
     pub on_open: Option<OnOpen>,
     /// Where each served disk's counters are published (the exporter).
     pub metrics: Option<Arc<Metrics>>,
+    /// Listen to and answer TCMU's generic netlink (off: rescans only).
+    pub netlink: bool,
+    /// target_core_user's module parameters (`block_netlink`, ...).
+    pub module_parameters: PathBuf,
 }
 
 impl Options {
@@ -72,6 +94,8 @@ impl Options {
             workers: DEFAULT_WORKERS,
             on_open: None,
             metrics: None,
+            netlink: true,
+            module_parameters: PathBuf::from(MODULE_PARAMETERS),
         }
     }
 }
@@ -80,46 +104,453 @@ fn log(msg: &str) {
     eprintln!("obd tcmu: {msg}");
 }
 
-/// Serve devices until `stop` is set (never, for the daemon).
+/// A device's uio node and uio name: one device, for as long as it lives.
+type Key = (String, String);
+
+/// What the main loop and a device's thread both know of the device.
+#[derive(Default)]
+struct DeviceState {
+    /// Once the thread has tried: the disk served, or the status (a
+    /// negative errno) the kernel is told when the device cannot be served.
+    opened: Option<Result<Arc<Disk>, i32>>,
+    /// The device id of an ADDED_DEVICE the kernel waits on.
+    added_pending: Option<u32>,
+    /// The device id of a REMOVED_DEVICE the kernel waits on.
+    removed_pending: Option<u32>,
+    /// The kernel removed the device, or was told it cannot be served:
+    /// it is never served again, though its uio node may linger a moment.
+    retired: bool,
+    /// The thread has ended.
+    finished: bool,
+}
+
+type SharedState = Arc<Mutex<DeviceState>>;
+
+fn lock(state: &SharedState) -> MutexGuard<'_, DeviceState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Device {
+    handle: JoinHandle<()>,
+    quit: Arc<AtomicBool>,
+    state: SharedState,
+}
+
+/// Send `done` for device `device_id` with `status`, and log it (the VM
+/// test looks for these lines).
+fn answer(events: &Events, label: &str, done: u8, device_id: u32, status: i32) {
+    match events.answer(done, device_id, status) {
+        Ok(_) => log(&format!(
+            "{label}: answered {} (dev id {device_id}): {}",
+            cmd::name(done),
+            errno_text(status)
+        )),
+        Err(e) => log(&format!(
+            "{label}: cannot send {} (dev id {device_id}): {e}",
+            cmd::name(done)
+        )),
+    }
+}
+
+/// Write one of target_core_user's module parameters.
+fn set_parameter(dir: &Path, name: &str, value: &str) -> std::io::Result<()> {
+    std::fs::write(dir.join(name), value)
+}
+
+/// Serve devices until `stop` is set.
 pub fn run(options: Options, stop: &AtomicBool) {
-    let global = Arc::new(options.global);
-    let mut active: HashMap<(String, String), (JoinHandle<()>, Arc<AtomicBool>)> = HashMap::new();
+    let mut service = Service {
+        global: Arc::new(options.global.clone()),
+        devices: HashMap::new(),
+        events: None,
+        options,
+    };
+    // As tcmu-runner: hold new netlink commands off (they fail with
+    // EAGAIN) and fail those left unanswered by a daemon that is gone, so
+    // no configfs write stays hung; let them through again once the
+    // devices that exist are being served.
+    let params = service.options.module_parameters.clone();
+    let mut blocked = false;
+    if service.options.netlink {
+        blocked = set_parameter(&params, "block_netlink", "1").is_ok();
+        if blocked {
+            if let Err(e) = set_parameter(&params, "reset_netlink", "1") {
+                log(&format!("netlink: resetting unanswered commands: {e}"));
+            }
+        }
+        service.events = service.start_netlink();
+    }
+    let mut next_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        active.retain(|_, (handle, _)| !handle.is_finished());
-        for (entry, name) in uio::scan(&options.sys_class_uio) {
+        if Instant::now() >= next_scan {
+            service.scan();
+            next_scan = Instant::now() + service.options.rescan;
+            if blocked {
+                if let Err(e) = set_parameter(&params, "block_netlink", "0") {
+                    log(&format!("netlink: cannot unblock netlink commands: {e}"));
+                }
+                blocked = false;
+            }
+        }
+        let wait = next_scan.saturating_duration_since(Instant::now());
+        service.poll_events(wait, false);
+    }
+    service.shutdown();
+}
+
+struct Service {
+    options: Options,
+    global: Arc<GlobalConfig>,
+    devices: HashMap<Key, Device>,
+    events: Option<Arc<Events>>,
+}
+
+impl Service {
+    /// Join TCM-USER's group and turn kernel command replies on; `None`
+    /// (and the rescan alone) when this kernel has no TCMU netlink.
+    fn start_netlink(&self) -> Option<Arc<Events>> {
+        let events = match Events::connect() {
+            Ok(e) => e,
+            Err(e) => {
+                log(&format!(
+                    "netlink: {e}; finding devices by rescanning {} only",
+                    self.options.sys_class_uio.display()
+                ));
+                return None;
+            }
+        };
+        match netlink::set_reply_support(true) {
+            Ok(true) => log(&format!(
+                "netlink: listening to {} (family {}), kernel command reply support on: \
+                 device events are answered",
+                netlink::FAMILY_NAME,
+                events.family()
+            )),
+            Ok(false) => {
+                log("netlink: this kernel takes no command reply support; listening anyway")
+            }
+            Err(e) => log(&format!(
+                "netlink: cannot turn on command reply support: {e}"
+            )),
+        }
+        Some(Arc::new(events))
+    }
+
+    /// Take what came on the netlink socket within `wait` (or just wait).
+    fn poll_events(&mut self, wait: Duration, stopping: bool) {
+        let Some(events) = self.events.clone() else {
+            std::thread::sleep(wait);
+            return;
+        };
+        let incoming = match events.receive(wait) {
+            Ok(i) => i,
+            Err(e) => {
+                // ENOBUFS: events were dropped; the rescan still finds
+                // the devices.
+                log(&format!("netlink: receiving: {e}"));
+                std::thread::sleep(wait.min(Duration::from_millis(100)));
+                return;
+            }
+        };
+        for item in incoming {
+            match item {
+                Incoming::Event(event) => self.on_event(&events, event, stopping),
+                Incoming::Refused { seq, errno } => log(&format!(
+                    "netlink: the kernel refused answer #{seq}: {}{}",
+                    errno_text(errno),
+                    if errno == -libc::ENODEV {
+                        " (it was not waiting: a device made while reply support was off)"
+                    } else {
+                        ""
+                    }
+                )),
+                Incoming::Garbled(e) => {
+                    log(&format!("netlink: a message that does not parse: {e}"))
+                }
+            }
+        }
+    }
+
+    /// Start serving every overlaybd device listed that is not served yet;
+    /// forget ended threads (a retired device's only once its node is gone).
+    fn scan(&mut self) {
+        let found = uio::scan(&self.options.sys_class_uio);
+        let listed: HashSet<Key> = found
+            .iter()
+            .map(|(e, _)| (e.node.clone(), e.name.clone()))
+            .collect();
+        self.devices.retain(|key, device| {
+            let state = lock(&device.state);
+            !state.finished || (state.retired && listed.contains(key))
+        });
+        for (entry, name) in found {
             if name.subtype != SUBTYPE {
                 continue;
             }
             let key = (entry.node.clone(), entry.name.clone());
-            if active.contains_key(&key) {
-                continue;
-            }
-            let quit = Arc::new(AtomicBool::new(false));
-            let device = DeviceOptions {
-                global: global.clone(),
-                dev: options.dev.clone(),
-                sys: options.sys_class_uio.clone(),
-                workers: options.workers,
-                on_open: options.on_open.clone(),
-                metrics: options.metrics.clone(),
-            };
-            let quit2 = quit.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("tcmu-{}", entry.node))
-                .spawn(move || serve_device(&entry, &name, &device, &quit2));
-            match spawned {
-                Ok(handle) => {
-                    active.insert(key, (handle, quit));
-                }
-                Err(e) => log(&format!("cannot start a thread for {}: {e}", key.0)),
+            if !self.devices.contains_key(&key) {
+                self.spawn(entry, name, DeviceState::default());
             }
         }
-        std::thread::sleep(options.rescan);
     }
-    for (_, (handle, quit)) in active {
-        quit.store(true, Ordering::Relaxed);
-        let _ = handle.join();
+
+    fn spawn(&mut self, entry: UioEntry, name: TcmuName, state: DeviceState) {
+        let key = (entry.node.clone(), entry.name.clone());
+        let quit = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new(state));
+        let device = DeviceOptions {
+            global: self.global.clone(),
+            dev: self.options.dev.clone(),
+            sys: self.options.sys_class_uio.clone(),
+            workers: self.options.workers,
+            on_open: self.options.on_open.clone(),
+            metrics: self.options.metrics.clone(),
+            events: self.events.clone(),
+        };
+        let (quit2, state2) = (quit.clone(), state.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("tcmu-{}", entry.node))
+            .spawn(move || device_thread(&entry, &name, &device, &quit2, &state2));
+        match spawned {
+            Ok(handle) => {
+                self.devices.insert(
+                    key,
+                    Device {
+                        handle,
+                        quit,
+                        state,
+                    },
+                );
+            }
+            Err(e) => {
+                log(&format!("cannot start a thread for {}: {e}", key.0));
+                // Nobody else answers what the kernel waits on.
+                if let (Some(events), Some(id)) = (&self.events, lock(&state).added_pending) {
+                    answer(events, &key.0, cmd::ADDED_DEVICE_DONE, id, -libc::EAGAIN);
+                }
+            }
+        }
     }
+
+    /// The device served on uio `node`, if any (not one already removed).
+    fn live_device(&self, node: &str) -> Option<&Device> {
+        self.devices
+            .iter()
+            .filter(|(key, d)| key.0 == node && !lock(&d.state).retired)
+            .map(|(_, d)| d)
+            .next()
+    }
+
+    fn on_event(&mut self, events: &Events, event: Event, stopping: bool) {
+        let what = cmd::name(event.command);
+        let (Some(node), Some(uio_name)) = (event.node(), event.device.clone()) else {
+            log(&format!(
+                "netlink: {what} without a minor or device name: dropped"
+            ));
+            return;
+        };
+        // Version 1 kernels neither send a device id nor wait for answers.
+        let device_id = match (event.version, event.device_id) {
+            (0 | 1, _) => None,
+            (_, Some(id)) => Some(id),
+            (_, None) => {
+                log(&format!(
+                    "netlink: {what} for {node} without a device id: dropped"
+                ));
+                return;
+            }
+        };
+        let label = format!("{node} ({uio_name})");
+        log(&format!(
+            "{label}: netlink {what}{}",
+            device_id
+                .map(|id| format!(" (dev id {id})"))
+                .unwrap_or_default()
+        ));
+        let reply = |done: u8, status: i32| {
+            if let Some(id) = device_id {
+                answer(events, &label, done, id, status);
+            }
+        };
+        match event.command {
+            cmd::ADDED_DEVICE => {
+                let name = TcmuName::parse(&uio_name).filter(|n| n.subtype == SUBTYPE);
+                let Some(name) = name else {
+                    // As libtcmu for a device no handler takes.
+                    log(&format!("{label}: not an {SUBTYPE}/<config> device"));
+                    return reply(cmd::ADDED_DEVICE_DONE, -libc::ENOENT);
+                };
+                if stopping {
+                    log(&format!("{label}: obd tcmu is stopping"));
+                    return reply(cmd::ADDED_DEVICE_DONE, -libc::EAGAIN);
+                }
+                let key = (node.clone(), uio_name.clone());
+                if let Some(device) = self.devices.get(&key) {
+                    let mut state = lock(&device.state);
+                    if !state.retired && !state.finished {
+                        // Found by a rescan first: answer once it is open.
+                        match &state.opened {
+                            None => state.added_pending = device_id,
+                            Some(outcome) => {
+                                let status = outcome.as_ref().err().copied().unwrap_or(0);
+                                state.retired = status != 0;
+                                drop(state);
+                                reply(cmd::ADDED_DEVICE_DONE, status);
+                            }
+                        }
+                        return;
+                    }
+                }
+                // New (or a new device on a reused node and name).
+                let entry = match uio::entry(&self.options.sys_class_uio, &node) {
+                    Some((entry, _)) if entry.name == uio_name => entry,
+                    _ => UioEntry {
+                        node: node.clone(),
+                        name: uio_name.clone(),
+                        map_size: 0,
+                    },
+                };
+                let state = DeviceState {
+                    added_pending: device_id,
+                    ..DeviceState::default()
+                };
+                self.spawn(entry, name, state);
+            }
+            cmd::REMOVED_DEVICE => {
+                let Some(device) = self.live_device(&node) else {
+                    // As libtcmu: nothing to let go of.
+                    return reply(cmd::REMOVED_DEVICE_DONE, 0);
+                };
+                device.quit.store(true, Ordering::Relaxed);
+                let mut state = lock(&device.state);
+                state.retired = true;
+                if state.finished {
+                    drop(state);
+                    reply(cmd::REMOVED_DEVICE_DONE, 0);
+                } else {
+                    // The thread answers once it has let go of the ring.
+                    state.removed_pending = device_id;
+                }
+            }
+            cmd::RECONFIG_DEVICE => {
+                let opened = self
+                    .live_device(&node)
+                    .map(|d| lock(&d.state).opened.clone());
+                let status = reconfigure(&label, &event, opened);
+                reply(cmd::RECONFIG_DEVICE_DONE, status);
+            }
+            other => log(&format!("netlink: command {other} ignored")),
+        }
+    }
+
+    /// Stop: reply support off first (no configfs write waits on this
+    /// daemon any more), answer what already came, end every thread.
+    fn shutdown(&mut self) {
+        if self.events.is_some() {
+            match netlink::set_reply_support(false) {
+                Ok(_) => log("netlink: kernel command reply support off (no daemon answers now)"),
+                Err(e) => log(&format!(
+                    "netlink: cannot turn command reply support off: {e}"
+                )),
+            }
+            self.poll_events(Duration::ZERO, true);
+        }
+        for device in self.devices.values() {
+            device.quit.store(true, Ordering::Relaxed);
+        }
+        for (_, device) in self.devices.drain() {
+            let _ = device.handle.join();
+        }
+    }
+}
+
+/// The status for a RECONFIG_DEVICE of a device whose thread reached
+/// `opened` (`None`: not served here), as tcmu-runner decides, with one
+/// addition: dev_size is taken when it is the size served, or when the
+/// image can grow to it (a writable upper; the initiator is told with a
+/// unit attention); dev_config and the write cache never change.
+fn reconfigure(label: &str, event: &Event, opened: Option<Option<Result<Arc<Disk>, i32>>>) -> i32 {
+    let say = |m: String| log(&format!("{label}: {m}"));
+    let Some(opened) = opened else {
+        say("reconfiguring a device not served here".into());
+        return -libc::ENODEV;
+    };
+    if let Some(config) = &event.dev_config {
+        say(format!(
+            "dev_config '{config}': a served device's config cannot change (nor in tcmu-runner); \
+             remove the device and create it again"
+        ));
+        return -libc::EOPNOTSUPP;
+    }
+    if let Some(size) = event.dev_size {
+        let disk = match opened {
+            Some(Ok(disk)) => disk,
+            None => {
+                say(format!("dev_size {size}: the image is still being opened"));
+                return -libc::EAGAIN;
+            }
+            Some(Err(_)) => {
+                say(format!(
+                    "dev_size {size}: the device is not served (its image failed)"
+                ));
+                return -libc::ENODEV;
+            }
+        };
+        let served = disk.blocks() * u64::from(disk.info.block_size);
+        return match disk.grow(size) {
+            Ok(()) if size == served => {
+                say(format!("dev_size {size}: the size served"));
+                0
+            }
+            Ok(()) => {
+                say(format!(
+                    "dev_size {size}: grown from {served} bytes (the initiator is told: \
+                     capacity data has changed)"
+                ));
+                0
+            }
+            Err((status, reason)) => {
+                say(format!("dev_size {size}: not taken: {reason}"));
+                status
+            }
+        };
+    }
+    if let Some(write_cache) = event.write_cache {
+        say(format!(
+            "emulate_write_cache {write_cache}: not reconfigurable (nor in tcmu-runner); \
+             the disk reports a write cache and honours SYNCHRONIZE CACHE"
+        ));
+        return -libc::EOPNOTSUPP;
+    }
+    say("a reconfiguration of nothing obd knows".into());
+    -libc::EOPNOTSUPP
+}
+
+/// Keys of the global config that obd reads but does not act on, as they
+/// are set in `global`, each with what obd does instead: the daemon names
+/// them once at start, so that a setting that does nothing is no silent
+/// surprise.
+pub fn ignored_global_keys(global: &GlobalConfig) -> Vec<String> {
+    let mut keys = Vec::new();
+    if global.enable_audit || global.audit_path.is_some() {
+        keys.push(
+            "enableAudit/auditPath: no audit log is written (the reference's \
+             lists registry downloads and slow cache reads)"
+                .to_string(),
+        );
+    }
+    if global.cache_config.cache_type != "file" {
+        keys.push(format!(
+            "cacheConfig.cacheType \"{}\": the registry cache is always obd's file cache",
+            global.cache_config.cache_type
+        ));
+    }
+    if let Some(engine) = global.io_engine {
+        keys.push(format!(
+            "ioEngine {engine}: layer files are read by each device's worker threads"
+        ));
+    }
+    keys
 }
 
 /// A stable 64-bit FNV-1a hash, for serial numbers and identifiers: FNV's
@@ -162,6 +593,72 @@ struct DeviceOptions {
     workers: usize,
     on_open: Option<OnOpen>,
     metrics: Option<Arc<Metrics>>,
+    /// Where ADDED_DEVICE and REMOVED_DEVICE are answered.
+    events: Option<Arc<Events>>,
+}
+
+/// A device's thread: serve it, telling the kernel (if it waits) when the
+/// device can be served and when it has been let go of.
+fn device_thread(
+    entry: &UioEntry,
+    name: &TcmuName,
+    options: &DeviceOptions,
+    quit: &AtomicBool,
+    state: &SharedState,
+) {
+    let label = format!("{} ({})", entry.node, entry.name);
+    let report = |outcome: Result<Arc<Disk>, i32>| {
+        let status = outcome.as_ref().err().copied().unwrap_or(0);
+        let pending = {
+            let mut s = lock(state);
+            s.opened = Some(outcome);
+            let pending = s.added_pending.take();
+            if pending.is_some() && status != 0 {
+                s.retired = true;
+            }
+            pending
+        };
+        match (pending, &options.events) {
+            (Some(id), Some(events)) => {
+                answer(events, &label, cmd::ADDED_DEVICE_DONE, id, status);
+                // Refused: the kernel drops the device.
+                status == 0
+            }
+            _ => true,
+        }
+    };
+    serve_device(entry, name, options, quit, &report);
+    let removed = {
+        let mut s = lock(state);
+        s.finished = true;
+        // Let go of the image now, not when the main loop forgets the
+        // device.
+        if matches!(s.opened, Some(Ok(_))) {
+            s.opened = Some(Err(-libc::ENODEV));
+        }
+        // Never opened (it could not even start): no answer was given.
+        let added = s.added_pending.take();
+        (s.removed_pending.take(), added)
+    };
+    if let Some(events) = &options.events {
+        if let Some(id) = removed.0 {
+            answer(events, &label, cmd::REMOVED_DEVICE_DONE, id, 0);
+        }
+        if let Some(id) = removed.1 {
+            answer(events, &label, cmd::ADDED_DEVICE_DONE, id, -libc::EIO);
+        }
+    }
+}
+
+/// The status the kernel is told when a device's image cannot be opened:
+/// ENOENT when its config does not exist, EINVAL for anything else (the
+/// reason is in the log and the resultFile).
+fn open_failure_status(config_path: &Path) -> i32 {
+    if config_path.exists() {
+        -libc::EINVAL
+    } else {
+        -libc::ENOENT
+    }
 }
 
 /// Open the image a device's config names and report the outcome in its
@@ -188,7 +685,17 @@ pub fn open_image(
         .map_err(|e| e.to_string())
 }
 
-fn serve_device(entry: &UioEntry, name: &TcmuName, options: &DeviceOptions, quit: &AtomicBool) {
+/// Serve one device until it goes or `quit` is set. `report` is told, once,
+/// whether the device can be served (its size) or not (the status for the
+/// kernel) before any command is taken; when it returns false the device
+/// is not served at all (the kernel was told it cannot be).
+fn serve_device(
+    entry: &UioEntry,
+    name: &TcmuName,
+    options: &DeviceOptions,
+    quit: &AtomicBool,
+    report: &dyn Fn(Result<Arc<Disk>, i32>) -> bool,
+) {
     let (global, dev, sys, workers) = (
         &*options.global,
         &options.dev,
@@ -207,27 +714,50 @@ fn serve_device(entry: &UioEntry, name: &TcmuName, options: &DeviceOptions, quit
         name.device,
         config_path.display()
     );
+    let say = |m: &str| log(&format!("{label}: {m}"));
+    // The ring first: a device whose ring cannot be mapped cannot be
+    // served, whatever its image.
+    let mapping = match Mapping::open(&dev.join(&entry.node), entry.map_size) {
+        Ok(m) => m,
+        Err(e) => {
+            say(&format!("failed: cannot map /dev/{}: {e}", entry.node));
+            report(Err(-e.raw_os_error().unwrap_or(libc::EIO)));
+            return;
+        }
+    };
+    let ring = match Mailbox::read(&mapping).and_then(|mb| Ring::new(&mapping, mb)) {
+        Ok(r) => r,
+        Err(e) => {
+            say(&format!("failed: {e}"));
+            report(Err(-libc::EIO));
+            return;
+        }
+    };
     // Kept until the device goes (a trace recording, replay...).
     let mut _on_open_guard = None;
-    let backend = match open_image(&config_path, global) {
+    let (backend, outcome) = match open_image(&config_path, global) {
         Ok((stack, config)) => {
-            log(&format!(
-                "{label}: serving {} bytes{}",
+            say(&format!(
+                "serving {} bytes{}",
                 stack.size(),
                 if stack.writable() { ", writable" } else { "" }
             ));
             _on_open_guard = options.on_open.as_ref().map(|f| f(&stack, &config));
-            Some(stack as Arc<dyn Backend>)
+            (Some(stack as Arc<dyn Backend>), Ok(()))
         }
         Err(reason) => {
-            // Still serve the ring, answering NOT READY, so the kernel
-            // never waits on a command nobody completes.
-            log(&format!("{label}: failed: {reason}"));
-            None
+            say(&format!("failed: {reason}"));
+            (None, Err(open_failure_status(&config_path)))
         }
     };
+    // Without an image the ring is still served, answering NOT READY, so
+    // the kernel never waits on a command nobody completes.
     let mut disk = Disk::new(disk_info(&config_path), backend.clone());
     disk.trace = std::env::var_os("OBD_TCMU_TRACE").is_some_and(|v| v == "1");
+    let disk = Arc::new(disk);
+    if !report(outcome.map(|()| disk.clone())) {
+        return;
+    }
     let metrics_key = config_path.display().to_string();
     if let Some(metrics) = &options.metrics {
         metrics.add(&metrics_key, disk.stats.clone());
@@ -242,21 +772,6 @@ fn serve_device(entry: &UioEntry, name: &TcmuName, options: &DeviceOptions, quit
         }
     }
     let _unpublish = Unpublish(options.metrics.as_deref(), &metrics_key);
-    let mapping = match Mapping::open(&dev.join(&entry.node), entry.map_size) {
-        Ok(m) => m,
-        Err(e) => {
-            log(&format!("{label}: cannot map /dev/{}: {e}", entry.node));
-            return;
-        }
-    };
-    let say = |m: &str| log(&format!("{label}: {m}"));
-    let ring = match Mailbox::read(&mapping).and_then(|mb| Ring::new(&mapping, mb)) {
-        Ok(r) => r,
-        Err(e) => {
-            say(&e);
-            return;
-        }
-    };
     say(&format!(
         "ring of {} bytes in a {}-byte mapping, {workers} workers",
         ring.size(),
@@ -362,6 +877,157 @@ mod tests {
         assert_eq!(a, disk_info(Path::new("/a/config.v1.json")));
         assert_ne!(a.id, disk_info(Path::new("/b/config.v1.json")).id);
         assert_eq!(a.serial.len(), 16);
+    }
+
+    fn reconfig(f: impl FnOnce(&mut Event)) -> Event {
+        let mut event = Event {
+            command: cmd::RECONFIG_DEVICE,
+            version: 2,
+            ..Event::default()
+        };
+        f(&mut event);
+        event
+    }
+
+    /// A backend that only grows, up to `limit` bytes.
+    struct Growable {
+        size: std::sync::atomic::AtomicU64,
+        writable: bool,
+    }
+
+    impl Backend for Growable {
+        fn size(&self) -> u64 {
+            self.size.load(Ordering::Relaxed)
+        }
+        fn writable(&self) -> bool {
+            self.writable
+        }
+        fn read(&self, buf: &mut [u8], _: u64) -> Result<(), String> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write(&self, _: &[u8], _: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn grow(&self, new_size: u64) -> Result<(), String> {
+            if new_size > 1 << 30 {
+                return Err("the disk is full".into());
+            }
+            self.size.store(new_size, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    fn disk(writable: bool) -> Arc<Disk> {
+        let backend = Growable {
+            size: (64 << 20).into(),
+            writable,
+        };
+        Arc::new(Disk::new(
+            disk_info(Path::new("/c.json")),
+            Some(Arc::new(backend)),
+        ))
+    }
+
+    #[test]
+    fn reconfiguration_takes_the_size_served_or_a_larger_one_it_can_grow_to() {
+        let served = || Some(Some(Ok(disk(true))));
+        let size = |bytes: u64| reconfig(|e| e.dev_size = Some(bytes));
+        assert_eq!(reconfigure("t", &size(64 << 20), served()), 0);
+        let rw = disk(true);
+        assert_eq!(
+            reconfigure("t", &size(128 << 20), Some(Some(Ok(rw.clone())))),
+            0
+        );
+        assert_eq!(rw.blocks(), (128 << 20) / 512);
+        // The next command is told, once.
+        let mut buf = vec![0u8; 512];
+        let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let first = rw.execute(&read10, &mut buf);
+        assert_eq!(
+            first.sense,
+            Some(crate::scsi::Sense::CAPACITY_DATA_HAS_CHANGED)
+        );
+        assert_eq!(rw.execute(&read10, &mut buf).status, crate::scsi::GOOD);
+        assert_eq!(reconfigure("t", &size(32 << 20), served()), -libc::EINVAL);
+        assert_eq!(
+            reconfigure("t", &size((64 << 20) + 100), served()),
+            -libc::EINVAL
+        );
+        assert_eq!(reconfigure("t", &size(2 << 30), served()), -libc::EIO);
+        let read_only = || Some(Some(Ok(disk(false))));
+        assert_eq!(reconfigure("t", &size(64 << 20), read_only()), 0);
+        assert_eq!(
+            reconfigure("t", &size(128 << 20), read_only()),
+            -libc::EOPNOTSUPP
+        );
+        assert_eq!(reconfigure("t", &size(64 << 20), Some(None)), -libc::EAGAIN);
+        assert_eq!(
+            reconfigure("t", &size(64 << 20), Some(Some(Err(-2)))),
+            -libc::ENODEV
+        );
+        assert_eq!(reconfigure("t", &size(64 << 20), None), -libc::ENODEV);
+        let config = reconfig(|e| e.dev_config = Some("overlaybd//x.json".into()));
+        assert_eq!(reconfigure("t", &config, served()), -libc::EOPNOTSUPP);
+        let cache = reconfig(|e| e.write_cache = Some(0));
+        assert_eq!(reconfigure("t", &cache, served()), -libc::EOPNOTSUPP);
+        assert_eq!(
+            reconfigure("t", &reconfig(|_| {}), served()),
+            -libc::EOPNOTSUPP
+        );
+    }
+
+    #[test]
+    fn open_failures_tell_missing_from_bad() {
+        assert_eq!(
+            open_failure_status(Path::new("/nonexistent/config.v1.json")),
+            -libc::ENOENT
+        );
+        let file = std::env::temp_dir().join(format!("obd-bad-config-{}", std::process::id()));
+        std::fs::write(&file, "not json").unwrap();
+        assert_eq!(open_failure_status(&file), -libc::EINVAL);
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn ignored_keys_are_named_only_when_set() {
+        assert!(ignored_global_keys(&GlobalConfig::default()).is_empty());
+        let mut global = GlobalConfig {
+            enable_audit: true,
+            io_engine: Some(1),
+            ..GlobalConfig::default()
+        };
+        global.cache_config.cache_type = "ocf".into();
+        let keys = ignored_global_keys(&global);
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert!(keys[0].starts_with("enableAudit"));
+        assert!(keys[1].contains("\"ocf\""));
+        assert!(keys[2].starts_with("ioEngine 1"));
+    }
+
+    #[test]
+    fn the_service_stops_when_asked() {
+        let dir = std::env::temp_dir().join(format!("obd-tcmu-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = Options {
+            sys_class_uio: dir.clone(),
+            rescan: Duration::from_millis(20),
+            netlink: false,
+            ..Options::new(GlobalConfig::default())
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let service = std::thread::spawn(move || run(options, &stop2));
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        service.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -88,32 +88,33 @@ pub fn scan(sys_class_uio: &Path) -> Vec<(UioEntry, TcmuName)> {
     let Ok(dir) = fs::read_dir(sys_class_uio) else {
         return Vec::new();
     };
-    let mut found = Vec::new();
-    for entry in dir.flatten() {
-        let node = entry.file_name().to_string_lossy().into_owned();
-        let base = entry.path();
-        let Ok(name) = fs::read_to_string(base.join("name")) else {
-            continue;
-        };
-        let name = name.trim_end_matches('\n').to_string();
-        let Some(tcmu) = TcmuName::parse(&name) else {
-            continue;
-        };
-        let map_size = fs::read_to_string(base.join("maps/map0/size"))
-            .ok()
-            .and_then(|s| parse_size(&s))
-            .unwrap_or(0);
-        found.push((
-            UioEntry {
-                node,
-                name,
-                map_size,
-            },
-            tcmu,
-        ));
-    }
+    let mut found: Vec<_> = dir
+        .flatten()
+        .filter_map(|e| entry(sys_class_uio, &e.file_name().to_string_lossy()))
+        .collect();
     found.sort_by(|a, b| a.0.node.cmp(&b.0.node));
     found
+}
+
+/// The uio device `node` (`uioN`) under `sys_class_uio`, if it exists and
+/// its name is a TCMU one.
+pub fn entry(sys_class_uio: &Path, node: &str) -> Option<(UioEntry, TcmuName)> {
+    let base = sys_class_uio.join(node);
+    let name = fs::read_to_string(base.join("name")).ok()?;
+    let name = name.trim_end_matches('\n').to_string();
+    let tcmu = TcmuName::parse(&name)?;
+    let map_size = fs::read_to_string(base.join("maps/map0/size"))
+        .ok()
+        .and_then(|s| parse_size(&s))
+        .unwrap_or(0);
+    Some((
+        UioEntry {
+            node: node.to_string(),
+            name,
+            map_size,
+        },
+        tcmu,
+    ))
 }
 
 /// Parse a sysfs size (`0x...` hex, as uio prints it, or decimal).

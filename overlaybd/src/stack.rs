@@ -8,6 +8,7 @@
 //! that is separate: [`Stack::read`] does it with synchronous reads, and
 //! front ends do it their own way (io_uring, a thread pool).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
@@ -47,7 +48,8 @@ pub struct Stack {
     /// All lower layers' indexes merged; each extent tagged with its layer.
     lower_map: IntervalMap,
     top: Option<Arc<WritableLayer>>,
-    virtual_size: u64,
+    /// Grows with the writable layer ([`Stack::grow`]), never shrinks.
+    virtual_size: AtomicU64,
     /// Set at most once; one atomic load per plan when unset.
     observer: OnceLock<ReadObserver>,
 }
@@ -90,7 +92,7 @@ impl Stack {
             lowers,
             lower_map,
             top,
-            virtual_size,
+            virtual_size: AtomicU64::new(virtual_size),
             observer: OnceLock::new(),
         })
     }
@@ -107,7 +109,28 @@ impl Stack {
     }
 
     pub fn virtual_size(&self) -> u64 {
-        self.virtual_size
+        self.virtual_size.load(Ordering::Acquire)
+    }
+
+    /// Grow the image to `new_size` bytes, online: the writable layer's
+    /// virtual size grows (and is written to its files), and reads past
+    /// the lower layers' end are zeros. A stack without a writable layer
+    /// cannot grow (its size is its layers'), nor can any stack shrink.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let Some(top) = &self.top else {
+            return Err(Error::Invalid(
+                "a read-only image cannot grow: it has no writable layer".into(),
+            ));
+        };
+        let old = self.virtual_size();
+        if new_size < old {
+            return Err(Error::Invalid(format!(
+                "the image cannot shrink from {old} to {new_size} bytes"
+            )));
+        }
+        top.grow(new_size)?;
+        self.virtual_size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     pub fn lowers(&self) -> &[ReadOnlyLayer] {
@@ -129,13 +152,10 @@ impl Stack {
                 "I/O at {offset}+{length} is not 512-byte aligned"
             )));
         }
-        if offset
-            .checked_add(length)
-            .is_none_or(|end| end > self.virtual_size)
-        {
+        let size = self.virtual_size();
+        if offset.checked_add(length).is_none_or(|end| end > size) {
             return Err(Error::Invalid(format!(
-                "I/O at {offset}+{length} passes the end of the image ({} bytes)",
-                self.virtual_size
+                "I/O at {offset}+{length} passes the end of the image ({size} bytes)"
             )));
         }
         Ok(())

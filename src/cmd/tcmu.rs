@@ -1,10 +1,10 @@
 //! `obd tcmu`: the TCMU backstore daemon, in place of `overlaybd-tcmu`.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use kmod_compat::probe;
 use kmod_compat::service::{self, Options};
 
@@ -14,13 +14,23 @@ use super::export::load_global_config;
 /// containerd overlaybd snapshotter and anything else that creates devices
 /// through configfs.
 ///
-/// Runs until stopped. Every TCMU device whose dev_config is
+/// Runs until SIGTERM or SIGINT. Every TCMU device whose dev_config is
 /// `overlaybd/<config path>` is served: its image config is opened (local
 /// and registry lowers, optional writable upper), `success` or
 /// `failed:<reason>` is written to the config's resultFile, and SCSI
 /// commands are answered from the image. Devices created or removed while
 /// it runs are picked up within a second; devices that exist when it
 /// starts (after a restart) are served again.
+///
+/// Like tcmu-runner it answers target_core_user's generic netlink
+/// (TCM-USER): it turns the kernel's command replies on at start, and
+/// configfs writes then wait for its answers: `enable` returns once the
+/// image is open, or fails (ENOENT, EINVAL) when it cannot be; removing a
+/// device waits until obd has let go of it; a new `dev_size` is taken
+/// when it is the size served or, for an image with a writable upper, a
+/// larger one: the upper grows online and the disk reports its new
+/// capacity. When it stops it turns replies off again, so devices made
+/// while no daemon runs do not hang.
 ///
 /// ublk (`obd add`) stays the default way to serve an image; use this
 /// where the snapshotter is configured for TCMU.
@@ -56,6 +66,11 @@ pub struct Args {
     /// this host has, then exit: 0 when TCMU works, 1 when not.
     #[arg(long)]
     check: bool,
+    /// Debugging and tests: set target_core_user's kernel command reply
+    /// support (as libtcmu does at start, or off) and exit.
+    #[arg(long, value_name = "on|off", hide = true,
+          value_parser = clap::builder::PossibleValuesParser::new(["on", "off"]))]
+    netlink_reply: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -72,11 +87,27 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(problem) = found.tcmu_problem() {
         bail!("{problem}");
     }
+    if let Some(value) = args.netlink_reply {
+        let on = value == "on";
+        let supported = kmod_compat::netlink::set_reply_support(on)
+            .context("TCMU_CMD_SET_FEATURES over generic netlink")?;
+        if !supported {
+            bail!("this kernel takes no TCMU command reply support");
+        }
+        println!("target_core_user: kernel command reply support {value}");
+        return Ok(());
+    }
+    // Before any other thread starts, so that all of them leave the
+    // signals to the one that waits for them.
+    let stop = catch_stop_signals()?;
     let global = load_global_config(args.global_config.as_deref())?;
     if let Some(path) = &global.log_config.log_path {
         eprintln!("obd tcmu: logging to {} (logConfig)", path.display());
     }
     crate::daemon_log::start(&global.log_config)?;
+    for key in service::ignored_global_keys(&global) {
+        eprintln!("obd tcmu: warning: not implemented, ignored: {key}");
+    }
     eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
     let trace_global = global.clone();
     let on_open: kmod_compat::service::OnOpen = Arc::new(move |stack, config| {
@@ -100,8 +131,48 @@ pub fn run(args: Args) -> Result<()> {
         metrics: Some(metrics),
         ..Options::new(global)
     };
-    service::run(options, &AtomicBool::new(false));
+    service::run(options, &stop);
+    eprintln!("obd tcmu: stopped");
     Ok(())
+}
+
+/// SIGINT and SIGTERM are blocked in every thread (this one and all it
+/// starts afterwards) and taken by one thread with sigwait, which asks the
+/// service to stop: it then turns netlink replies off and lets go of its
+/// devices (no work in a signal handler). A second signal exits at once.
+fn catch_stop_signals() -> Result<Arc<AtomicBool>> {
+    // SAFETY: plain libc calls on a local, initialised signal set.
+    let set = unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(anyhow!(
+                "cannot block SIGINT/SIGTERM: {}",
+                std::io::Error::from_raw_os_error(rc)
+            ));
+        }
+        set
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("obd-signals".into())
+        .spawn(move || {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `set` is a valid signal set; `signal` a valid out pointer.
+            while unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                if flag.swap(true, Ordering::Relaxed) {
+                    eprintln!("obd tcmu: signal {signal} again: exiting at once");
+                    std::process::exit(1);
+                }
+                eprintln!("obd tcmu: signal {signal}: stopping");
+            }
+        })
+        .map_err(|e| anyhow!("cannot start the signal thread: {e}"))?;
+    Ok(stop)
 }
 
 /// A device's trace session (`recordTracePath`: record when the file is

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::commit::{commit, CommitOptions};
@@ -33,7 +34,11 @@ struct WriteState {
 /// A writable layer: an append-only data file plus an index file, or (when
 /// sparse) one data file where logical byte X lives at 4096 + X.
 pub struct WritableLayer {
+    /// The data file's header as it was opened or created; the virtual
+    /// size may have grown since ([`WritableLayer::virtual_size`]).
     pub header: Header,
+    /// The virtual size now (see [`WritableLayer::grow`]).
+    size: AtomicU64,
     data: File,
     index: Option<File>,
     name: String,
@@ -53,6 +58,7 @@ impl WritableLayer {
         index_end: u64,
     ) -> WritableLayer {
         WritableLayer {
+            size: AtomicU64::new(header.virtual_size),
             header,
             data,
             index,
@@ -300,7 +306,60 @@ impl WritableLayer {
     }
 
     pub fn virtual_size(&self) -> u64 {
-        self.header.virtual_size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grow the virtual size to `new_size` bytes (a multiple of 512, not
+    /// smaller than now; the same size is no change). The new size is
+    /// written into the headers and synced before it is served: a sparse
+    /// data file is lengthened first, then the index file's header (when
+    /// there is one), then the data file's, which is the one `open` reads
+    /// (a plain layer that crashes in between opens at its old size). A
+    /// sparse layer that crashes between its new length and its new header
+    /// is refused by `open`, which names both; truncating the file to 4096
+    /// + the header's virtual size recovers it.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        // One grow at a time, and none during an append.
+        let _state = self.state.lock().expect("writable layer lock");
+        let old = self.virtual_size();
+        if new_size == old {
+            return Ok(());
+        }
+        if new_size < old || !new_size.is_multiple_of(SECTOR) {
+            return Err(Error::Invalid(format!(
+                "{}: the virtual size can grow from {old} bytes to a larger multiple of 512 \
+                 bytes, not to {new_size}",
+                self.name
+            )));
+        }
+        if self.is_sparse() {
+            let len = HEADER_SIZE.checked_add(new_size).ok_or_else(|| {
+                Error::Invalid(format!("{}: virtual size {new_size} too large", self.name))
+            })?;
+            self.data.set_len(len).context(|| self.name.clone())?;
+        }
+        let write_headers = || -> Result<()> {
+            for file in self.index.iter().chain(std::iter::once(&self.data)) {
+                let mut block = vec![0u8; HEADER_SIZE as usize];
+                file.read_exact_at(&mut block, 0)
+                    .context(|| self.name.clone())?;
+                let mut header = Header::parse(&block, &self.name)?;
+                header.virtual_size = new_size;
+                file.write_all_at(&header.encode(), 0)
+                    .context(|| self.name.clone())?;
+                file.sync_data().context(|| self.name.clone())?;
+            }
+            Ok(())
+        };
+        if let Err(e) = write_headers() {
+            if self.is_sparse() {
+                // Back to the length the header still states.
+                let _ = self.data.set_len(HEADER_SIZE + old);
+            }
+            return Err(e);
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
@@ -310,13 +369,11 @@ impl WritableLayer {
                 self.name
             )));
         }
-        if offset
-            .checked_add(length)
-            .is_none_or(|end| end > self.header.virtual_size)
-        {
+        let size = self.virtual_size();
+        if offset.checked_add(length).is_none_or(|end| end > size) {
             return Err(Error::Invalid(format!(
-                "{}: I/O at {offset}+{length} passes the virtual size {}",
-                self.name, self.header.virtual_size
+                "{}: I/O at {offset}+{length} passes the virtual size {size}",
+                self.name
             )));
         }
         Ok(())
@@ -495,6 +552,7 @@ impl WritableLayer {
         let map = self.snapshot();
         let header_template = Header {
             parent_uuid: self.header.parent_uuid.clone(),
+            virtual_size: self.virtual_size(),
             ..self.header.clone()
         };
         commit(
@@ -562,6 +620,7 @@ impl WritableLayer {
             flags: FLAG_DATA | FLAG_SEALED,
             index_offset: data_end,
             index_size: entries.len() as u64,
+            virtual_size: self.virtual_size(),
             ..self.header.clone()
         };
         out.write_all(&trailer.encode())

@@ -9,7 +9,7 @@
 //! front ends do it their own way (io_uring, a thread pool).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
 use crate::index::{IntervalMap, Piece, SECTOR};
@@ -52,6 +52,54 @@ pub struct Stack {
     virtual_size: AtomicU64,
     /// Set at most once; one atomic load per plan when unset.
     observer: OnceLock<ReadObserver>,
+    /// Orders writes to a sparse top: shared for writes of whole
+    /// [`SPARSE_UNIT`]s, exclusive for one that fills a unit around itself.
+    sparse_units: RwLock<()>,
+}
+
+/// The unit a sparse layer's file is allocated in, as far as obd relies on
+/// it: what a reopen sees of a sparse layer is the file's allocated extents
+/// (`SEEK_DATA`), which come in whole file system blocks.
+pub const SPARSE_UNIT: u64 = 4096;
+
+/// Bytes to store in the writable layer.
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    Bytes(&'a [u8]),
+    Zeros(u64),
+}
+
+impl Store<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Store::Bytes(b) => b.len() as u64,
+            Store::Zeros(n) => *n,
+        }
+    }
+
+    fn write_to(&self, top: &WritableLayer, offset: u64) -> Result<()> {
+        match *self {
+            Store::Bytes(b) => top.write(b, offset),
+            Store::Zeros(n) => top.store_zeros(offset, n),
+        }
+    }
+
+    /// Put this store's bytes for `[at, at + out.len())`, clipped to where
+    /// the store (at `offset`) has bytes, into `out`.
+    fn overlay(&self, offset: u64, out: &mut [u8], at: u64) {
+        let from = offset.max(at);
+        let to = (offset + self.len()).min(at + out.len() as u64);
+        if from >= to {
+            return;
+        }
+        let dst = &mut out[(from - at) as usize..(to - at) as usize];
+        match *self {
+            Store::Bytes(b) => {
+                dst.copy_from_slice(&b[(from - offset) as usize..(to - offset) as usize])
+            }
+            Store::Zeros(_) => dst.fill(0),
+        }
+    }
 }
 
 impl Stack {
@@ -94,6 +142,7 @@ impl Stack {
             top,
             virtual_size: AtomicU64::new(virtual_size),
             observer: OnceLock::new(),
+            sparse_units: RwLock::new(()),
         })
     }
 
@@ -270,7 +319,64 @@ impl Stack {
     /// Write to the writable top layer.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.writable()?.write(buf, offset)
+        let top = self.writable()?;
+        if top.is_sparse() {
+            return self.store_sparse(top, offset, Store::Bytes(buf));
+        }
+        top.write(buf, offset)
+    }
+
+    /// Store into a sparse top. A store that covers part of a
+    /// [`SPARSE_UNIT`] would, once the layer is reopened, leave the rest
+    /// of that unit reading as zeros (the unit is allocated) instead of
+    /// what the layers below hold. So the unit is first read as the stack
+    /// shows it now and written whole, with the new bytes in place; the
+    /// exclusive lock keeps a concurrent store to the same unit from being
+    /// undone by it. (Such stores are rare: 512-byte or 1 KiB writes, a
+    /// partition table, a file system with 1 KiB blocks.)
+    fn store_sparse(&self, top: &WritableLayer, offset: u64, store: Store<'_>) -> Result<()> {
+        let len = store.len();
+        let end = offset + len;
+        let size = self.virtual_size();
+        let head = offset / SPARSE_UNIT * SPARSE_UNIT;
+        let tail = (end.div_ceil(SPARSE_UNIT) * SPARSE_UNIT).min(size);
+        if head == offset && tail == end {
+            let _shared = self.sparse_units.read().unwrap_or_else(|e| e.into_inner());
+            return store.write_to(top, offset);
+        }
+        let _alone = self.sparse_units.write().unwrap_or_else(|e| e.into_inner());
+        let mut unit = vec![0u8; SPARSE_UNIT as usize];
+        let mut partial = vec![head];
+        let last_unit = (tail - 1) / SPARSE_UNIT * SPARSE_UNIT;
+        if last_unit != head {
+            partial.push(last_unit);
+        }
+        let mut middle = (offset, end);
+        for &at in &partial {
+            let unit_end = (at + SPARSE_UNIT).min(size);
+            if at >= offset && unit_end <= end {
+                continue; // Covered whole by the store.
+            }
+            let unit = &mut unit[..(unit_end - at) as usize];
+            self.read(unit, at)?;
+            store.overlay(offset, unit, at);
+            top.write(unit, at)?;
+            if at < offset {
+                middle.0 = middle.0.max(unit_end);
+            } else {
+                middle.1 = middle.1.min(at);
+            }
+        }
+        if middle.0 < middle.1 {
+            match store {
+                Store::Bytes(b) => top.write(
+                    &b[(middle.0 - offset) as usize..(middle.1 - offset) as usize],
+                    middle.0,
+                ),
+                Store::Zeros(_) => top.store_zeros(middle.0, middle.1 - middle.0),
+            }?;
+        }
+        Ok(())
     }
 
     /// Discard (zero) a range in the writable top layer. It reads as zeros
@@ -287,7 +393,8 @@ impl Stack {
                 .lookup(offset / SECTOR, length / SECTOR, &mut pieces);
             for piece in pieces {
                 if piece.mapping.is_some_and(|m| !m.zeroed) {
-                    top.store_zeros(piece.offset * SECTOR, piece.length * SECTOR)?;
+                    let zeros = Store::Zeros(piece.length * SECTOR);
+                    self.store_sparse(top, piece.offset * SECTOR, zeros)?;
                 }
             }
         }

@@ -70,6 +70,9 @@ impl Channel {
         Ok(())
     }
 
+    /// Store `buf` at `offset`, writing only the sectors whose bytes
+    /// change: libext2fs rewrites every bitmap and group descriptor block
+    /// when it closes, and a layer should hold what the layer changed.
     fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
@@ -83,17 +86,31 @@ impl Channel {
                     ),
                 )
             })?;
-        if offset.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR) {
-            return self.device.write_at(buf, offset);
-        }
-        // A partial sector: read, patch, write back.
         let start = offset / SECTOR * SECTOR;
         let stop = end.div_ceil(SECTOR) * SECTOR;
-        let mut whole = vec![0u8; (stop - start) as usize];
-        self.device.read_at(&mut whole, start)?;
+        let mut old = vec![0u8; (stop - start) as usize];
+        self.device.read_at(&mut old, start)?;
         let skip = (offset - start) as usize;
-        whole[skip..skip + buf.len()].copy_from_slice(buf);
-        self.device.write_at(&whole, start)
+        let mut new = old.clone();
+        new[skip..skip + buf.len()].copy_from_slice(buf);
+        let sector = SECTOR as usize;
+        let mut run: Option<usize> = None;
+        for i in 0..=new.len() / sector {
+            let differs = i < new.len() / sector
+                && new[i * sector..(i + 1) * sector] != old[i * sector..(i + 1) * sector];
+            match (differs, run) {
+                (true, None) => run = Some(i),
+                (false, Some(first)) => {
+                    self.device.write_at(
+                        &new[first * sector..i * sector],
+                        start + (first * sector) as u64,
+                    )?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 

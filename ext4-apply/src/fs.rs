@@ -677,9 +677,20 @@ impl Ext4 {
             inode = self.read_inode(ino)?;
         }
         let is_dir = file_type(inode.i_mode) == S_IFDIR;
-        inode.i_links_count = 0;
-        inode.i_dtime = inode.i_mtime.max(1);
-        self.write_inode(ino, &mut inode)?;
+        // A free inode is all zeros, as mke2fs leaves them: e2fsck reads
+        // a deleted inode's dtime as an orphan-list link when it is small,
+        // and wants one when the mode is set.
+        // SAFETY: live handle; the fs's inode size is at most 1024 bytes.
+        let inode_size = unsafe { (*(*self.fs).super_).s_inode_size } as usize;
+        let mut zeros = vec![0u8; inode_size.max(LARGE as usize)];
+        self.check("ext2fs_write_inode", unsafe {
+            sys::ext2fs_write_inode_full(
+                self.fs,
+                ino,
+                zeros.as_mut_ptr() as *mut sys::ext2_inode,
+                inode_size as c_int,
+            )
+        })?;
         // SAFETY: live handle; the inode is unlinked.
         unsafe { sys::ext2fs_inode_alloc_stats2(self.fs, ino, -1, is_dir as c_int) };
         Ok(())

@@ -32,6 +32,22 @@ pub trait BlockDevice: Send + Sync {
     fn flush(&self) -> io::Result<()>;
 }
 
+/// `Err` unless `[offset, offset + len)` is whole sectors inside `size` bytes.
+pub fn check_range(size: u64, len: usize, offset: u64) -> io::Result<()> {
+    let fits = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= size);
+    if !fits || !offset.is_multiple_of(SECTOR) || !(len as u64).is_multiple_of(SECTOR) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "I/O of {len} bytes at {offset}: not whole sectors inside the {size} byte disk"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What the callbacks of one channel work with.
 struct Channel {
     device: Arc<dyn BlockDevice>,

@@ -250,10 +250,19 @@ fn read_header<R: Read>(
         .long_link
         .or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
     let kind = header.entry_type();
-    let mode = header.mode().map_err(|e| bad(&path, e))?;
-    let mut uid = header.uid().map_err(|e| bad(&path, e))?;
-    let mut gid = header.gid().map_err(|e| bad(&path, e))?;
-    let mut mtime = header.mtime().map_err(|e| bad(&path, e))? as i64;
+    // A numeric field left empty (all NUL or spaces) reads as 0, as GNU
+    // tar and Go's archive/tar read it; anything else must parse.
+    let old = header.as_old();
+    let number = |field: &[u8], parsed: std::io::Result<u64>| -> Result<u64> {
+        if field.iter().all(|&b| b == 0 || b == b' ') {
+            return Ok(0);
+        }
+        parsed.map_err(|e| bad(&path, e))
+    };
+    let mode = number(&old.mode, header.mode().map(u64::from))? as u32;
+    let mut uid = number(&old.uid, header.uid())?;
+    let mut gid = number(&old.gid, header.gid())?;
+    let mut mtime = number(&old.mtime, header.mtime())? as i64;
     let device = match kind {
         EntryType::Char | EntryType::Block => {
             let major = header.device_major().map_err(|e| bad(&path, e))?;

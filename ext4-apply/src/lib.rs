@@ -43,7 +43,7 @@ pub mod sys;
 pub use fs::Ext4;
 pub use io_manager::BlockDevice;
 pub use layer::{apply, open_layer, Stats};
-pub use stack::{FileDevice, StackDevice};
+pub use stack::{FileDevice, MemoryDevice, StackDevice};
 
 /// What went wrong, by whose fault.
 #[derive(Debug, thiserror::Error)]

@@ -40,9 +40,24 @@ pub fn records(data: &[u8]) -> Result<Vec<Record<'_>>, String> {
     Ok(out)
 }
 
+/// One record as a pax header holds it (the length counts its own digits).
+pub fn encode(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let body = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = body + 1;
+    while len != body + len.to_string().len() {
+        len = body + len.to_string().len();
+    }
+    let mut out = format!("{len} ").into_bytes();
+    out.extend_from_slice(key);
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::records;
+    use super::{encode, records};
 
     #[test]
     fn binary_values_and_errors() {
@@ -53,7 +68,7 @@ mod tests {
         let mut data = format!("{total} SCHILY.xattr.user.x=").into_bytes();
         data.extend_from_slice(value);
         data.push(b'\n');
-        data.extend_from_slice(b"12 path=ab\n");
+        data.extend_from_slice(b"11 path=ab\n");
         let parsed = records(&data).unwrap();
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].0, b"SCHILY.xattr.user.x");
@@ -61,9 +76,14 @@ mod tests {
         assert_eq!(parsed[1], (&b"path"[..], &b"ab"[..]));
         assert!(records(b"").unwrap().is_empty());
         assert!(records(b"99 path=ab\n").is_err());
-        assert!(records(b"11 path=ab\n").is_err());
+        assert!(records(b"12 path=ab\n").is_err());
         assert!(records(b"x path=ab\n").is_err());
         assert!(records(b"8 =abcd\n").is_err());
         assert!(records(b"1 \n").is_err());
+        for n in [0, 1, 5, 6, 7, 90, 94, 95, 996, 1000] {
+            let value = vec![b'v'; n];
+            let one = encode(b"k", &value);
+            assert_eq!(records(&one).unwrap(), vec![(&b"k"[..], value.as_slice())]);
+        }
     }
 }

@@ -47,16 +47,22 @@ pub struct Stats {
 /// its first bytes, not its name).
 pub fn open_layer(path: &Path) -> Result<Box<dyn Read>> {
     let file = File::open(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
+    decompress(file, &path.display().to_string())
+}
+
+/// `raw` as a tar stream: gunzipped or un-zstd'ed when its first bytes say
+/// it is compressed, as it is otherwise.
+pub fn decompress(raw: impl Read + 'static, name: &str) -> Result<Box<dyn Read>> {
+    let mut reader = BufReader::with_capacity(1 << 20, raw);
     let head = reader
         .fill_buf()
-        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
     Ok(if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(reader))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(reader)
-                .map_err(|e| Error::Layer(format!("{}: zstd: {e}", path.display())))?,
+                .map_err(|e| Error::Layer(format!("{name}: zstd: {e}")))?,
         )
     } else {
         Box::new(reader)

@@ -42,7 +42,7 @@ pub mod sys;
 
 pub use fs::Ext4;
 pub use io_manager::BlockDevice;
-pub use layer::{apply, open_layer, Stats};
+pub use layer::{apply, decompress, open_layer, Stats};
 pub use stack::{FileDevice, MemoryDevice, StackDevice};
 
 /// What went wrong, by whose fault.

@@ -6,6 +6,8 @@
 //! `obd commit` would. The writable layer lives in a temporary directory
 //! beside OUTPUT and is removed whatever happens.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -130,15 +132,37 @@ pub fn run(args: Args) -> Result<()> {
 /// Change the ext4 on `device` by the layer at `layer` (making it first
 /// when `mkfs` gives a size).
 fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Result<()> {
+    let file = File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress::bytes(size, "apply");
+    let counted = Counted {
+        inner: file,
+        bar: bar.clone(),
+    };
+    let reader = ext4_apply::decompress(counted, &layer.display().to_string())?;
     let as_device: Arc<dyn BlockDevice> = device.clone();
     let mut fs = match mkfs {
         Some(size) => Ext4::mkfs(as_device, size)?,
         None => Ext4::open(as_device)?,
     };
-    let reader = ext4_apply::open_layer(layer)?;
     ext4_apply::apply(&mut fs, reader).with_context(|| format!("applying {}", layer.display()))?;
     fs.close()?;
+    bar.finish_and_clear();
     Ok(())
+}
+
+/// The layer file, moving the progress bar as it is read.
+struct Counted {
+    inner: File,
+    bar: indicatif::ProgressBar,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
 }
 
 fn commit(top: &WritableLayer, args: &Args) -> Result<()> {

@@ -343,7 +343,11 @@ fn base_layer(big: &[u8], sparse: &[u8]) -> Vec<u8> {
         .file("opq/old", 0o644, b"old")
         .file("opq/sub/old", 0o644, b"old")
         .dir("keep", 0o755, 0, 0)
-        .file("keep/old", 0o644, b"old");
+        .file("keep/old", 0o644, b"old")
+        .dir("usr/bin", 0o755, 0, 0)
+        .link(EntryType::Symlink, "bin", "usr/bin")
+        .link(EntryType::Symlink, "abs", "/usr")
+        .link(EntryType::Symlink, "up", "../../..");
     for i in 0..300 {
         t.file(&format!("many/{i:03}-{}", "m".repeat(40)), 0o644, b"");
     }
@@ -369,7 +373,11 @@ fn upper_layer() -> Vec<u8> {
         .raw_name(EntryType::Regular, b"d/.wh.f", b"", b"")
         .link(EntryType::Link, "d/h2", "d/h")
         .file("late", 0o644, b"stays")
-        .raw_name(EntryType::Regular, b".wh.late", b"", b"");
+        .raw_name(EntryType::Regular, b".wh.late", b"", b"")
+        .file("bin/tool", 0o755, b"tool")
+        .file("abs/bin/tool2", 0o755, b"tool2")
+        .file("up/top", 0o644, b"top")
+        .link(EntryType::Link, "bin/tool-link", "abs/bin/tool");
     t.finish()
 }
 
@@ -511,6 +519,16 @@ fn every_entry_kind_and_whiteout_case() {
     );
     assert_eq!(cat(&raw, "d/big"), big);
     assert!(must_stat(&raw, "lost+found").kind == "directory");
+    // Parents that are symlinks are followed inside the image.
+    assert_eq!(cat(&raw, "usr/bin/tool"), b"tool");
+    assert_eq!(cat(&raw, "usr/bin/tool2"), b"tool2");
+    assert_eq!(cat(&raw, "top"), b"top", "../../.. stops at the root");
+    assert_eq!(must_stat(&raw, "bin").kind, "symlink");
+    let tool = must_stat(&raw, "usr/bin/tool");
+    assert_eq!(
+        (tool.links, must_stat(&raw, "usr/bin/tool-link").inode),
+        (2, tool.inode)
+    );
 }
 
 /// A layer that must be refused: the error names the problem, nothing is
@@ -564,6 +582,12 @@ fn bad_layers_are_refused_with_a_reason() {
     let mut t = TarMaker::new();
     t.file("a/f/under-a-file", 0o644, b"x");
     assert_refused(&t.finish(), "file-parent.tar", "not a directory");
+
+    let mut t = TarMaker::new();
+    t.link(EntryType::Symlink, "loop1", "loop2")
+        .link(EntryType::Symlink, "loop2", "loop1")
+        .file("loop1/x", 0o644, b"x");
+    assert_refused(&t.finish(), "symlink-loop.tar", "too many symlinks");
 
     let mut t = TarMaker::new();
     t.pax(&[("uid", b"many")]).file("a/g", 0o644, b"x");

@@ -8,8 +8,10 @@
 //!   Entries of this same layer survive both, wherever they come in the
 //!   archive; a whiteout of a name that does not exist does nothing (the
 //!   spec allows it, and real layers have them);
-//! - missing parent directories are made 0755 root:root; a parent that
-//!   exists but is no directory is an error;
+//! - missing parent directories are made 0755 root:root; a parent that is
+//!   a symlink is followed inside the image (as containerd does: `..`
+//!   stops at the root, absolute targets start from it); a parent that is
+//!   another kind of file is an error;
 //! - hard links name an inode already in the file system (this layer's or
 //!   a lower one's); symlink targets are stored verbatim.
 //!
@@ -20,7 +22,7 @@
 //! touched (needed for the rules above), not by file sizes.
 
 use std::cell::Cell;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
@@ -28,7 +30,7 @@ use std::rc::Rc;
 
 use tar::EntryType;
 
-use crate::fs::{file_type, Attrs, Ext4, Ino, Special, Xattr, ROOT, S_IFDIR};
+use crate::fs::{file_type, Attrs, Ext4, Ino, Special, Xattr, ROOT, S_IFDIR, S_IFLNK};
 use crate::{pax, Error, Result};
 
 const WHITEOUT: &[u8] = b".wh.";
@@ -367,46 +369,84 @@ impl<'a> Applier<'a> {
         self.made.insert(path.to_vec());
     }
 
-    /// The directory `parents` names, made (0755 root:root) where missing.
-    fn parent_dir(&mut self, parents: &[Vec<u8>], whole: &[u8]) -> Result<Ino> {
-        let mut dir = ROOT;
-        for name in parents {
-            dir = match self.fs.lookup(dir, name)? {
-                Some(ino) => {
-                    if file_type(self.fs.mode(ino)?) != S_IFDIR {
-                        return Err(bad(
-                            whole,
-                            format!("its parent {} is not a directory", show(name)),
-                        ));
-                    }
-                    ino
+    /// The directory `parents` names and its path with symlinks resolved.
+    /// Missing directories are made (0755 root:root) when `make` is set;
+    /// otherwise a missing one gives `None`. A symlink on the way is
+    /// followed inside the image's root (`..` stops at the root, an
+    /// absolute target starts from it), as containerd's applier does.
+    fn resolve_dir(
+        &mut self,
+        parents: &[Vec<u8>],
+        whole: &[u8],
+        make: bool,
+    ) -> Result<Option<(Ino, Components)>> {
+        const MAX_SYMLINKS: u32 = 40;
+        let mut resolved: Vec<(Ino, Vec<u8>)> = Vec::new();
+        let mut todo: VecDeque<Vec<u8>> = parents.iter().cloned().collect();
+        let mut followed = 0;
+        while let Some(name) = todo.pop_front() {
+            match name.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    resolved.pop();
+                    continue;
                 }
-                None => self.fs.mkdir(
+                _ => {}
+            }
+            let dir = resolved.last().map_or(ROOT, |(ino, _)| *ino);
+            let ino = match self.fs.lookup(dir, &name)? {
+                Some(ino) => ino,
+                None if make => self.fs.mkdir(
                     dir,
-                    name,
+                    &name,
                     &Attrs {
                         mode: 0o755,
                         ..Attrs::default()
                     },
                 )?,
+                None => return Ok(None),
             };
+            match file_type(self.fs.mode(ino)?) {
+                S_IFDIR => resolved.push((ino, name)),
+                S_IFLNK => {
+                    followed += 1;
+                    if followed > MAX_SYMLINKS {
+                        return Err(bad(whole, "too many symlinks in its parents (a loop?)"));
+                    }
+                    let target = self.fs.read_link(ino)?;
+                    if target.starts_with(b"/") {
+                        resolved.clear();
+                    }
+                    for part in target.split(|&b| b == b'/').rev() {
+                        todo.push_front(part.to_vec());
+                    }
+                }
+                _ if make => {
+                    return Err(bad(
+                        whole,
+                        format!("its parent {} is not a directory", show(&name)),
+                    ))
+                }
+                _ => return Ok(None),
+            }
         }
-        Ok(dir)
+        let dir = resolved.last().map_or(ROOT, |(ino, _)| *ino);
+        Ok(Some((
+            dir,
+            resolved.into_iter().map(|(_, name)| name).collect(),
+        )))
     }
 
-    /// The inode an existing cleaned path names, without making anything.
-    fn find(&self, parts: &[Vec<u8>]) -> Result<Option<Ino>> {
-        let mut ino = ROOT;
-        for (i, name) in parts.iter().enumerate() {
-            if i > 0 && file_type(self.fs.mode(ino)?) != S_IFDIR {
-                return Ok(None);
-            }
-            match self.fs.lookup(ino, name)? {
-                Some(next) => ino = next,
-                None => return Ok(None),
-            }
+    /// The inode an existing cleaned path names (its last component not
+    /// followed if it is a symlink), without making anything.
+    fn find(&mut self, parts: &[Vec<u8>], whole: &[u8]) -> Result<Option<Ino>> {
+        let Some((name, parents)) = parts.split_last() else {
+            return Ok(None);
+        };
+        match self.resolve_dir(parents, whole, false)? {
+            Some((dir, _)) => self.fs.lookup(dir, name),
+            None => Ok(None),
         }
-        Ok(Some(ino))
     }
 
     /// Remove what lower layers left at `path` (inode `ino`, `name` in
@@ -435,8 +475,10 @@ impl<'a> Applier<'a> {
         let Some((name, parents)) = parts.split_last() else {
             return Ok(()); // the layer's root ("./")
         };
-        let dir = self.parent_dir(parents, &header.path)?;
-        let dir_path = joined(parents);
+        let (dir, resolved) = self
+            .resolve_dir(parents, &header.path, true)?
+            .expect("resolve_dir makes what is missing");
+        let dir_path = joined(&resolved);
         if name.as_slice() == OPAQUE {
             self.stats.whiteouts += 1;
             for (child, child_ino) in self.fs.list(dir)? {
@@ -505,15 +547,12 @@ impl<'a> Applier<'a> {
                     .as_deref()
                     .ok_or_else(|| bad(&header.path, "hard link without a target"))?;
                 let target_parts = clean(target)?;
-                let ino = self
-                    .find(&target_parts)?
-                    .filter(|_| !target_parts.is_empty())
-                    .ok_or_else(|| {
-                        bad(
-                            &header.path,
-                            format!("hard link to {}, which does not exist", show(target)),
-                        )
-                    })?;
+                let ino = self.find(&target_parts, &header.path)?.ok_or_else(|| {
+                    bad(
+                        &header.path,
+                        format!("hard link to {}, which does not exist", show(target)),
+                    )
+                })?;
                 if file_type(self.fs.mode(ino)?) == S_IFDIR {
                     return Err(bad(
                         &header.path,

@@ -139,7 +139,18 @@ fn the_apply_v1_vectors_give_the_expected_tree() {
         let out = dir.path().join(format!("layer{n}.blob"));
         let tarball = v.join(format!("layer{n}.tar.gz"));
         let uuid = layer["uuid"].as_str().expect("uuid");
-        let mut args = vec!["apply", "-z", "-t", "--uuid", uuid, s(&tarball), s(&out)];
+        let diff_id = layer["diff_id"].as_str().expect("diff_id");
+        let mut args = vec![
+            "apply",
+            "-z",
+            "-t",
+            "--uuid",
+            uuid,
+            "--checksum",
+            diff_id,
+            s(&tarball),
+            s(&out),
+        ];
         if n == 0 {
             args.push("--mkfs");
         }
@@ -640,6 +651,10 @@ fn usage_errors() {
     std::fs::write(&lower, vec![0u8; 8192]).unwrap();
     let err = obd_err(&["apply", s(&layer), s(&out), s(&lower)]);
     assert!(err.contains("not-a-layer"), "{err}");
+    assert!(!out.exists());
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let err = obd_err(&["apply", "--mkfs", "--checksum", &wrong, s(&layer), s(&out)]);
+    assert!(err.contains("--checksum"), "{err}");
     assert!(!out.exists());
     let help = obd(&["apply", "--help"]);
     let help = String::from_utf8_lossy(&help.stdout);

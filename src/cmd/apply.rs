@@ -16,6 +16,7 @@ use ext4_apply::{BlockDevice, Ext4, StackDevice};
 use overlaybd::image::open_read_only;
 use overlaybd::lsmt::{CommitOptions, CreateOptions, WritableLayer};
 use overlaybd::stack::Stack;
+use sha2::{Digest, Sha256};
 
 use super::{LayerFormat, Output};
 use crate::progress;
@@ -35,7 +36,8 @@ use crate::progress;
 obd apply --mkfs base.tar.gz base.lsmt\n  \
 obd apply app.tar.zst app.lsmt base.lsmt\n  \
 obd apply -z -t top.tar top.blob base.lsmt app.lsmt\n  \
-obd apply --mkfs --size 8 small.tar small.lsmt --uuid 00000001-0000-4000-8000-000000000001\n\
+obd apply --mkfs --size 8 small.tar small.lsmt --uuid 00000001-0000-4000-8000-000000000001\n  \
+obd apply --checksum sha256:<diff_id> app.tar.gz app.lsmt base.lsmt\n\
 Then: obd export --output disk.raw base.lsmt app.lsmt top.blob; e2fsck -fn disk.raw")]
 pub struct Args {
     /// The OCI layer: a tar, optionally gzip or zstd compressed (told by
@@ -59,6 +61,10 @@ pub struct Args {
     /// Parent UUID stored in the new layer (default: the top LOWER's UUID).
     #[arg(short = 'p', long = "parent-uuid")]
     parent_uuid: Option<String>,
+    /// SHA-256 of the uncompressed tar (the layer's diff_id in the image
+    /// config): nothing is written unless the layer has it.
+    #[arg(long, value_name = "sha256:HEX")]
+    checksum: Option<String>,
     #[command(flatten)]
     format: LayerFormat,
 }
@@ -120,7 +126,18 @@ pub fn run(args: Args) -> Result<()> {
     let stack = Stack::new(lowers, Some(Arc::new(upper)))?;
     let device = Arc::new(StackDevice::new(stack));
 
-    apply_into(&device, &args.layer, args.mkfs.then_some(fs_size))?;
+    let want = args.checksum.as_deref().map(parse_digest).transpose()?;
+    let got = apply_into(&device, &args.layer, args.mkfs.then_some(fs_size))?;
+    if let Some(want) = want {
+        if got != want {
+            bail!(
+                "{}: the uncompressed tar has sha256:{}, not sha256:{} (--checksum)",
+                args.layer.display(),
+                hex::encode(got),
+                hex::encode(want)
+            );
+        }
+    }
 
     let top = device
         .stack()
@@ -130,8 +147,8 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Change the ext4 on `device` by the layer at `layer` (making it first
-/// when `mkfs` gives a size).
-fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Result<()> {
+/// when `mkfs` gives a size). Returns the SHA-256 of the uncompressed tar.
+fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Result<[u8; 32]> {
     let file = File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = progress::bytes(size, "apply");
@@ -139,16 +156,47 @@ fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Res
         inner: file,
         bar: bar.clone(),
     };
-    let reader = ext4_apply::decompress(counted, &layer.display().to_string())?;
+    let mut tar = Hashed {
+        inner: ext4_apply::decompress(counted, &layer.display().to_string())?,
+        sha256: Sha256::new(),
+    };
     let as_device: Arc<dyn BlockDevice> = device.clone();
     let mut fs = match mkfs {
         Some(size) => Ext4::mkfs(as_device, size)?,
         None => Ext4::open(as_device)?,
     };
-    ext4_apply::apply(&mut fs, reader).with_context(|| format!("applying {}", layer.display()))?;
+    ext4_apply::apply(&mut fs, &mut tar)
+        .with_context(|| format!("applying {}", layer.display()))?;
     fs.close()?;
+    // The tar's padding after its end-of-archive block counts too.
+    std::io::copy(&mut tar, &mut std::io::sink())
+        .with_context(|| format!("reading {} to its end", layer.display()))?;
     bar.finish_and_clear();
-    Ok(())
+    Ok(tar.sha256.finalize().into())
+}
+
+/// `sha256:HEX` or `HEX` as 32 bytes.
+fn parse_digest(text: &str) -> Result<[u8; 32]> {
+    let hex_part = text.strip_prefix("sha256:").unwrap_or(text);
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out)
+        .ok()
+        .with_context(|| format!("--checksum {text:?} is not sha256:<64 hex digits>"))?;
+    Ok(out)
+}
+
+/// The uncompressed tar, hashed as it is read.
+struct Hashed {
+    inner: Box<dyn Read>,
+    sha256: Sha256,
+}
+
+impl Read for Hashed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha256.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// The layer file, moving the progress bar as it is read.

@@ -8,7 +8,7 @@
 //! C) and turns Rust errors into `EIO`, keeping the message for the caller
 //! to report (see [`Registration::take_error`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_ulong, c_ulonglong, c_void, CStr, CString};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -53,6 +53,62 @@ struct Channel {
     device: Arc<dyn BlockDevice>,
     /// The first I/O error since the caller last looked.
     error: Arc<Mutex<Option<String>>>,
+    cache: Mutex<BlockCache>,
+}
+
+/// Unit of the read cache.
+const CACHE_BLOCK: u64 = 4096;
+/// Blocks the read cache holds (16 MiB).
+const CACHE_BLOCKS: usize = 4096;
+
+/// Copies of recently read 4 KiB blocks. libext2fs keeps no cache of its
+/// own for directory blocks, so every name looked up or added reads the
+/// whole directory again: without this, a layer adding thousands of names
+/// to one directory costs millions of reads through the layer stack. Writes
+/// go through to the device and refresh or drop the copies they touch.
+#[derive(Default)]
+struct BlockCache {
+    blocks: HashMap<u64, Box<[u8]>>,
+    /// Insertion order, for evicting the oldest.
+    order: VecDeque<u64>,
+}
+
+impl BlockCache {
+    fn insert(&mut self, block: u64, bytes: &[u8]) {
+        if let Some(old) = self.blocks.get_mut(&block) {
+            old.copy_from_slice(bytes);
+            return;
+        }
+        while self.blocks.len() >= CACHE_BLOCKS {
+            match self.order.pop_front() {
+                Some(oldest) => {
+                    self.blocks.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        self.blocks.insert(block, bytes.into());
+        self.order.push_back(block);
+    }
+
+    /// After `[start, stop)` was written with `bytes`: keep whole blocks
+    /// current, forget partly written ones.
+    fn written(&mut self, start: u64, bytes: &[u8]) {
+        let stop = start + bytes.len() as u64;
+        let first = start / CACHE_BLOCK;
+        let last = stop.div_ceil(CACHE_BLOCK);
+        for block in first..last {
+            let at = block * CACHE_BLOCK;
+            if at >= start && at + CACHE_BLOCK <= stop {
+                if let Some(copy) = self.blocks.get_mut(&block) {
+                    let from = (at - start) as usize;
+                    copy.copy_from_slice(&bytes[from..from + CACHE_BLOCK as usize]);
+                }
+            } else {
+                self.blocks.remove(&block);
+            }
+        }
+    }
 }
 
 impl Channel {
@@ -74,6 +130,9 @@ impl Channel {
                     ),
                 )
             })?;
+        if offset.is_multiple_of(CACHE_BLOCK) && end.is_multiple_of(CACHE_BLOCK) {
+            return self.read_cached(buf, offset);
+        }
         if offset.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR) {
             return self.device.read_at(buf, offset);
         }
@@ -83,6 +142,27 @@ impl Channel {
         self.device.read_at(&mut whole, start)?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&whole[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// A read of whole cache blocks: from the cache when all are there,
+    /// else from the device in one read, then remembered.
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let first = offset / CACHE_BLOCK;
+        let block = CACHE_BLOCK as usize;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let all_there =
+            (0..buf.len() / block).all(|i| cache.blocks.contains_key(&(first + i as u64)));
+        if all_there {
+            for (i, chunk) in buf.chunks_mut(block).enumerate() {
+                chunk.copy_from_slice(&cache.blocks[&(first + i as u64)]);
+            }
+            return Ok(());
+        }
+        self.device.read_at(buf, offset)?;
+        for (i, chunk) in buf.chunks(block).enumerate() {
+            cache.insert(first + i as u64, chunk);
+        }
         Ok(())
     }
 
@@ -105,7 +185,7 @@ impl Channel {
         let start = offset / SECTOR * SECTOR;
         let stop = end.div_ceil(SECTOR) * SECTOR;
         let mut old = vec![0u8; (stop - start) as usize];
-        self.device.read_at(&mut old, start)?;
+        self.read(&mut old, start)?;
         let skip = (offset - start) as usize;
         let mut new = old.clone();
         new[skip..skip + buf.len()].copy_from_slice(buf);
@@ -126,6 +206,10 @@ impl Channel {
                 _ => {}
             }
         }
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .written(start, &new);
         Ok(())
     }
 }
@@ -277,7 +361,11 @@ unsafe extern "C" fn open(
         }) else {
             return sys::EXT2_ET_BAD_DEVICE_NAME as sys::errcode_t;
         };
-        let state = Box::new(Channel { device, error });
+        let state = Box::new(Channel {
+            device,
+            error,
+            cache: Mutex::new(BlockCache::default()),
+        });
         let channel = Box::new(sys::struct_io_channel {
             magic: sys::EXT2_ET_MAGIC_IO_CHANNEL as sys::errcode_t,
             manager: manager(),

@@ -211,8 +211,19 @@ pub fn clean(raw: &[u8]) -> Result<Components> {
             name => out.push(name.to_vec()),
         }
     }
+    let length = out.iter().map(|c| c.len() + 1).sum::<usize>();
+    if length > MAX_PATH {
+        return Err(Error::Layer(format!(
+            "a {length} byte path: longer than Linux's {MAX_PATH} (PATH_MAX)"
+        )));
+    }
     Ok(out)
 }
+
+/// Longest cleaned path accepted (Linux's PATH_MAX, the NUL included);
+/// it also bounds how deep directories nest, so removing a tree by
+/// recursion stays shallow.
+const MAX_PATH: usize = 4096;
 
 fn joined(parts: &[Vec<u8>]) -> Vec<u8> {
     parts.join(&b'/')
@@ -407,6 +418,9 @@ impl<'a> Applier<'a> {
                 None => return Ok(None),
             };
             match file_type(self.fs.mode(ino)?) {
+                S_IFDIR if resolved.len() >= MAX_PATH / 2 => {
+                    return Err(bad(whole, "its parents nest too deep"));
+                }
                 S_IFDIR => resolved.push((ino, name)),
                 S_IFLNK => {
                     followed += 1;
@@ -606,5 +620,7 @@ mod tests {
         assert!(clean(b"../etc/passwd").is_err());
         assert!(clean(b"a/../../b").is_err());
         assert!(clean(&[b'x'; 256]).is_err());
+        assert!(clean("a/".repeat(2048).as_bytes()).is_ok());
+        assert!(clean("a/".repeat(2049).as_bytes()).is_err());
     }
 }

@@ -166,6 +166,18 @@ impl Ext4 {
             return Err(fs_error("ext2fs_initialize", code, &registration));
         }
         let mut this = Ext4 { fs, registration };
+        this.fix_clock();
+        // SAFETY: live handle; its superblock is ours to edit.
+        unsafe {
+            let sb = &mut *(*fs).super_;
+            let now = (*fs).now as u32;
+            sb.s_mkfs_time = now;
+            sb.s_lastcheck = now;
+            sb.s_wtime = now;
+            sb.s_mkfs_time_hi = 0;
+            sb.s_lastcheck_hi = 0;
+            sb.s_wtime_hi = 0;
+        }
         this.lay_out()?;
         Ok(this)
     }
@@ -251,7 +263,8 @@ impl Ext4 {
                 other => other,
             });
         }
-        let this = Ext4 { fs, registration };
+        let mut this = Ext4 { fs, registration };
+        this.fix_clock();
         // SAFETY: live handle.
         let (incompat, ro) = unsafe {
             let sb = &*(*fs).super_;
@@ -270,6 +283,20 @@ impl Ext4 {
             sys::ext2fs_read_bitmaps(fs)
         })?;
         Ok(this)
+    }
+
+    /// The time libext2fs stamps on what it makes itself (the superblock,
+    /// root and lost+found): `SOURCE_DATE_EPOCH` if set, else 1 (0 would
+    /// mean "read the clock"). Never the clock, so the same layers give
+    /// byte-identical output (and the same registry digests).
+    fn fix_clock(&mut self) {
+        let epoch = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(1);
+        // SAFETY: live handle; `now` is a plain field libext2fs reads.
+        unsafe { (*self.fs).now = epoch as sys::time_t };
     }
 
     /// Write back the superblock, group descriptors and bitmaps, and flush.

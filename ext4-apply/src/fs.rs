@@ -270,6 +270,13 @@ impl Ext4 {
             let sb = &*(*fs).super_;
             (sb.s_feature_incompat, sb.s_feature_ro_compat)
         };
+        if incompat & sys::EXT3_FEATURE_INCOMPAT_RECOVER != 0 {
+            return Err(Error::Fs(
+                "the file system's journal needs recovery (it was not unmounted cleanly); run e2fsck on it first".into(),
+            ));
+        }
+        // Inline data, encryption and case folding change how names and
+        // small files are stored; bigalloc how blocks are counted.
         let unsupported_incompat = incompat
             & (sys::EXT4_FEATURE_INCOMPAT_INLINE_DATA
                 | sys::EXT4_FEATURE_INCOMPAT_ENCRYPT

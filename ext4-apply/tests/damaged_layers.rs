@@ -3,6 +3,7 @@
 //! layer that applies must leave a file system e2fsck finds clean. The
 //! same check as the `oci_layer` fuzz target, over a fixed set of inputs.
 
+use std::io::Read;
 use std::sync::Arc;
 
 use ext4_apply::{fs::MIN_FS_SIZE, pax, Ext4, MemoryDevice};
@@ -140,4 +141,26 @@ fn damaged_layers_fail_or_apply_cleanly() {
         }
     }
     assert!(applied > 0, "some flips (in file data) still apply");
+}
+
+#[test]
+fn a_layer_bigger_than_the_disk_is_an_error() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = Header::new_gnu();
+    h.set_entry_type(EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(24 << 20);
+    b.append_data(&mut h, "big", std::io::repeat(1).take(24 << 20))
+        .unwrap();
+    let disk = Arc::new(MemoryDevice::over(base()));
+    let mut fs = Ext4::open(disk).unwrap();
+    let err = ext4_apply::apply(&mut fs, b.into_inner().unwrap().as_slice()).unwrap_err();
+    assert!(err.to_string().contains("allocate"), "{err}");
+}
+
+#[test]
+fn a_disk_without_ext4_is_an_error() {
+    let disk = Arc::new(MemoryDevice::zeros(MIN_FS_SIZE));
+    let err = Ext4::open(disk).err().expect("no file system");
+    assert!(err.to_string().contains("--mkfs"), "{err}");
 }

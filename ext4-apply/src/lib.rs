@@ -20,18 +20,30 @@
 //! - [`fs`]: the ext4 operations (make, open, create, link, remove, xattrs)
 //!   over libext2fs;
 //! - [`layer`]: the OCI rules (whiteouts, opaque directories, replacing,
-//!   hard links, implicit parents) over a sequentially read tar stream;
-//! - [`io_manager`]: the bridge from libext2fs's I/O to a [`BlockDevice`].
+//!   hard links, implicit parents) over a sequentially read tar stream,
+//!   with pax records parsed by [`pax`];
+//! - [`io_manager`]: the bridge from libext2fs's I/O to a [`BlockDevice`],
+//!   with a small read cache; it writes only the sectors whose bytes
+//!   change, so a layer holds what it changed and not every bitmap and
+//!   group descriptor libext2fs rewrites when it closes;
+//! - [`stack`]: the devices (the layer stack, a raw file, memory).
+//!
+//! The output is reproducible: times come from the tar headers, and what
+//! libext2fs stamps itself uses `SOURCE_DATE_EPOCH` (default 1), never the
+//! clock, so the same layers give the same bytes and registry digests.
 //!
 //! # Room for TurboOCI
 //! A TurboOCI layer keeps file contents in the original tar(.gz) and only
-//! the ext4 metadata in the overlaybd layer: its index entries point into
-//! the uncompressed tar. [`fs::Ext4::create_file`] is the one place file
-//! bytes are written; the TurboOCI step adds a variant that allocates the
-//! file's blocks the same way but, instead of copying bytes, records
-//! "logical block → tar offset" for the layer's index (the tar crate gives
-//! each entry's data offset, [`layer::Applier`] sees entries in order), and
-//! builds the gzip index while the same stream is read.
+//! the ext4 metadata in the overlaybd layer: its index entries (tag 1)
+//! point at 512-byte sectors of the uncompressed tar. File data in a tar
+//! starts on a 512-byte boundary, so each 4 KiB file block maps to 8 tar
+//! sectors (a last partial block shows the next header past i_size, which
+//! ext4 ignores). [`fs::Ext4::create_file`] is the one place file bytes are
+//! written: the TurboOCI step adds a variant that allocates the blocks the
+//! same way but, instead of writing them, records "disk block → tar
+//! offset" (the tar crate gives each entry's `raw_file_position`) for the
+//! layer's index, while the gzip index is built from the same single read
+//! of the stream. The layer rules in [`layer`] stay as they are.
 
 pub mod fs;
 pub mod io_manager;

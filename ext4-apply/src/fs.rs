@@ -58,7 +58,13 @@ pub enum Special {
 pub struct Ext4 {
     fs: sys::ext2_filsys,
     registration: Registration,
+    /// File data passes through here (kept: a fresh 1 MiB buffer per file
+    /// would be zeroed thousands of times per layer).
+    buffer: Vec<u8>,
 }
+
+/// File data is copied in pieces of this size.
+const COPY_CHUNK: usize = 1 << 20;
 
 // SAFETY: the handle is used by one thread at a time (&mut self for
 // changes); libext2fs keeps no thread-local state for it.
@@ -165,7 +171,11 @@ impl Ext4 {
         if code != 0 {
             return Err(fs_error("ext2fs_initialize", code, &registration));
         }
-        let mut this = Ext4 { fs, registration };
+        let mut this = Ext4 {
+            fs,
+            registration,
+            buffer: Vec::new(),
+        };
         this.fix_clock();
         // SAFETY: live handle; its superblock is ours to edit.
         unsafe {
@@ -263,7 +273,11 @@ impl Ext4 {
                 other => other,
             });
         }
-        let mut this = Ext4 { fs, registration };
+        let mut this = Ext4 {
+            fs,
+            registration,
+            buffer: Vec::new(),
+        };
         this.fix_clock();
         // SAFETY: live handle.
         let (incompat, ro) = unsafe {
@@ -506,12 +520,23 @@ impl Ext4 {
     }
 
     fn copy_into(&mut self, file: sys::ext2_file_t, data: &mut dyn Read) -> Result<u64> {
-        const CHUNK: usize = 1 << 20;
+        let mut buf = std::mem::take(&mut self.buffer);
+        buf.resize(COPY_CHUNK, 0);
+        let result = self.copy_through(file, data, &mut buf);
+        self.buffer = buf;
+        result
+    }
+
+    fn copy_through(
+        &mut self,
+        file: sys::ext2_file_t,
+        data: &mut dyn Read,
+        buf: &mut [u8],
+    ) -> Result<u64> {
         let block = BLOCK_SIZE as usize;
-        let mut buf = vec![0u8; CHUNK];
         let mut position = 0u64;
         loop {
-            let filled = read_full(data, &mut buf)?;
+            let filled = read_full(data, buf)?;
             if filled == 0 {
                 break;
             }
@@ -542,7 +567,7 @@ impl Ext4 {
                 }
                 position += piece.len() as u64;
             }
-            if filled < CHUNK {
+            if filled < buf.len() {
                 break;
             }
         }

@@ -14,12 +14,15 @@ use crate::io_manager::{BlockDevice, SECTOR};
 /// A layer stack: reads merge the layers, writes go to its writable top.
 pub struct StackDevice {
     stack: Stack,
+    durable: bool,
 }
 
 impl StackDevice {
-    /// `stack` must have a writable top layer.
-    pub fn new(stack: Stack) -> StackDevice {
-        StackDevice { stack }
+    /// `stack` must have a writable top layer. Unless `durable`, flushes
+    /// do nothing: for a scratch top layer that is committed elsewhere and
+    /// deleted, syncing a sparse file of the whole disk size only waits.
+    pub fn new(stack: Stack, durable: bool) -> StackDevice {
+        StackDevice { stack, durable }
     }
 
     pub fn stack(&self) -> &Stack {
@@ -42,6 +45,9 @@ impl BlockDevice for StackDevice {
         self.stack.write(buf, offset).map_err(to_io)
     }
     fn flush(&self) -> io::Result<()> {
+        if !self.durable {
+            return Ok(());
+        }
         self.stack.flush().map_err(to_io)
     }
 }

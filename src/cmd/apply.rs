@@ -124,11 +124,18 @@ pub fn run(args: Args) -> Result<()> {
         },
     )?;
     let stack = Stack::new(lowers, Some(Arc::new(upper)))?;
-    let device = Arc::new(StackDevice::new(stack));
+    // The upper layer is scratch: committed into OUT (which is synced), then
+    // deleted, so it is never synced itself.
+    let device = Arc::new(StackDevice::new(stack, false));
 
     let want = args.checksum.as_deref().map(parse_digest).transpose()?;
-    let got = apply_into(&device, &args.layer, args.mkfs.then_some(fs_size))?;
-    if let Some(want) = want {
+    let got = apply_into(
+        &device,
+        &args.layer,
+        args.mkfs.then_some(fs_size),
+        want.is_some(),
+    )?;
+    if let (Some(want), Some(got)) = (want, got) {
         if got != want {
             bail!(
                 "{}: the uncompressed tar has sha256:{}, not sha256:{} (--checksum)",
@@ -147,8 +154,14 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Change the ext4 on `device` by the layer at `layer` (making it first
-/// when `mkfs` gives a size). Returns the SHA-256 of the uncompressed tar.
-fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Result<[u8; 32]> {
+/// when `mkfs` gives a size). Returns the SHA-256 of the uncompressed tar
+/// when `hash` asks for it.
+fn apply_into(
+    device: &Arc<StackDevice>,
+    layer: &Path,
+    mkfs: Option<u64>,
+    hash: bool,
+) -> Result<Option<[u8; 32]>> {
     let file = File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = progress::bytes(size, "apply");
@@ -158,7 +171,7 @@ fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Res
     };
     let mut tar = Hashed {
         inner: ext4_apply::decompress(counted, &layer.display().to_string())?,
-        sha256: Sha256::new(),
+        sha256: hash.then(Sha256::new),
     };
     let as_device: Arc<dyn BlockDevice> = device.clone();
     let mut fs = match mkfs {
@@ -168,11 +181,13 @@ fn apply_into(device: &Arc<StackDevice>, layer: &Path, mkfs: Option<u64>) -> Res
     ext4_apply::apply(&mut fs, &mut tar)
         .with_context(|| format!("applying {}", layer.display()))?;
     fs.close()?;
-    // The tar's padding after its end-of-archive block counts too.
-    std::io::copy(&mut tar, &mut std::io::sink())
-        .with_context(|| format!("reading {} to its end", layer.display()))?;
+    if hash {
+        // The tar's padding after its end-of-archive block counts too.
+        std::io::copy(&mut tar, &mut std::io::sink())
+            .with_context(|| format!("reading {} to its end", layer.display()))?;
+    }
     bar.finish_and_clear();
-    Ok(tar.sha256.finalize().into())
+    Ok(tar.sha256.map(|h| h.finalize().into()))
 }
 
 /// `sha256:HEX` or `HEX` as 32 bytes.
@@ -185,16 +200,18 @@ fn parse_digest(text: &str) -> Result<[u8; 32]> {
     Ok(out)
 }
 
-/// The uncompressed tar, hashed as it is read.
+/// The uncompressed tar, hashed as it is read (when asked).
 struct Hashed {
     inner: Box<dyn Read>,
-    sha256: Sha256,
+    sha256: Option<Sha256>,
 }
 
 impl Read for Hashed {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.sha256.update(&buf[..n]);
+        if let Some(sha256) = &mut self.sha256 {
+            sha256.update(&buf[..n]);
+        }
         Ok(n)
     }
 }

@@ -389,6 +389,14 @@ fn upper_layer() -> Vec<u8> {
         .file("abs/bin/tool2", 0o755, b"tool2")
         .file("up/top", 0o644, b"top")
         .link(EntryType::Link, "bin/tool-link", "abs/bin/tool");
+    // Names added to, and taken from, a hash-indexed directory.
+    for i in 0..400 {
+        t.file(&format!("many/new-{i:03}-{}", "p".repeat(50)), 0o644, b"n");
+    }
+    for i in (0..300).step_by(2) {
+        let name = format!("many/.wh.{i:03}-{}", "m".repeat(40));
+        t.raw_name(EntryType::Regular, name.as_bytes(), b"", b"");
+    }
     t.finish()
 }
 
@@ -492,6 +500,11 @@ fn every_entry_kind_and_whiteout_case() {
         b""
     );
     assert!(must_stat(&raw0, "many").size > 4096, "many/ was grown");
+    let htree = debugfs(&raw0, "htree /many");
+    assert!(
+        htree.contains("Root node dump"),
+        "many/ is hash-indexed: {htree}"
+    );
 
     // Both layers.
     assert!(stat(&raw, "gone").is_none());
@@ -534,6 +547,21 @@ fn every_entry_kind_and_whiteout_case() {
     );
     assert_eq!(cat(&raw, "d/big"), big);
     assert!(must_stat(&raw, "lost+found").kind == "directory");
+    // `ls -p` lines: /INODE/MODE/UID/GID/NAME/SIZE/; inode 0 = a free slot.
+    let many: Vec<String> = debugfs(&raw, "ls -p /many")
+        .lines()
+        .map(|l| l.split('/').collect::<Vec<_>>())
+        .filter(|f| f.len() > 5 && f[1] != "0" && f[5].len() > 2)
+        .map(|f| f[5].to_string())
+        .collect();
+    let old: Vec<&String> = many.iter().filter(|n| n.ends_with("mmmm")).collect();
+    assert_eq!(many.iter().filter(|n| n.starts_with("new-")).count(), 400);
+    assert_eq!(old.len(), 150, "{old:?}");
+    assert!(
+        old.iter().all(|n| n[..3].parse::<u32>().unwrap() % 2 == 1),
+        "{old:?}"
+    );
+    assert!(debugfs(&raw, "htree /many").contains("Root node dump"));
     // Parents that are symlinks are followed inside the image.
     assert_eq!(cat(&raw, "usr/bin/tool"), b"tool");
     assert_eq!(cat(&raw, "usr/bin/tool2"), b"tool2");

@@ -25,7 +25,7 @@ pub const S_IFCHR: u16 = 0o020000;
 pub const S_IFBLK: u16 = 0o060000;
 pub const S_IFIFO: u16 = 0o010000;
 
-const BLOCK_SIZE: u32 = 4096;
+pub(crate) const BLOCK_SIZE: u32 = 4096;
 /// Bytes of disk per inode when making a file system: 4,194,304 inodes
 /// for 64 GiB, as the reference's `--mkfs`.
 const BYTES_PER_INODE: u64 = 16384;
@@ -46,6 +46,14 @@ pub struct Attrs {
 /// An extended attribute: full name (`user.x`, `security.capability`) and value.
 pub type Xattr = (Vec<u8>, Vec<u8>);
 
+/// One directory entry as stored.
+pub(crate) struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    /// `EXT2_FT_*`.
+    pub file_type: u8,
+}
+
 /// What kind of special file [`Ext4::mknod`] makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Special {
@@ -56,11 +64,14 @@ pub enum Special {
 
 /// An ext4 file system open for writing through libext2fs.
 pub struct Ext4 {
-    fs: sys::ext2_filsys,
+    pub(crate) fs: sys::ext2_filsys,
     registration: Registration,
     /// File data passes through here (kept: a fresh 1 MiB buffer per file
     /// would be zeroed thousands of times per layer).
     buffer: Vec<u8>,
+    /// Directories that grew past their first block here: hash-indexed at
+    /// [`Ext4::close`] (see `htree`).
+    pub(crate) grown: std::collections::BTreeSet<Ino>,
 }
 
 /// File data is copied in pieces of this size.
@@ -175,6 +186,7 @@ impl Ext4 {
             fs,
             registration,
             buffer: Vec::new(),
+            grown: Default::default(),
         };
         this.fix_clock();
         // SAFETY: live handle; its superblock is ours to edit.
@@ -277,6 +289,7 @@ impl Ext4 {
             fs,
             registration,
             buffer: Vec::new(),
+            grown: Default::default(),
         };
         this.fix_clock();
         // SAFETY: live handle.
@@ -320,8 +333,12 @@ impl Ext4 {
         unsafe { (*self.fs).now = epoch as sys::time_t };
     }
 
-    /// Write back the superblock, group descriptors and bitmaps, and flush.
+    /// Hash-index the directories that grew past one block, write back the
+    /// superblock, group descriptors and bitmaps, and flush.
     pub fn close(mut self) -> Result<()> {
+        for dir in std::mem::take(&mut self.grown) {
+            self.index_dir(dir)?;
+        }
         let fs = std::mem::replace(&mut self.fs, ptr::null_mut());
         // SAFETY: live handle, freed by ext2fs_close2 whatever it returns.
         let code = unsafe { sys::ext2fs_close2(fs, 0) };
@@ -331,7 +348,7 @@ impl Ext4 {
         Ok(())
     }
 
-    fn check(&self, what: &str, code: sys::errcode_t) -> Result<()> {
+    pub(crate) fn check(&self, what: &str, code: sys::errcode_t) -> Result<()> {
         if code == 0 {
             Ok(())
         } else {
@@ -372,7 +389,11 @@ impl Ext4 {
         Ok(inode)
     }
 
-    fn write_inode(&mut self, ino: Ino, inode: &mut sys::ext2_inode_large) -> Result<()> {
+    pub(crate) fn write_inode(
+        &mut self,
+        ino: Ino,
+        inode: &mut sys::ext2_inode_large,
+    ) -> Result<()> {
         self.check("ext2fs_write_inode", unsafe {
             sys::ext2fs_write_inode_full(self.fs, ino, as_inode(inode), LARGE)
         })
@@ -398,6 +419,7 @@ impl Ext4 {
             self.check("ext2fs_expand_dir", unsafe {
                 sys::ext2fs_expand_dir(self.fs, dir)
             })?;
+            self.grown.insert(dir);
         }
         Err(Error::Fs(format!(
             "{what}: the directory stays full after growing it"
@@ -654,6 +676,16 @@ impl Ext4 {
 
     /// Names and inodes of a directory's entries, without `.` and `..`.
     pub fn list(&self, dir: Ino) -> Result<Vec<(Vec<u8>, Ino)>> {
+        Ok(self
+            .entries(dir)?
+            .into_iter()
+            .filter(|e| e.name != b"." && e.name != b"..")
+            .map(|e| (e.name, e.ino))
+            .collect())
+    }
+
+    /// Every entry of a directory, `.` and `..` included.
+    pub(crate) fn entries(&self, dir: Ino) -> Result<Vec<DirEntry>> {
         unsafe extern "C" fn collect(
             _dir: sys::ext2_ino_t,
             _entry: c_int,
@@ -664,16 +696,20 @@ impl Ext4 {
             private: *mut c_void,
         ) -> c_int {
             // SAFETY: libext2fs passes a valid entry; `private` is our Vec.
-            let out = &mut *(private as *mut Vec<(Vec<u8>, Ino)>);
+            let out = &mut *(private as *mut Vec<DirEntry>);
             // The low byte is the length; the high one the file type.
             let len = ((*dirent).name_len & 0xff) as usize;
             let name = std::slice::from_raw_parts((*dirent).name.as_ptr() as *const u8, len);
-            if (*dirent).inode != 0 && name != b"." && name != b".." {
-                out.push((name.to_vec(), (*dirent).inode));
+            if (*dirent).inode != 0 {
+                out.push(DirEntry {
+                    name: name.to_vec(),
+                    ino: (*dirent).inode,
+                    file_type: ((*dirent).name_len >> 8) as u8,
+                });
             }
             0
         }
-        let mut out: Vec<(Vec<u8>, Ino)> = Vec::new();
+        let mut out: Vec<DirEntry> = Vec::new();
         self.check("ext2fs_dir_iterate", unsafe {
             sys::ext2fs_dir_iterate2(
                 self.fs,

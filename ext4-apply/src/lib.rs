@@ -18,7 +18,8 @@
 //!
 //! # Layout
 //! - [`fs`]: the ext4 operations (make, open, create, link, remove, xattrs)
-//!   over libext2fs;
+//!   over libext2fs; directories that grow past a block get a hash index
+//!   when the file system is closed (`htree`), as mke2fs/e2fsck -D would;
 //! - [`layer`]: the OCI rules (whiteouts, opaque directories, replacing,
 //!   hard links, implicit parents) over a sequentially read tar stream,
 //!   with pax records parsed by [`pax`];
@@ -46,6 +47,7 @@
 //! of the stream. The layer rules in [`layer`] stay as they are.
 
 pub mod fs;
+mod htree;
 pub mod io_manager;
 pub mod layer;
 pub mod pax;

@@ -668,6 +668,29 @@ fn a_whiteout_of_a_missing_name_does_nothing() {
 }
 
 #[test]
+fn a_layer_from_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = TarMaker::new();
+    t.file("piped", 0o644, b"through a pipe");
+    let out = dir.path().join("l.lsmt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args(["apply", "--mkfs", "--size", "1", "-", s(&out)])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&gzip(&t.finish()))
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let raw = dir.path().join("l.raw");
+    export(&raw, &[&out]);
+    assert_eq!(cat(&raw, "piped"), b"through a pipe");
+}
+
+#[test]
 fn usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let mut t = TarMaker::new();

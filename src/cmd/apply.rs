@@ -37,11 +37,13 @@ obd apply --mkfs base.tar.gz base.lsmt\n  \
 obd apply app.tar.zst app.lsmt base.lsmt\n  \
 obd apply -z -t top.tar top.blob base.lsmt app.lsmt\n  \
 obd apply --mkfs --size 8 small.tar small.lsmt --uuid 00000001-0000-4000-8000-000000000001\n  \
-obd apply --checksum sha256:<diff_id> app.tar.gz app.lsmt base.lsmt\n\
+obd apply --checksum sha256:<diff_id> app.tar.gz app.lsmt base.lsmt\n  \
+curl -sL https://example.com/layer.tar.gz | obd apply - app.lsmt base.lsmt\n\
 Then: obd export --output disk.raw base.lsmt app.lsmt top.blob; e2fsck -fn disk.raw")]
 pub struct Args {
     /// The OCI layer: a tar, optionally gzip or zstd compressed (told by
-    /// its content).
+    /// its content); `-` reads it from standard input (a pipe is fine: the
+    /// layer is read once, front to back).
     layer: PathBuf,
     /// The layer file to write (must not exist).
     out: PathBuf,
@@ -162,11 +164,16 @@ fn apply_into(
     mkfs: Option<u64>,
     hash: bool,
 ) -> Result<Option<[u8; 32]>> {
-    let file = File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
-    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let (input, size): (Box<dyn Read>, u64) = if layer == Path::new("-") {
+        (Box::new(std::io::stdin()), 0)
+    } else {
+        let file = File::open(layer).with_context(|| format!("opening {}", layer.display()))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        (Box::new(file), size)
+    };
     let bar = progress::bytes(size, "apply");
     let counted = Counted {
-        inner: file,
+        inner: input,
         bar: bar.clone(),
     };
     let mut tar = Hashed {
@@ -218,7 +225,7 @@ impl Read for Hashed {
 
 /// The layer file, moving the progress bar as it is read.
 struct Counted {
-    inner: File,
+    inner: Box<dyn Read>,
     bar: indicatif::ProgressBar,
 }
 

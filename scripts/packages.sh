@@ -19,8 +19,10 @@
 # lz4-sys and ring. libclang1-16: the libclang that bindgen in
 # libublk-rs-sys loads for the ublk UAPI bindings (libclang-dev would add
 # all of LLVM 14 next to clang-16's LLVM 16, for nothing). clang-16,
-# libbpf-dev: ebpf/build.rs compiles the BPF probes.
-OBD_PKGS_BUILD=(gcc libc6-dev libclang1-16 clang-16 libbpf-dev)
+# libbpf-dev: ebpf/build.rs compiles the BPF probes. libext2fs-dev: the
+# headers ext4-apply/build.rs hands to bindgen and the libext2fs/libcom_err
+# that `obd apply` links to write ext4 in user space (no Rust crate writes ext4).
+OBD_PKGS_BUILD=(gcc libc6-dev libclang1-16 clang-16 libbpf-dev libext2fs-dev)
 # e2fsprogs: mkfs.ext4 -d and debugfs, which read the image's files.
 OBD_PKGS_DEMO=(e2fsprogs)
 # python3: the tests and tests/vm run /usr/bin/python3. xz-utils: compressed

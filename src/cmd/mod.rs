@@ -1,6 +1,7 @@
 //! One module per subcommand: its arguments and what it does.
 
 pub mod add;
+pub mod apply;
 pub mod commit;
 pub mod create;
 pub mod del;

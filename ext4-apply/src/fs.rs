@@ -72,6 +72,9 @@ pub struct Ext4 {
     /// Directories that grew past their first block here: hash-indexed at
     /// [`Ext4::close`] (see `htree`).
     pub(crate) grown: std::collections::BTreeSet<Ino>,
+    /// Directories names were added to here: the unused bytes of their
+    /// entries are zeroed at [`Ext4::close`].
+    linked: std::collections::BTreeSet<Ino>,
 }
 
 /// File data is copied in pieces of this size.
@@ -187,6 +190,7 @@ impl Ext4 {
             registration,
             buffer: Vec::new(),
             grown: Default::default(),
+            linked: Default::default(),
         };
         this.fix_clock();
         // SAFETY: live handle; its superblock is ours to edit.
@@ -290,6 +294,7 @@ impl Ext4 {
             registration,
             buffer: Vec::new(),
             grown: Default::default(),
+            linked: Default::default(),
         };
         this.fix_clock();
         // SAFETY: live handle.
@@ -338,6 +343,9 @@ impl Ext4 {
     pub fn close(mut self) -> Result<()> {
         for dir in std::mem::take(&mut self.grown) {
             self.index_dir(dir)?;
+        }
+        for dir in std::mem::take(&mut self.linked) {
+            self.zero_unused_entry_bytes(dir)?;
         }
         let fs = std::mem::replace(&mut self.fs, ptr::null_mut());
         // SAFETY: live handle, freed by ext2fs_close2 whatever it returns.
@@ -435,6 +443,7 @@ impl Ext4 {
     }
 
     fn link_raw(&mut self, dir: Ino, name: &CString, ino: Ino, mode: u16) -> Result<()> {
+        self.linked.insert(dir);
         let fs = self.fs;
         self.with_room(dir, "ext2fs_link", |_| unsafe {
             sys::ext2fs_link(fs, dir, name.as_ptr(), ino, dirent_type(mode))
@@ -682,6 +691,57 @@ impl Ext4 {
             .filter(|e| e.name != b"." && e.name != b"..")
             .map(|e| (e.name, e.ino))
             .collect())
+    }
+
+    /// Zero the bytes after each name in directory `dir` up to the next
+    /// entry: padding and free space. libext2fs leaves them as they were
+    /// in its buffers, which, when it splits a hash-indexed leaf, is
+    /// uninitialised memory: the same layer applied twice would give
+    /// different bytes. The record of `..` is left alone: in an indexed
+    /// directory it holds the htree root.
+    fn zero_unused_entry_bytes(&mut self, dir: Ino) -> Result<()> {
+        /// `DIRENT_DOT_DOT_FILE` and `DIRENT_CHANGED` of ext2fs.h.
+        const DOT_DOT: c_int = 2;
+        const CHANGED: c_int = 1;
+        unsafe extern "C" fn zero(
+            _dir: sys::ext2_ino_t,
+            entry: c_int,
+            dirent: *mut sys::ext2_dir_entry,
+            offset: c_int,
+            blocksize: c_int,
+            _buf: *mut c_char,
+            private: *mut c_void,
+        ) -> c_int {
+            // SAFETY: libext2fs passes a live entry inside a block of
+            // `blocksize` bytes at `offset`; `private` is the handle.
+            let fs = private as sys::ext2_filsys;
+            let name_len = ((*dirent).name_len & 0xff) as usize;
+            let padded = (8 + name_len).next_multiple_of(4);
+            let mut rec_len: u32 = 0;
+            if sys::ext2fs_get_rec_len(fs, dirent, &mut rec_len) != 0 {
+                return 0;
+            }
+            let end = if entry == DOT_DOT {
+                padded
+            } else {
+                rec_len as usize
+            };
+            let room = (blocksize - offset).max(0) as usize;
+            if (*dirent).inode == 0 || end > room || padded > end {
+                return 0;
+            }
+            let bytes = std::slice::from_raw_parts_mut(dirent as *mut u8, end);
+            let unused = &mut bytes[8 + name_len..];
+            if unused.iter().all(|&b| b == 0) {
+                return 0;
+            }
+            unused.fill(0);
+            CHANGED
+        }
+        let fs = self.fs;
+        self.check("ext2fs_dir_iterate (zeroing unused entry bytes)", unsafe {
+            sys::ext2fs_dir_iterate2(fs, dir, 0, ptr::null_mut(), Some(zero), fs as *mut c_void)
+        })
     }
 
     /// Every entry of a directory, `.` and `..` included.

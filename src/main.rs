@@ -78,6 +78,19 @@ fn command_line() -> Vec<std::ffi::OsString> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(command_line());
+    if matches!(
+        cli.command,
+        Command::Info(_) | Command::List(_) | Command::Trace(_)
+    ) {
+        // Commands that print a lot end quietly when their reader goes away
+        // (`obd info LAYER | head`), as Unix tools do, instead of failing
+        // on the next print. (Not the daemons and network commands: a
+        // peer closing a socket must not kill them.)
+        // SAFETY: before any thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Create(args) => cmd::create::run(args),
         Command::Commit(args) => cmd::commit::run(args),

@@ -451,3 +451,25 @@ fn runs_as_the_reference_tools_under_their_names() {
     run("overlaybd-zfile", &[&committed, &zfile]);
     obd_ok(&["info", s(&zfile)]);
 }
+
+/// `obd info LAYER | head -1`: obd ends quietly when its reader goes away.
+#[test]
+fn info_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let v = ReferenceVectors::unpack();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args(["info", s(&v.path("layer0.lsmt"))])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("path:"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

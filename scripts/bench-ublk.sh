@@ -245,7 +245,12 @@ host_main() {
             ;;
         *) say "--storage is disk or tmpfs"; exit 2 ;;
     esac
-    tests/vm/run.sh --timeout 1800 --mem "$mem" --smp "$smp" --results "$results" --quiet "${disk_args[@]}" \
+    # Each case of a round takes 2 x (ramp + runtime) of fio plus set-up,
+    # which TCG on a busy host can stretch several times over.
+    local n_cases vm_timeout
+    n_cases=$(wc -w <<<"$cases")
+    vm_timeout=$((900 + rounds * n_cases * (2 * (ramp + runtime) + 60) * 2))
+    tests/vm/run.sh --timeout "$vm_timeout" --mem "$mem" --smp "$smp" --results "$results" --quiet "${disk_args[@]}" \
         -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" \
         --cases "$cases" --storage "$storage" "${ref_args[@]}" || rc=$?
     rm -f "$BENCH/disk.img"

@@ -65,11 +65,13 @@
 //!
 //! The work is split by job: [`authorization`] (the probe, Basic, Bearer
 //! tokens), [`ranged_reads`] (blob reads, redirects, answer checks) and
-//! [`uploads`] (`HEAD`, `POST` + `PUT` of whole blobs). This file holds what
+//! [`uploads`] (`HEAD`, `POST` + `PUT` of whole blobs), [`manifests`] (`GET`
+//! and `PUT` of manifests by tag or digest). This file holds what
 //! they share: the runtime, the client and its caches, the options, the
 //! retry policy and what a failed answer means.
 
 mod authorization;
+mod manifests;
 mod ranged_reads;
 mod uploads;
 
@@ -92,6 +94,7 @@ use crate::io::PrefetchTurn;
 use super::auth::{credential_source, CredentialSource, Token};
 use super::{redact_url, remote_error};
 
+pub use manifests::MANIFEST_TYPES;
 pub use ranged_reads::{parse_content_range, RegistryBlob};
 
 /// Timeouts, retries and identity of registry requests.

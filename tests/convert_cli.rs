@@ -275,6 +275,44 @@ fn check_tree(layers: &[PathBuf], dir: &Path) {
     let mut args = vec!["export", "--output", s(&raw)];
     args.extend(layers.iter().map(|p| s(p)));
     obd_ok(&args);
+    check_raw(&raw);
+}
+
+/// The same, read lazily from the registry through an image config that
+/// names the converted layers as blobs.
+fn check_tree_remote(repo: &str, manifest: &Value, global: &Path, dir: &Path) {
+    let lowers: Vec<Value> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let digest = l["digest"].as_str().unwrap();
+            json!({
+                "digest": digest,
+                "size": l["size"],
+                "dir": dir.join("layers").join(digest.replace(':', "_")),
+            })
+        })
+        .collect();
+    let config = dir.join("config.v1.json");
+    let text = json!({"repoBlobUrl": format!("{repo}/blobs"), "lowers": lowers});
+    std::fs::write(&config, text.to_string()).unwrap();
+    let raw = dir.join("remote.raw");
+    let _ = std::fs::remove_file(&raw);
+    obd_ok(&[
+        "export",
+        "--output",
+        s(&raw),
+        "--config",
+        s(&config),
+        "--global-config",
+        s(global),
+    ]);
+    check_raw(&raw);
+}
+
+fn check_raw(raw: &Path) {
+    let raw = raw.to_path_buf();
     let fsck = Command::new("e2fsck")
         .args(["-fn", s(&raw)])
         .output()
@@ -417,6 +455,7 @@ fn registry_to_registry_then_layout() {
     // The tree, from the layers fetched back.
     let fetched = fetch_layers(&repo, &manifest, dir.path());
     check_tree(&fetched, dir.path());
+    check_tree_remote(&repo, &manifest, &global, dir.path());
 
     // Again: the same layers, none uploaded again.
     let (_, stderr) = convert(
@@ -501,9 +540,37 @@ fn bad_input_is_refused_with_a_reason() {
     assert!(err.contains("not a digest"), "{err}");
     let err = run(&format!("oci:{}:v1", s(dir.path())), &to);
     assert!(err.contains("not an OCI image layout"), "{err}");
+    // A layer type obd cannot apply.
+    let src = format!("{}/v2/src/app", registry.base());
+    let mut odd: Value = serde_json::from_slice(&image.manifest).unwrap();
+    odd["layers"][0]["mediaType"] = json!("application/vnd.oci.image.layer.v1.tar+bzip2");
+    let odd = serde_json::to_vec(&odd).unwrap();
+    let oci_manifest = "application/vnd.oci.image.manifest.v1+json";
+    client()
+        .put_manifest(&src, "odd", oci_manifest, &odd)
+        .unwrap();
+    let err = run(&format!("{host}/src/app:odd"), &to);
+    assert!(
+        err.contains(
+            "media type \"application/vnd.oci.image.layer.v1.tar+bzip2\", which obd cannot apply"
+        ),
+        "{err}"
+    );
     // Nothing was tagged.
     let repo = format!("{}/v2/obd/app", registry.base());
     assert!(client().get_manifest(&repo, "v1").unwrap().is_none());
+    // An overlaybd image is not converted again.
+    obd_ok(&[
+        "convert",
+        "--global-config",
+        s(&global),
+        "--from",
+        &format!("{host}/src/app:v1"),
+        "--to",
+        &to,
+    ]);
+    let err = run(&to, &format!("{host}/obd/app:v2"));
+    assert!(err.contains("an overlaybd image already"), "{err}");
     let status = obd(&["convert", "--from", "x"]).status;
     assert!(!status.success());
 }

@@ -3,7 +3,8 @@
 //! here and pushed, converted, and read back: the manifest carries the
 //! overlaybd annotations, the layers stacked give the ext4 tree the OCI
 //! rules give, a second run uploads nothing, and an OCI layout directory
-//! converts to the same layers.
+//! converts to the same layers; so does the image with Docker media types,
+//! and a registry with token auth works for reading and pushing.
 
 #[path = "../overlaybd/tests/remote_support/mod.rs"]
 mod remote_support;
@@ -17,7 +18,7 @@ use std::process::Command;
 
 use overlaybd::remote::registry::{Registry as Client, RegistryOptions};
 use overlaybd::remote::sha256_file;
-use remote_support::{Auth, Registry};
+use remote_support::{Auth, Registry, PASSWORD, USER};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -138,6 +139,8 @@ fn image_layers() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
 /// The image's config and manifest, and every blob by digest.
 struct Image {
     manifest: Vec<u8>,
+    /// The same image with Docker schema 2 media types.
+    docker_manifest: Vec<u8>,
     blobs: Vec<(String, Vec<u8>)>,
 }
 
@@ -168,9 +171,25 @@ fn make_image() -> Image {
         })).collect::<Vec<_>>(),
     }))
     .unwrap();
+    let mut docker: Value = serde_json::from_slice(&manifest).unwrap();
+    docker["mediaType"] = json!("application/vnd.docker.distribution.manifest.v2+json");
+    docker["config"]["mediaType"] = json!("application/vnd.docker.container.image.v1+json");
+    for layer in docker["layers"].as_array_mut().unwrap() {
+        let gzip = layer["mediaType"].as_str().unwrap().ends_with("+gzip");
+        layer["mediaType"] = json!(if gzip {
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        } else {
+            "application/vnd.docker.image.rootfs.diff.tar"
+        });
+    }
+    let docker_manifest = serde_json::to_vec(&docker).unwrap();
     let mut blobs = vec![(sha256(&config), config)];
     blobs.extend(layers.into_iter().map(|(_, blob, _)| (sha256(&blob), blob)));
-    Image { manifest, blobs }
+    Image {
+        manifest,
+        docker_manifest,
+        blobs,
+    }
 }
 
 fn client() -> Client {
@@ -178,11 +197,29 @@ fn client() -> Client {
     Client::new(RegistryOptions::from_global(&global), &global).unwrap()
 }
 
+/// A client with the credentials of the global config at `path`.
+fn client_from(path: &Path) -> Client {
+    let text = std::fs::read_to_string(path).unwrap();
+    let global: overlaybd::config::GlobalConfig = serde_json::from_str(&text).unwrap();
+    Client::new(RegistryOptions::from_global(&global), &global).unwrap()
+}
+
+/// A global config whose credential file has the test user for `port`.
+fn global_with_credentials(dir: &Path, port: u16) -> PathBuf {
+    let creds = dir.join("cred.json");
+    let auths =
+        json!({"auths": {format!("127.0.0.1:{port}"): {"username": USER, "password": PASSWORD}}});
+    std::fs::write(&creds, auths.to_string()).unwrap();
+    let global = dir.join("overlaybd.json");
+    let text = json!({"credentialConfig": {"mode": "file", "path": creds}});
+    std::fs::write(&global, text.to_string()).unwrap();
+    global
+}
+
 /// Push `image` as `repo:tag`, plus an index `repo:multi` whose
 /// linux/amd64 entry is the image, and `repo:arm` with only arm64.
-fn push_image(registry: &Registry, image: &Image, dir: &Path) {
+fn push_image(registry: &Registry, image: &Image, dir: &Path, client: &Client) {
     let repo = format!("{}/v2/src/app", registry.base());
-    let client = client();
     for (digest, bytes) in &image.blobs {
         let path = dir.join(digest.replace(':', "_"));
         std::fs::write(&path, bytes).unwrap();
@@ -191,6 +228,10 @@ fn push_image(registry: &Registry, image: &Image, dir: &Path) {
     let oci_manifest = "application/vnd.oci.image.manifest.v1+json";
     client
         .put_manifest(&repo, "v1", oci_manifest, &image.manifest)
+        .unwrap();
+    let docker_type = "application/vnd.docker.distribution.manifest.v2+json";
+    client
+        .put_manifest(&repo, "docker", docker_type, &image.docker_manifest)
         .unwrap();
     let index = |platforms: &[&str]| {
         serde_json::to_vec(&json!({
@@ -388,7 +429,7 @@ fn registry_to_registry_then_layout() {
     let global = dir.path().join("global.json");
     std::fs::write(&global, "{}").unwrap();
     let image = make_image();
-    push_image(&registry, &image, dir.path());
+    push_image(&registry, &image, dir.path(), &client());
     let host = format!("127.0.0.1:{}", registry.port);
 
     let started = std::time::Instant::now();
@@ -466,6 +507,14 @@ fn registry_to_registry_then_layout() {
     );
     assert_eq!(stderr.matches(", already there").count(), 3, "{stderr}");
     assert!(!stderr.contains(", pushed"), "{stderr}");
+    // The image with Docker media types gives the same layers.
+    let (_, stderr) = convert(
+        &global,
+        &format!("{host}/src/app:docker"),
+        &format!("{host}/obd/app:docker"),
+        &[],
+    );
+    assert_eq!(stderr.matches(", already there").count(), 3, "{stderr}");
 
     // An OCI layout in, an OCI layout out: the same layer blobs.
     let layout = dir.path().join("layout");
@@ -509,7 +558,7 @@ fn bad_input_is_refused_with_a_reason() {
     let global = dir.path().join("global.json");
     std::fs::write(&global, "{}").unwrap();
     let image = make_image();
-    push_image(&registry, &image, dir.path());
+    push_image(&registry, &image, dir.path(), &client());
     let host = format!("127.0.0.1:{}", registry.port);
     let run = |from: &str, to: &str| {
         obd_err(&[
@@ -573,4 +622,40 @@ fn bad_input_is_refused_with_a_reason() {
     assert!(err.contains("an overlaybd image already"), "{err}");
     let status = obd(&["convert", "--from", "x"]).status;
     assert!(!status.success());
+}
+
+#[test]
+fn a_registry_with_token_auth() {
+    let registry = Registry::start(Auth::Token);
+    let dir = tempfile::tempdir().unwrap();
+    let global = global_with_credentials(dir.path(), registry.port);
+    let image = make_image();
+    push_image(&registry, &image, dir.path(), &client_from(&global));
+    let host = format!("127.0.0.1:{}", registry.port);
+    let (_, stderr) = convert(
+        &global,
+        &format!("{host}/src/app:multi"),
+        &format!("{host}/obd/app:v1"),
+        &["--oci"],
+    );
+    assert_eq!(stderr.matches(", pushed").count(), 3, "{stderr}");
+    let repo = format!("{}/v2/obd/app", registry.base());
+    let (media_type, _) = client_from(&global)
+        .get_manifest(&repo, "v1")
+        .unwrap()
+        .unwrap();
+    assert_eq!(media_type, "application/vnd.oci.image.manifest.v1+json");
+    // Without credentials: refused, and said so.
+    let anonymous = dir.path().join("anonymous.json");
+    std::fs::write(&anonymous, "{}").unwrap();
+    let err = obd_err(&[
+        "convert",
+        "--global-config",
+        s(&anonymous),
+        "--from",
+        &format!("{host}/src/app:v1"),
+        "--to",
+        &format!("{host}/obd/app:v2"),
+    ]);
+    assert!(err.contains("access denied"), "{err}");
 }

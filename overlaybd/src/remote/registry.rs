@@ -443,7 +443,8 @@ pub async fn read_limited(
 }
 
 /// The part of a URL naming its repository: up to the last `/blobs`
-/// component (the whole URL when there is none).
+/// component, or for a manifest up to `/manifests` (the whole URL when
+/// there is neither).
 pub fn repo_key(url: &str) -> &str {
     let path_start = url
         .find("://")
@@ -459,6 +460,11 @@ pub fn repo_key(url: &str) -> &str {
             end = Some(at);
         }
         search = at;
+    }
+    if end.is_none() {
+        if let Some(i) = path.rfind("/manifests/") {
+            end = Some(i + "/manifests".len());
+        }
     }
     match end {
         Some(end) => &url[..path_start + end],
@@ -534,6 +540,10 @@ mod tests {
             "http://h/v2/a/blobs"
         );
         assert_eq!(repo_key("http://h/other"), "http://h/other");
+        assert_eq!(
+            repo_key("http://h/v2/ns/app/manifests/v1"),
+            "http://h/v2/ns/app/manifests"
+        );
     }
 
     #[test]

@@ -312,11 +312,27 @@ fn inode(raw: &Path, path: &str) -> u64 {
 /// what applying the OCI layers by the OCI rules gives.
 fn check_tree(layers: &[PathBuf], dir: &Path) {
     let raw = dir.join("disk.raw");
-    let _ = std::fs::remove_file(&raw);
-    let mut args = vec!["export", "--output", s(&raw)];
-    args.extend(layers.iter().map(|p| s(p)));
-    obd_ok(&args);
+    // Every prefix of the stack is a clean file system.
+    for n in 1..=layers.len() {
+        let _ = std::fs::remove_file(&raw);
+        let mut args = vec!["export", "--output", s(&raw)];
+        args.extend(layers[..n].iter().map(|p| s(p)));
+        obd_ok(&args);
+        fsck(&raw);
+    }
     check_raw(&raw);
+}
+
+fn fsck(raw: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", s(raw)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// The same, read lazily from the registry through an image config that
@@ -354,15 +370,7 @@ fn check_tree_remote(repo: &str, manifest: &Value, global: &Path, dir: &Path) {
 
 fn check_raw(raw: &Path) {
     let raw = raw.to_path_buf();
-    let fsck = Command::new("e2fsck")
-        .args(["-fn", s(&raw)])
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck -fn: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    fsck(&raw);
     assert_eq!(cat(&raw, "/etc/os-release"), b"NAME=upper\n");
     assert_eq!(cat(&raw, "/usr/bin/tool"), b"#!/bin/sh\necho tool\n");
     assert_eq!(inode(&raw, "/usr/bin/tool"), inode(&raw, "/usr/bin/tool2"));
@@ -632,9 +640,10 @@ fn a_registry_with_token_auth() {
     let image = make_image();
     push_image(&registry, &image, dir.path(), &client_from(&global));
     let host = format!("127.0.0.1:{}", registry.port);
+    // By digest this time.
     let (_, stderr) = convert(
         &global,
-        &format!("{host}/src/app:multi"),
+        &format!("{host}/src/app@{}", sha256(&image.manifest)),
         &format!("{host}/obd/app:v1"),
         &["--oci"],
     );

@@ -557,6 +557,23 @@ fn registry_to_registry_then_layout() {
     for (a, b) in local.iter().zip(&fetched) {
         assert_eq!(sha256_file(a).unwrap(), sha256_file(b).unwrap());
     }
+
+    // Into the source layout itself, under a new tag: both tags kept.
+    let to = format!("oci:{}:v1-obd", s(&layout));
+    convert(&global, &format!("oci:{}:v1", s(&layout)), &to, &[]);
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let tags: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(tags, ["v1", "v1-obd"]);
 }
 
 #[test]

@@ -67,8 +67,9 @@ pub struct Args {
     /// blocks) in a tar, the reference convertor's `-z -t`.
     #[arg(long)]
     no_compress: bool,
-    /// Where the temporary files go (one OCI layer at a time, and the
-    /// overlaybd layers made so far) [default: the system's temp dir].
+    /// Where the temporary files go: one OCI layer at a time, and the
+    /// overlaybd layers made so far (about the image's size on disk; mind a
+    /// tmpfs /tmp) [default: $TMPDIR or /tmp].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
     /// Global config for credentials [default: /etc/overlaybd/overlaybd.json

@@ -85,30 +85,71 @@ pub fn run(args: Args) -> Result<()> {
         }
         _ => {}
     }
-    let lowers = args
+    let mkfs_size = if args.mkfs {
+        Some(
+            args.size
+                .checked_mul(1 << 30)
+                .filter(|&s| s >= ext4_apply::fs::MIN_FS_SIZE)
+                .with_context(|| format!("--size {} GiB is not a usable size", args.size))?,
+        )
+    } else {
+        None
+    };
+    let expect = args.checksum.as_deref().map(parse_digest).transpose()?;
+    apply_layer(&Job {
+        layer: &args.layer,
+        out: &args.out,
+        lowers: &args.lowers,
+        mkfs_size,
+        uuid: args.uuid.clone(),
+        parent_uuid: args.parent_uuid.clone(),
+        expect,
+        format: &args.format,
+    })
+}
+
+/// One OCI layer to apply: what `obd apply` and `obd convert` share.
+pub struct Job<'a> {
+    /// The layer tarball (`-` for standard input).
+    pub layer: &'a Path,
+    /// The layer file to write.
+    pub out: &'a Path,
+    /// Layers below, bottom → top.
+    pub lowers: &'a [PathBuf],
+    /// Make a new file system of this many bytes first (no lowers then).
+    pub mkfs_size: Option<u64>,
+    pub uuid: Option<String>,
+    /// Default: the top lower's UUID.
+    pub parent_uuid: Option<String>,
+    /// The SHA-256 the uncompressed tar must have (its diff_id).
+    pub expect: Option<[u8; 32]>,
+    pub format: &'a LayerFormat,
+}
+
+/// Apply `job.layer` onto the stack `job.lowers` and write the change as
+/// the committed layer `job.out`. Nothing is written to `job.out` unless
+/// the whole layer was applied (and had the expected digest).
+pub fn apply_layer(job: &Job) -> Result<()> {
+    let lowers = job
         .lowers
         .iter()
         .map(|path| open_read_only(path).with_context(|| format!("opening {}", path.display())))
         .collect::<Result<Vec<_>>>()?;
-    let fs_size = if args.mkfs {
-        args.size
-            .checked_mul(1 << 30)
-            .filter(|&s| s >= ext4_apply::fs::MIN_FS_SIZE)
-            .with_context(|| format!("--size {} GiB is not a usable size", args.size))?
-    } else {
-        lowers
+    let fs_size = match job.mkfs_size {
+        Some(size) => size,
+        None => lowers
             .iter()
             .rev()
             .map(|l| l.virtual_size())
             .find(|&s| s != 0)
-            .context("no LOWER layer states a virtual size")?
+            .context("no LOWER layer states a virtual size")?,
     };
-    let parent_uuid = args
+    let parent_uuid = job
         .parent_uuid
         .clone()
         .or_else(|| lowers.last().map(|l| l.header.uuid.clone()));
 
-    let dir = match args.out.parent() {
+    let dir = match job.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
@@ -130,29 +171,23 @@ pub fn run(args: Args) -> Result<()> {
     // deleted, so it is never synced itself.
     let device = Arc::new(StackDevice::new(stack, false));
 
-    let want = args.checksum.as_deref().map(parse_digest).transpose()?;
-    let got = apply_into(
-        &device,
-        &args.layer,
-        args.mkfs.then_some(fs_size),
-        want.is_some(),
-    )?;
-    if let (Some(want), Some(got)) = (want, got) {
+    let got = apply_into(&device, job.layer, job.mkfs_size, job.expect.is_some())?;
+    if let (Some(want), Some(got)) = (job.expect, got) {
         if got != want {
             bail!(
-                "{}: the uncompressed tar has sha256:{}, not sha256:{} (--checksum)",
-                args.layer.display(),
+                "{}: the uncompressed tar has sha256:{}, not sha256:{} \
+                 (--checksum, or the diff_id in the image config)",
+                job.layer.display(),
                 hex::encode(got),
                 hex::encode(want)
             );
         }
     }
-
     let top = device
         .stack()
         .top()
         .context("the stack lost its writable layer")?;
-    commit(top, &args)
+    commit(top, job)
 }
 
 /// Change the ext4 on `device` by the layer at `layer` (making it first
@@ -237,18 +272,18 @@ impl Read for Counted {
     }
 }
 
-fn commit(top: &WritableLayer, args: &Args) -> Result<()> {
+fn commit(top: &WritableLayer, job: &Job) -> Result<()> {
     let total = top
         .snapshot()
         .iter()
         .map(|(_, e)| if e.zeroed { 0 } else { e.length * 512 })
         .sum();
     let bar = progress::bytes(total, "commit");
-    let mut plain = Output::create(&args.out)?;
+    let mut plain = Output::create(job.out)?;
     {
         let mut writer = plain.writer();
         let options = CommitOptions {
-            uuid: args.uuid.clone(),
+            uuid: job.uuid.clone(),
             parent_uuid: None,
             message: String::new(),
         };
@@ -256,5 +291,5 @@ fn commit(top: &WritableLayer, args: &Args) -> Result<()> {
         std::io::Write::flush(&mut writer).context("writing the committed layer")?;
     }
     bar.finish_and_clear();
-    args.format.finish(plain, &args.out)
+    job.format.finish(plain, job.out)
 }

@@ -3,6 +3,7 @@
 pub mod add;
 pub mod apply;
 pub mod commit;
+pub mod convert;
 pub mod create;
 pub mod del;
 pub mod export;
@@ -106,6 +107,19 @@ pub struct LayerFormat {
 }
 
 impl LayerFormat {
+    /// The reference convertor's layer format: ZFile (lz4, 4 KiB blocks)
+    /// in a tar when `compress`, else a plain layer in a tar.
+    pub fn reference(compress: bool) -> LayerFormat {
+        LayerFormat {
+            compress,
+            zfile: CompressArgs {
+                algorithm: AlgorithmArg::Lz4,
+                block_kib: 4,
+            },
+            tar: true,
+        }
+    }
+
     /// Turn a finished plain layer into the final output at `out`:
     /// compressed and/or tar-wrapped as asked, each stage written under a
     /// temporary name, then moved into place.

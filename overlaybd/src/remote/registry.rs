@@ -65,11 +65,13 @@
 //!
 //! The work is split by job: [`authorization`] (the probe, Basic, Bearer
 //! tokens), [`ranged_reads`] (blob reads, redirects, answer checks) and
-//! [`uploads`] (`HEAD`, `POST` + `PUT` of whole blobs). This file holds what
+//! [`uploads`] (`HEAD`, `POST` + `PUT` of whole blobs), [`manifests`] (`GET`
+//! and `PUT` of manifests by tag or digest). This file holds what
 //! they share: the runtime, the client and its caches, the options, the
 //! retry policy and what a failed answer means.
 
 mod authorization;
+mod manifests;
 mod ranged_reads;
 mod uploads;
 
@@ -92,6 +94,7 @@ use crate::io::PrefetchTurn;
 use super::auth::{credential_source, CredentialSource, Token};
 use super::{redact_url, remote_error};
 
+pub use manifests::MANIFEST_TYPES;
 pub use ranged_reads::{parse_content_range, RegistryBlob};
 
 /// Timeouts, retries and identity of registry requests.
@@ -440,7 +443,8 @@ pub async fn read_limited(
 }
 
 /// The part of a URL naming its repository: up to the last `/blobs`
-/// component (the whole URL when there is none).
+/// component, or for a manifest up to `/manifests` (the whole URL when
+/// there is neither).
 pub fn repo_key(url: &str) -> &str {
     let path_start = url
         .find("://")
@@ -456,6 +460,11 @@ pub fn repo_key(url: &str) -> &str {
             end = Some(at);
         }
         search = at;
+    }
+    if end.is_none() {
+        if let Some(i) = path.rfind("/manifests/") {
+            end = Some(i + "/manifests".len());
+        }
     }
     match end {
         Some(end) => &url[..path_start + end],
@@ -531,6 +540,10 @@ mod tests {
             "http://h/v2/a/blobs"
         );
         assert_eq!(repo_key("http://h/other"), "http://h/other");
+        assert_eq!(
+            repo_key("http://h/v2/ns/app/manifests/v1"),
+            "http://h/v2/ns/app/manifests"
+        );
     }
 
     #[test]

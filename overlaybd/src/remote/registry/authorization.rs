@@ -217,7 +217,9 @@ impl Registry {
 fn default_scope(url: &str) -> Option<String> {
     let key = repo_key(url);
     let path = key.split_once("/v2/")?.1;
-    let name = path.strip_suffix("/blobs")?;
+    let name = path
+        .strip_suffix("/blobs")
+        .or_else(|| path.strip_suffix("/manifests"))?;
     (!name.is_empty()).then(|| format!("repository:{name}:pull"))
 }
 
@@ -279,5 +281,9 @@ mod tests {
             Some("repository:ns/app:pull")
         );
         assert_eq!(default_scope("http://h/other"), None);
+        assert_eq!(
+            default_scope("http://h/v2/ns/app/manifests/v1").as_deref(),
+            Some("repository:ns/app:pull")
+        );
     }
 }

@@ -21,6 +21,22 @@ use super::{
     RepoAuth,
 };
 
+/// What a request carries besides its credentials.
+#[derive(Clone, Copy)]
+pub(super) enum Body<'a> {
+    /// Nothing.
+    Empty,
+    /// A file of this length, streamed from disk.
+    File(&'a Path, u64),
+    /// A small JSON document (a manifest) of this media type.
+    Json {
+        bytes: &'a [u8],
+        media_type: &'a str,
+    },
+    /// No body; the answer is wanted in one of these media types.
+    Accept(&'a str),
+}
+
 impl Registry {
     /// Whether `repo_url/blobs/<digest>` exists (`repo_url` is
     /// `http(s)://host/v2/<repo>`).
@@ -31,7 +47,7 @@ impl Registry {
     /// [`Registry::blob_exists`], async.
     pub async fn blob_exists_async(&self, repo_url: &str, digest: &str) -> io::Result<bool> {
         let url = format!("{}/blobs/{digest}", repo_url.trim_end_matches('/'));
-        let response = self.exchange(Method::HEAD, &url, None).await?;
+        let response = self.exchange(Method::HEAD, &url, Body::Empty).await?;
         match response.status().as_u16() {
             200 => Ok(true),
             404 => Ok(false),
@@ -89,7 +105,7 @@ impl Registry {
     ) -> std::result::Result<(), Failure> {
         let start = format!("{}/blobs/uploads/", repo_url.trim_end_matches('/'));
         let response = self
-            .exchange(Method::POST, &start, None)
+            .exchange(Method::POST, &start, Body::Empty)
             .await
             .map_err(Failure::from)?;
         if response.status().as_u16() != 202 {
@@ -109,7 +125,7 @@ impl Registry {
         let separator = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{separator}digest={}", query_escape(digest));
         let response = self
-            .exchange_once(Method::PUT, &put, Some((path, len)))
+            .exchange_once(Method::PUT, &put, Body::File(path, len))
             .await?;
         match response.status().as_u16() {
             201 | 204 => Ok(()),
@@ -119,11 +135,11 @@ impl Registry {
 
     /// Send one request with the repository's credentials, learning a
     /// challenge and retrying once on 401, and retrying transient failures.
-    async fn exchange(
+    pub(super) async fn exchange(
         &self,
         method: Method,
         url: &str,
-        body: Option<(&Path, u64)>,
+        body: Body<'_>,
     ) -> io::Result<Response> {
         (|| self.exchange_once(method.clone(), url, body))
             .retry(self.options.retry_delays())
@@ -137,29 +153,40 @@ impl Registry {
         &self,
         method: Method,
         url: &str,
-        body: Option<(&Path, u64)>,
+        body: Body<'_>,
     ) -> std::result::Result<Response, Failure> {
         let known = self.state().repos.get(repo_key(url)).cloned();
         let mut auth = known.unwrap_or(RepoAuth::Anonymous);
         let mut renewed = false;
         loop {
             let authorization = self.authorization(url, &auth, renewed).await?;
-            let mut request = self
-                .client
-                .request(method.clone(), url)
-                .header("Content-Type", "application/octet-stream");
+            let mut request = self.client.request(method.clone(), url);
             if let Some(value) = &authorization {
                 request = request.header("Authorization", value);
             }
-            if let Some((path, len)) = body {
-                // The file is streamed from disk, not read into memory, with
-                // time to send it at 1 MiB/s or faster on top of the usual
-                // deadline.
-                let file = tokio::fs::File::open(path).await?;
-                request = request
-                    .header("Content-Length", len)
-                    .timeout(self.options.deadline + Duration::from_secs(len >> 20))
-                    .body(file);
+            match body {
+                Body::Empty => {
+                    request = request.header("Content-Type", "application/octet-stream");
+                }
+                Body::File(path, len) => {
+                    // The file is streamed from disk, not read into memory,
+                    // with time to send it at 1 MiB/s or faster on top of
+                    // the usual deadline.
+                    let file = tokio::fs::File::open(path).await?;
+                    request = request
+                        .header("Content-Type", "application/octet-stream")
+                        .header("Content-Length", len)
+                        .timeout(self.options.deadline + Duration::from_secs(len >> 20))
+                        .body(file);
+                }
+                Body::Json { bytes, media_type } => {
+                    request = request
+                        .header("Content-Type", media_type)
+                        .body(bytes.to_vec());
+                }
+                Body::Accept(types) => {
+                    request = request.header("Accept", types);
+                }
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let result = request.send().await;

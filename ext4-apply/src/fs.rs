@@ -90,26 +90,6 @@ fn error_table() {
     ONCE.call_once(|| unsafe { sys::initialize_ext2_error_table() });
 }
 
-/// Make every `malloc` of this process return zeroed bytes (glibc's
-/// `M_PERTURB`: new blocks get the complement of the byte, freed ones the
-/// byte itself), once.
-///
-/// libext2fs writes memory it never set: splitting a leaf of an indexed
-/// directory (`dx_split_leaf` in 1.47.0) fills a fresh `malloc` block with
-/// the entries that move and stretches the last one to the block's end,
-/// so the block's tail is whatever the heap held. Those bytes land in the
-/// layer, and the same layer applied twice gave different bytes (and a
-/// different registry digest) depending on the heap's history (even on
-/// the length of the output path). Zeroed allocations keep the output
-/// reproducible; the price is a memset on each allocation and free.
-fn zeroed_allocations() {
-    static ONCE: Once = Once::new();
-    // SAFETY: mallopt only changes glibc's allocator settings.
-    ONCE.call_once(|| unsafe {
-        libc::mallopt(libc::M_PERTURB, 0xff);
-    });
-}
-
 fn describe(code: sys::errcode_t) -> String {
     error_table();
     // SAFETY: com_err returns a static or thread-local NUL-terminated string.
@@ -161,7 +141,6 @@ impl Ext4 {
     /// written offline and mounted read-only), root and lost+found.
     pub fn mkfs(device: Arc<dyn BlockDevice>, size: u64) -> Result<Ext4> {
         error_table();
-        zeroed_allocations();
         if size < MIN_FS_SIZE || size > device.size() {
             return Err(Error::Invalid(format!(
                 "a file system of {size} bytes does not fit: at least {MIN_FS_SIZE} bytes, at most the disk's {}",
@@ -288,7 +267,6 @@ impl Ext4 {
     /// Open the ext4 already on `device` for writing.
     pub fn open(device: Arc<dyn BlockDevice>) -> Result<Ext4> {
         error_table();
-        zeroed_allocations();
         let registration = Registration::new(device);
         let mut fs: sys::ext2_filsys = ptr::null_mut();
         // SAFETY: valid name and out pointer.

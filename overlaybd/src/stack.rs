@@ -326,6 +326,17 @@ impl Stack {
         top.write(buf, offset)
     }
 
+    /// Whether storing `[offset, offset + len)` first reads what the stack
+    /// holds around it (part of a [`SPARSE_UNIT`] of a sparse top: see
+    /// [`Stack::write`]), which may mean a registry fetch; front ends that
+    /// must not wait on the network run such writes elsewhere.
+    pub fn store_reads_around(&self, offset: u64, len: u64) -> bool {
+        self.top.as_ref().is_some_and(|top| top.is_sparse())
+            && (!offset.is_multiple_of(SPARSE_UNIT)
+                || !(offset + len).is_multiple_of(SPARSE_UNIT)
+                    && offset + len != self.virtual_size())
+    }
+
     /// Store into a sparse top. A store that covers part of a
     /// [`SPARSE_UNIT`] would, once the layer is reopened, leave the rest
     /// of that unit reading as zeros (the unit is allocated) instead of

@@ -165,10 +165,23 @@ impl Backend {
                 self.read(q, stack, offset, &mut buf[..bytes as usize], scratch)
                     .await
             }
+            sys::UBLK_IO_OP_WRITE if stack.store_reads_around(offset, bytes) => {
+                let data = buf[..bytes as usize].to_vec();
+                self.offload_store(q, stack, move |s| s.write(&data, offset))
+                    .await
+            }
             sys::UBLK_IO_OP_WRITE => stack
                 .write(&buf[..bytes as usize], offset)
                 .map_err(|e| -e.errno()),
             sys::UBLK_IO_OP_FLUSH => self.flush(q, stack).await,
+            // On a sparse top a discard stores zeros over lower data, in
+            // pieces that may cut blocks: see `offload_store`.
+            sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES
+                if stack.top().is_some_and(|top| top.is_sparse()) =>
+            {
+                self.offload_store(q, stack, move |s| s.discard(offset, bytes))
+                    .await
+            }
             sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
                 stack.discard(offset, bytes).map_err(|e| -e.errno())
             }
@@ -402,6 +415,28 @@ impl Backend {
         }
         chunk.copy_from_slice(&bytes);
         Ok(())
+    }
+
+    /// A store that reads the layers below first (part of a sparse
+    /// layer's block), which may fetch from a registry: on the offload
+    /// pool, like such reads.
+    async fn offload_store(
+        &self,
+        q: &UblkQueue<'_>,
+        stack: &Arc<Stack>,
+        store: impl FnOnce(&Stack) -> overlaybd::Result<()> + Send + 'static,
+    ) -> Result<(), i32> {
+        let stack = stack.clone();
+        self.pool
+            .run(q, move || match store(&stack) {
+                Ok(()) => Ok(Vec::new()),
+                Err(e) => {
+                    eprintln!("obd: {e}");
+                    Err(-e.errno())
+                }
+            })
+            .await
+            .map(drop)
     }
 
     /// Data file, then index file, each with fdatasync on the ring.

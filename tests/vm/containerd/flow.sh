@@ -2,7 +2,7 @@
 # The real containerd flow with obd in place of overlaybd-tcmu, in the VM:
 #
 #   scripts/containerd-setup.sh     # host: containerd, runc, snapshotter, ctr
-#   OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- \
+#   [OBD_CTR_RWMODE=dir] OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- \
 #       bash tests/vm/containerd/flow.sh
 #
 # In the guest: Debian's containerd 1.6 with the accelerated-container-image
@@ -24,8 +24,9 @@
 #      start under obd tcmu (recordTracePath, the .lock/.ok protocol) and
 #      makes an image with an acceleration layer;
 #   e) a container from the busybox image prints its files; its writes
-#      land in the snapshotter's writable layer (rwMode overlayfs: the
-#      snapshot's upper dir), not in the image;
+#      land in the snapshotter's writable layer, not in the image (rwMode
+#      overlayfs: the snapshot's upper dir; OBD_CTR_RWMODE=dir: the
+#      writable_data of the container's own overlaybd device);
 #   f) the traced image is pushed and rpulled (so the snapshotter sees its
 #      acceleration layer), and a container from it that reads one small
 #      file starts on a cold cache (obd tcmu restarted on an empty cache,
@@ -40,6 +41,10 @@ CTR_BIN=${OBD_CTR_BIN:-/var/cache/obd-ctr/bin-v1.4.4}
 ACTR=$CTR_BIN/ctr # accelerated-container-image's ctr: rpull, record-trace
 SNAPSHOTTER=$CTR_BIN/overlaybd-snapshotter
 FIX=$ROOT/tests/fixtures/real-dev-image
+# The snapshotter's rwMode: overlayfs (an overlay upper dir on the image's
+# device) or dir (a writable overlaybd device per container, made with
+# /opt/overlaybd/bin/overlaybd-create, i.e. obd).
+RWMODE=${OBD_CTR_RWMODE:-overlayfs}
 W=/tmp/ctrflow
 WORK=$W
 PY=python3
@@ -114,7 +119,7 @@ REG=127.0.0.1:$REG_PORT
 
 cat >$W/snapshotter.json <<EOF
 {"root": "$W/sn", "address": "/run/overlaybd-snapshotter/overlaybd.sock",
- "verbose": "debug", "rwMode": "overlayfs", "logReportCaller": false,
+ "verbose": "debug", "rwMode": "$RWMODE", "logReportCaller": false,
  "autoRemoveDev": false, "mirrorRegistry": [{"host": "$REG", "insecure": true}]}
 EOF
 "$SNAPSHOTTER" $W/snapshotter.json >$W/snapshotter.log 2>&1 &
@@ -203,13 +208,14 @@ if timeout 600 ctr run --snapshotter overlaybd --rm \
 else
     bad "c) ctr run the fixture image: $(tail -n 5 $W/run1.out)"
 fi
-# The snapshotter's device for the image, served by obd.
-n=$(ls -d /sys/kernel/config/target/core/user_999999999/dev_* 2>/dev/null | wc -l)
+# The snapshotter's devices, served by obd (in rwMode dir a container's
+# device goes with it, so count obd's answers rather than configfs).
+n=$(grep -c 'answered ADDED_DEVICE_DONE .*: ok' $W/tcmu.log)
 res=$(cat $W/sn/snapshots/*/block/init-debug.log 2>/dev/null | sort | uniq -c | tr '\n' ' ')
-if [ "$n" -ge 1 ] && grep -q success $W/sn/snapshots/*/block/init-debug.log 2>/dev/null; then
-    ok "c) the snapshotter made $n TCMU device(s) in user_999999999, obd answered: $res"
+if [ "$n" -ge 1 ] && ! grep -q failed $W/sn/snapshots/*/block/init-debug.log 2>/dev/null; then
+    ok "c) the snapshotter made $n TCMU device(s) in user_999999999, obd answered each (resultFiles: $res)"
 else
-    bad "c) no TCMU device served by obd (devices: $n, results: $res)"
+    bad "c) no TCMU device served by obd (answered: $n, results: $res)"
 fi
 
 # ---- d) record-trace: the busybox image's first start ----------------------------
@@ -237,13 +243,19 @@ if timeout 600 ctr run --snapshotter overlaybd --rm $BB_IMG bb1 \
 else
     bad "e) ctr run the busybox image: $(tail -n 5 $W/run2.out)"
 fi
-if timeout 120 ctr run --snapshotter overlaybd $BB_IMG bbw /bin/sh -c 'echo kept >/etc/written.txt' >$W/run3.out 2>&1; then
-    up=$(ls $W/sn/snapshots/*/fs/etc/written.txt 2>/dev/null | head -n 1)
-    if [ -n "$up" ] && [ "$(cat "$up")" = kept ] && ! timeout 60 ctr run --snapshotter overlaybd --rm $BB_IMG bbr \
-        /bin/sh -c 'test -e /etc/written.txt' >/dev/null 2>&1; then
-        ok "e) the container's write is in the snapshotter's writable layer ($up), not in the image"
+MARKER=written-by-the-container-$$
+if timeout 120 ctr run --snapshotter overlaybd $BB_IMG bbw /bin/sh -c "echo $MARKER >/etc/written.txt; sync" >$W/run3.out 2>&1; then
+    if [ "$RWMODE" = overlayfs ]; then
+        up=$(grep -l "$MARKER" $W/sn/snapshots/*/fs/etc/written.txt 2>/dev/null | head -n 1)
     else
-        bad "e) the container's write: upper file '$up', or it leaked into the image"
+        # The device's ext4 wrote the file's block into obd's writable layer.
+        up=$(grep -la "$MARKER" $W/sn/snapshots/*/block/writable_data 2>/dev/null | head -n 1)
+    fi
+    if [ -n "$up" ] && ! timeout 60 ctr run --snapshotter overlaybd --rm $BB_IMG bbr \
+        /bin/sh -c 'test -e /etc/written.txt' >/dev/null 2>&1; then
+        ok "e) the container's write is in the snapshotter's writable layer ($up, rwMode $RWMODE), not in the image"
+    else
+        bad "e) the container's write: not found in the writable layer (rwMode $RWMODE), or it leaked into the image"
     fi
     timeout 60 ctr container rm bbw >/dev/null 2>&1
 else

@@ -14,6 +14,7 @@
 #   test   scripts/test.sh (nextest, registry and eBPF tests), beyond build+demo
 #   vm     tests/vm (qemu, the initramfs, the guest's tools)
 #   fresh  scripts/fresh-machine-check.sh (a debootstrapped Debian 12)
+#   containerd  tests/vm/containerd (scripts/containerd-setup.sh)
 
 # gcc, libc6-dev: the linker rustc calls (cc) and the C parts of zstd-sys,
 # lz4-sys and ring. libclang1-16: the libclang that bindgen in
@@ -37,6 +38,10 @@ OBD_PKGS_TEST=(python3 xz-utils docker-registry apache2-utils openssl python3-jw
 OBD_PKGS_VM=(qemu-system-x86 busybox-static cpio kmod xz-utils e2fsprogs fio util-linux)
 # debootstrap makes the fresh Debian; git clones the commit under test into it.
 OBD_PKGS_FRESH=(debootstrap git)
+# containerd (1.6, with its shim and the 1.6 ctr) and runc: the
+# snapshotter's flow in tests/vm/containerd; busybox-static is the one
+# binary the fixture image's container runs (bind-mounted in).
+OBD_PKGS_CONTAINERD=(containerd runc busybox-static)
 
 obd_packages() {
     local group
@@ -47,6 +52,7 @@ obd_packages() {
             test) printf '%s\n' "${OBD_PKGS_TEST[@]}" ;;
             vm) printf '%s\n' "${OBD_PKGS_VM[@]}" ;;
             fresh) printf '%s\n' "${OBD_PKGS_FRESH[@]}" ;;
+            containerd) printf '%s\n' "${OBD_PKGS_CONTAINERD[@]}" ;;
             *)
                 echo "packages.sh: unknown package group '$group'" >&2
                 return 2

@@ -33,6 +33,12 @@ OBD_BIN=target/release/obd tests/vm/run.sh --timeout 1500 --env OBD_BIN -- bash 
 echo "== VM: TCMU (obd tcmu serving configfs/tcm_loop devices in a Debian 6.12 kernel under qemu)"
 cargo build --locked --bin obd
 tests/vm/run.sh --timeout 1500 -- tests/vm/tcmu/tcmu.sh
+echo "== VM: containerd 1.6 + the overlaybd snapshotter, obd tcmu as overlaybd-tcmu (rpull, run, record-trace, replay; ~4 min)"
+# go install of the snapshotter and its ctr: ~8 min the first time, seconds after.
+bash scripts/containerd-setup.sh >/dev/null
+OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- bash tests/vm/containerd/flow.sh
+echo "== VM: the same with rwMode dir (a writable overlaybd device per container, made by obd as overlaybd-create; ~3 min)"
+OBD_CTR_RWMODE=dir OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- bash tests/vm/containerd/flow.sh
 echo "== VM: vhost-user-blk (obd serve; qemu boots the Debian 6.12 kernel from an obd image, no kernel module)"
 OBD_BIN=target/debug/obd bash tests/vm/vhost/boot.sh
 echo "== VM: power cut, short form (qemu killed under flushed writes; one trial per front end and upper kind)"

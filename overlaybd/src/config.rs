@@ -185,6 +185,30 @@ impl ImageConfig {
         Ok(config)
     }
 
+    /// The lowers that make up the image: all of them, except the last when
+    /// `accelerationLayer` is set. That one is the acceleration layer
+    /// `ctr record-trace` adds: a directory holding a trace to prefetch
+    /// with, not a layer (as in the reference, which drops it from the
+    /// stack).
+    pub fn image_lowers(&self) -> &[Lower] {
+        match self.lowers.split_last() {
+            Some((_, image)) if self.acceleration_layer => image,
+            _ => &self.lowers,
+        }
+    }
+
+    /// The trace an acceleration layer carries, `<its dir>/trace`, when
+    /// `accelerationLayer` is set and the last lower has a `dir`.
+    pub fn acceleration_trace(&self) -> Option<PathBuf> {
+        if !self.acceleration_layer {
+            return None;
+        }
+        match self.lowers.last()? {
+            Lower::Dir { dir } | Lower::Blob { dir, .. } => Some(dir.join("trace")),
+            Lower::File { .. } | Lower::Frozen { .. } => None,
+        }
+    }
+
     /// The URL of a registry blob: `repoBlobUrl/<digest>`.
     pub fn blob_url(&self, digest: &str) -> Result<String> {
         let base = self.repo_blob_url.as_deref().ok_or_else(|| {

@@ -200,8 +200,17 @@ fn open_config_inner(
         Local(Box<ReadOnlyLayer>),
         Remote(Arc<dyn Fetch>),
     }
-    let mut opening = Vec::with_capacity(config.lowers.len());
-    for lower in &config.lowers {
+    // As the reference: the acceleration layer's trace is replayed, so
+    // there is nothing to record into.
+    if config.acceleration_layer && config.record_trace_path.is_some() {
+        return Err(Error::Invalid(
+            "cannot record a trace (recordTracePath) into an image with an acceleration layer"
+                .into(),
+        ));
+    }
+    let lowers = config.image_lowers();
+    let mut opening = Vec::with_capacity(lowers.len());
+    for lower in lowers {
         let candidates = lower.local_candidates();
         let path = candidates.iter().find(|p| p.exists());
         match (path, lower) {

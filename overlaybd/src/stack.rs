@@ -129,6 +129,12 @@ impl Stack {
             .unwrap_or(0);
         let virtual_size = match &top {
             Some(t) if t.virtual_size() != 0 => t.virtual_size(),
+            // A writable layer created with size 0 takes the lowers' size
+            // into its headers when first stacked, as in the reference.
+            Some(t) if lower_size != 0 => {
+                t.grow(lower_size)?;
+                lower_size
+            }
             _ => lower_size,
         };
         if virtual_size == 0 {

@@ -377,8 +377,8 @@ fn write_result_writes_success_or_reason() {
 
 #[test]
 fn an_acceleration_lower_with_only_dir_serves_the_layer_in_it() {
-    // `ctr record-trace` makes an acceleration layer whose lower has only
-    // `dir`, holding `overlaybd.commit`.
+    // A lower with only `dir` (as the snapshotter writes for a layer it
+    // holds locally) is the layer file in that dir.
     let dir = tempfile::tempdir().unwrap();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/real-dev-image");
     let accel = dir.path().join("accel");
@@ -408,6 +408,44 @@ fn an_acceleration_lower_with_only_dir_serves_the_layer_in_it() {
         msg.contains(&accel.display().to_string()) && msg.contains("no layer file"),
         "{msg}"
     );
+}
+
+#[test]
+fn an_acceleration_layer_is_a_trace_not_a_layer() {
+    // `ctr record-trace` adds a layer holding only `trace`; once the
+    // snapshotter sets accelerationLayer, the last lower is that dir: it
+    // leaves the stack and its trace is the one to replay.
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/real-dev-image");
+    let accel = dir.path().join("accel");
+    fs::create_dir(&accel).unwrap();
+    fs::write(accel.join("trace"), b"/etc/os-release\n").unwrap();
+    let text = format!(
+        r#"{{"lowers": [{{"file": "{}"}}, {{"dir": "{}"}}], "accelerationLayer": true}}"#,
+        fixtures.join("dev-layer0.blob").display(),
+        accel.display()
+    );
+    let config = ImageConfig::from_json(&text, "c").unwrap();
+    assert_eq!(config.image_lowers(), &config.lowers[..1]);
+    assert_eq!(config.acceleration_trace(), Some(accel.join("trace")));
+    let stack = overlaybd::image::open_config(&config, false).unwrap();
+    assert_eq!(stack.lowers().len(), 1);
+
+    // Without the flag the dir is a layer, and has none.
+    let plain = ImageConfig::from_json(&text.replace("true", "false"), "c").unwrap();
+    assert_eq!(plain.image_lowers().len(), 2);
+    assert_eq!(plain.acceleration_trace(), None);
+    assert!(overlaybd::image::open_config(&plain, false).is_err());
+
+    // Nothing to record into: the image is refused at open, as by the
+    // reference.
+    let both = ImageConfig::from_json(
+        &text.replace("true}", r#"true, "recordTracePath": "/t/trace"}"#),
+        "c",
+    )
+    .unwrap();
+    let err = overlaybd::image::open_config(&both, false).err().unwrap();
+    assert!(err.to_string().contains("acceleration layer"), "{err}");
 }
 
 #[test]

@@ -112,3 +112,40 @@ fn a_stack_grows_only_with_a_writable_layer() {
     assert!(buf.iter().all(|&b| b == 0x22));
     assert!(stack.read(&mut buf, 3 * MIB).is_err());
 }
+
+#[test]
+fn a_writable_layer_of_size_zero_takes_the_lowers_size() {
+    // The containerd snapshotter creates a container's writable layer with
+    // `overlaybd-create DATA INDEX 0`: it is as large as the image below.
+    let base = tempfile::tempdir().unwrap();
+    let layer = create(base.path(), false);
+    layer.write(&[0x11; 512], 0).unwrap();
+    let mut committed = Vec::new();
+    layer
+        .commit(&mut committed, &CommitOptions::default(), &mut |_| {})
+        .unwrap();
+    let lower = || ReadOnlyLayer::open(Arc::new(Bytes::new(committed.clone(), "lower"))).unwrap();
+    let image_size = MIB;
+    for sparse in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("w.index");
+        let options = CreateOptions {
+            virtual_size: 0,
+            parent_uuid: None,
+            sparse,
+        };
+        let data = dir.path().join("w.data");
+        let layer =
+            WritableLayer::create(&data, (!sparse).then_some(index.as_path()), &options).unwrap();
+        assert_eq!(layer.virtual_size(), 0);
+        let stack = Stack::new(vec![lower()], Some(Arc::new(layer))).unwrap();
+        assert_eq!(stack.virtual_size(), image_size, "sparse {sparse}");
+        stack.write(&[0xcc; 4096], image_size - 4096).unwrap();
+        drop(stack);
+        assert_eq!(
+            reopen(dir.path(), sparse).virtual_size(),
+            image_size,
+            "kept in its headers"
+        );
+    }
+}

@@ -21,7 +21,8 @@ pub struct Args {
     /// UUID of the parent layer, stored in the header.
     #[arg(short = 'u', long = "parent-uuid", value_name = "PARENT_UUID")]
     parent_uuid: Option<String>,
-    /// DATA [INDEX] VSIZE_GB: files to create and the virtual size in GiB.
+    /// DATA [INDEX] VSIZE_GB: files to create and the virtual size in GiB
+    /// (0: the size of the layers it is stacked on, set when first served).
     #[arg(value_name = "DATA [INDEX] VSIZE_GB", num_args = 2..=3, required = true)]
     args: Vec<String>,
 }
@@ -39,9 +40,12 @@ pub fn run(args: Args) -> Result<()> {
         }
         _ => unreachable!("clap allows 2 or 3 arguments"),
     };
-    let gib: u64 = size.parse().ok().filter(|&g| g > 0).ok_or_else(|| {
-        anyhow::anyhow!("VSIZE_GB must be a positive whole number of GiB, not '{size}'")
-    })?;
+    // 0: the size of the layers it is stacked on, taken when it is first
+    // served (the snapshotter creates a container's writable layer so).
+    let gib: u64 = size
+        .parse()
+        .ok()
+        .ok_or_else(|| anyhow::anyhow!("VSIZE_GB must be a whole number of GiB, not '{size}'"))?;
     let virtual_size = gib
         .checked_mul(1 << 30)
         .ok_or_else(|| anyhow::anyhow!("{gib} GiB is too large"))?;

@@ -334,9 +334,9 @@ impl TraceStart {
                     Session::Replaying(_) => eprintln!(
                         "obd: replaying the trace {}",
                         config
-                            .record_trace_path
-                            .as_deref()
-                            .unwrap_or(Path::new(""))
+                            .acceleration_trace()
+                            .or_else(|| config.record_trace_path.clone())
+                            .unwrap_or_default()
                             .display()
                     ),
                 }

@@ -37,7 +37,8 @@ pub enum Session {
 }
 
 impl Session {
-    /// Decide from `config.record_trace_path` with
+    /// Decide from `config.record_trace_path` (or the acceleration
+    /// layer's trace, which is only replayed) with
     /// `global.prefetch_config.concurrency` replay workers; warnings go to
     /// stderr.
     pub fn start_for_image(
@@ -45,6 +46,19 @@ impl Session {
         config: &ImageConfig,
         global: &GlobalConfig,
     ) -> Result<Session> {
+        // An image with an acceleration layer replays the trace in it (a
+        // missing or empty one is no trace: it is never recorded into).
+        if let Some(trace) = config.acceleration_trace() {
+            return match std::fs::metadata(&trace) {
+                Ok(meta) if meta.len() > 0 => Session::start(
+                    stack,
+                    &trace,
+                    global.prefetch_config.concurrency as usize,
+                    crate::warn_to_stderr(),
+                ),
+                _ => Ok(Session::Idle),
+            };
+        }
         match &config.record_trace_path {
             None => Ok(Session::Idle),
             Some(path) => Session::start(

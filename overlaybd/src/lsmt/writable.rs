@@ -78,9 +78,12 @@ impl WritableLayer {
         options: &CreateOptions,
     ) -> Result<WritableLayer> {
         let name = data_path.display().to_string();
-        if options.virtual_size == 0 || !options.virtual_size.is_multiple_of(SECTOR) {
+        // 0 is allowed, as by the reference: the size of the layers below,
+        // taken when the layer is first stacked (the containerd snapshotter
+        // creates a container's writable layer so).
+        if !options.virtual_size.is_multiple_of(SECTOR) {
             return Err(Error::Invalid(format!(
-                "virtual size {} is not a positive multiple of 512 bytes",
+                "virtual size {} is not a multiple of 512 bytes",
                 options.virtual_size
             )));
         }

@@ -919,7 +919,13 @@ fn misaligned_and_out_of_range_io_is_a_clear_error_and_changes_nothing() {
 #[test]
 fn bad_arguments_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    for (vsize, sparse) in [(0u64, false), (1000, false), (0, true), (MIB + 1, true)] {
+    // (0 is allowed: the size of the layers below, taken when stacked.)
+    for (vsize, sparse) in [
+        (513u64, false),
+        (1000, false),
+        (1000, true),
+        (MIB + 1, true),
+    ] {
         let data = dir.path().join(format!("v{vsize}-{sparse}.data"));
         let index = dir.path().join(format!("v{vsize}-{sparse}.index"));
         let e = WritableLayer::create(

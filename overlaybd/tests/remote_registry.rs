@@ -552,8 +552,10 @@ fn redirects_to_storage_are_cached_and_followed_without_credentials() {
         redirects <= layers.len() as u64 * 2,
         "{redirects} redirects"
     );
+    // Most storage reads went there straight, without asking the registry
+    // (how many reads a stack takes varies with read-ahead timing).
     assert!(
-        storage >= redirects * 3,
+        storage >= redirects * 2,
         "{storage} storage reads, {redirects} redirects"
     );
     assert_eq!(

@@ -1455,8 +1455,14 @@ mod tests {
         assert!(by_reader <= 6, "the reader fetched {by_reader} times");
         assert!(ahead >= 2, "{ahead} windows fetched ahead");
         // The window ahead of where the reader stopped is on its way or in.
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(blob.is_present(100 * chunk, chunk));
+        let started = std::time::Instant::now();
+        while !blob.is_present(100 * chunk, chunk) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the chunk after the reader never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

@@ -62,9 +62,14 @@ fn delete_one(id: u32) -> Result<()> {
         bail!("there is no ublk device {id}");
     }
     if let Some(record) = record {
+        // Up to 30 s, counted in sleeps as well as by the clock: a VM's
+        // clock can jump (qemu TCG on a busy host), which must not cut the
+        // wait short.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while record.daemon_alive() && Instant::now() < deadline {
+        let mut waits = 0;
+        while record.daemon_alive() && (waits < 1500 || Instant::now() < deadline) {
             std::thread::sleep(Duration::from_millis(20));
+            waits += 1;
         }
         if record.daemon_alive() {
             bail!(

@@ -107,12 +107,15 @@ registry_stalls() {
     need_registry || return 1
     serve_remote "$WORK/ext4.lsmt" stall 1 || return 1
     mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
-    # large0.bin is fetched (and cached) now; large1.bin is not.
+    # large0.bin (2 MiB) is fetched (and cached) now. Reading it in order
+    # has read-ahead fetch up to two windows past it (large1.bin, 4 MiB,
+    # may come with them); the last MiBs of large2.bin (10 MiB) are not.
     cmp "$SRC/big/large0.bin" "$MNT/big/large0.bin" || { fail "large0.bin differs"; umount "$MNT"; return 1; }
     local reg
     reg=$(cat "$REG_DIR/pid")
     kill -STOP "$reg"
-    timeout 120 dd if="$MNT/big/large1.bin" of="$WORK/stalled.bin" bs=1M iflag=direct 2>"$WORK/stalled.err" &
+    timeout 120 dd if="$MNT/big/large2.bin" of="$WORK/stalled.bin" bs=1M skip=8 count=2 iflag=direct \
+        2>"$WORK/stalled.err" &
     local stalled=$! rc=0 waiting_before waiting_after
     sleep 2
     kill -0 "$stalled" 2>/dev/null && waiting_before=1 || waiting_before=0
@@ -124,7 +127,8 @@ registry_stalls() {
     local stalled_rc=0
     wait "$stalled" || stalled_rc=$?
     local same=0
-    [[ $stalled_rc == 0 ]] && cmp -s "$SRC/big/large1.bin" "$WORK/stalled.bin" && same=1
+    dd if="$SRC/big/large2.bin" of="$WORK/stalled.want" bs=1M skip=8 count=2 2>/dev/null
+    [[ $stalled_rc == 0 ]] && cmp -s "$WORK/stalled.want" "$WORK/stalled.bin" && same=1
     log "after the registry resumed: the waiting read ended with status $stalled_rc, bytes match: $same"
     umount "$MNT" || return 1
     "$OBD" del -n "${DEV#/dev/ublkb}" || return 1

@@ -13,6 +13,7 @@ mod daemon_log;
 mod metrics_http;
 mod progress;
 mod snapshot_socket;
+mod stop_signals;
 
 #[derive(Parser)]
 #[command(

@@ -135,6 +135,20 @@ fn dirent_type(mode: u16) -> c_int {
 }
 
 impl Ext4 {
+    /// A file system libext2fs has just opened or made, its clock fixed
+    /// (see [`Ext4::fix_clock`]).
+    fn from_handle(fs: sys::ext2_filsys, registration: Registration) -> Ext4 {
+        let mut this = Ext4 {
+            fs,
+            registration,
+            buffer: Vec::new(),
+            grown: Default::default(),
+            linked: Default::default(),
+        };
+        this.fix_clock();
+        this
+    }
+
     /// Make a new, empty ext4 of `size` bytes on `device` (which must read
     /// as zeros): 4 KiB blocks, 256-byte inodes, one inode per 16 KiB,
     /// extents, 64bit, flex_bg, dir_index, no journal (the image is
@@ -185,14 +199,7 @@ impl Ext4 {
         if code != 0 {
             return Err(fs_error("ext2fs_initialize", code, &registration));
         }
-        let mut this = Ext4 {
-            fs,
-            registration,
-            buffer: Vec::new(),
-            grown: Default::default(),
-            linked: Default::default(),
-        };
-        this.fix_clock();
+        let mut this = Ext4::from_handle(fs, registration);
         // SAFETY: live handle; its superblock is ours to edit.
         unsafe {
             let sb = &mut *(*fs).super_;
@@ -289,14 +296,7 @@ impl Ext4 {
                 other => other,
             });
         }
-        let mut this = Ext4 {
-            fs,
-            registration,
-            buffer: Vec::new(),
-            grown: Default::default(),
-            linked: Default::default(),
-        };
-        this.fix_clock();
+        let this = Ext4::from_handle(fs, registration);
         // SAFETY: live handle.
         let (incompat, ro) = unsafe {
             let sb = &*(*fs).super_;

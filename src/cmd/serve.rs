@@ -220,34 +220,9 @@ fn listen(path: &Path) -> std::result::Result<UnixListener, String> {
 /// the upper, finishes the trace, removes the socket and exits: no work in
 /// a signal handler, and no queue thread is interrupted mid-request.
 fn catch_stop_signals(stopping: Arc<Stopping>) -> Result<()> {
-    // SAFETY: plain libc calls on a local, initialised signal set.
-    let set = unsafe {
-        let mut set = std::mem::zeroed::<libc::sigset_t>();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(anyhow!(
-                "cannot block SIGINT/SIGTERM: {}",
-                std::io::Error::from_raw_os_error(rc)
-            ));
-        }
-        set
-    };
-    std::thread::Builder::new()
-        .name("obd-signals".into())
-        .spawn(move || {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is a valid signal set; `signal` a valid out pointer.
-            let rc = unsafe { libc::sigwait(&set, &mut signal) };
-            if rc != 0 {
-                return;
-            }
-            eprintln!("obd serve: signal {signal}: flushing and exiting");
-            let code = if stopping.finish() { 0 } else { 1 };
-            std::process::exit(code);
-        })
-        .map_err(|e| anyhow!("cannot start the signal thread: {e}"))?;
-    Ok(())
+    crate::stop_signals::on_stop_signals(move |signal| {
+        eprintln!("obd serve: signal {signal}: flushing and exiting");
+        let code = if stopping.finish() { 0 } else { 1 };
+        std::process::exit(code);
+    })
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use kmod_compat::probe;
 use kmod_compat::service::{self, Options};
 
@@ -141,37 +141,15 @@ pub fn run(args: Args) -> Result<()> {
 /// service to stop: it then turns netlink replies off and lets go of its
 /// devices (no work in a signal handler). A second signal exits at once.
 fn catch_stop_signals() -> Result<Arc<AtomicBool>> {
-    // SAFETY: plain libc calls on a local, initialised signal set.
-    let set = unsafe {
-        let mut set = std::mem::zeroed::<libc::sigset_t>();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        if rc != 0 {
-            return Err(anyhow!(
-                "cannot block SIGINT/SIGTERM: {}",
-                std::io::Error::from_raw_os_error(rc)
-            ));
-        }
-        set
-    };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    std::thread::Builder::new()
-        .name("obd-signals".into())
-        .spawn(move || {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` is a valid signal set; `signal` a valid out pointer.
-            while unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                if flag.swap(true, Ordering::Relaxed) {
-                    eprintln!("obd tcmu: signal {signal} again: exiting at once");
-                    std::process::exit(1);
-                }
-                eprintln!("obd tcmu: signal {signal}: stopping");
-            }
-        })
-        .map_err(|e| anyhow!("cannot start the signal thread: {e}"))?;
+    crate::stop_signals::on_stop_signals(move |signal| {
+        if flag.swap(true, Ordering::Relaxed) {
+            eprintln!("obd tcmu: signal {signal} again: exiting at once");
+            std::process::exit(1);
+        }
+        eprintln!("obd tcmu: signal {signal}: stopping");
+    })?;
     Ok(stop)
 }
 

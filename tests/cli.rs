@@ -190,6 +190,38 @@ fn zfile_round_trip_and_verify() {
     obd_ok(&["zfile", "--verify", s(&v.path("layer1.zstd8k.zfile"))]);
 }
 
+/// 64 KiB blocks of data that does not compress are stored in more than
+/// 64 KiB, which the reference overlaybd cannot read: obd says so when it
+/// writes them (and reads them back itself); 32 KiB blocks are fine.
+#[test]
+fn zfile_warns_of_blocks_the_reference_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..256 << 10)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let raw = dir.path().join("noise.raw");
+    std::fs::write(&raw, &noise).unwrap();
+    for (bs, warned) in [("64", true), ("32", false)] {
+        let z = dir.path().join(format!("noise-{bs}.zfile"));
+        let out = obd_ok(&["zfile", "--algorithm", "zstd", "--bs", bs, s(&raw), s(&z)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.contains("4 block(s) did not compress"),
+            warned,
+            "--bs {bs}: {stderr}"
+        );
+        let back = dir.path().join(format!("noise-{bs}.back"));
+        obd_ok(&["zfile", "-x", s(&z), s(&back)]);
+        assert!(std::fs::read(&back).unwrap() == noise);
+    }
+}
+
 #[test]
 fn zfile_verify_reports_a_flipped_crc() {
     let v = ReferenceVectors::unpack();

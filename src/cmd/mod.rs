@@ -130,8 +130,12 @@ impl LayerFormat {
             let input = LocalFile::open(current.temp_path())?;
             let bar = progress::bytes(input.size(), "compress");
             let mut zipped = Output::create(out)?;
-            overlaybd::zfile::compress(&input, zipped.file_mut(), &options, &mut |n| bar.inc(n))?;
+            let oversized =
+                overlaybd::zfile::compress(&input, zipped.file_mut(), &options, &mut |n| {
+                    bar.inc(n)
+                })?;
             bar.finish_and_clear();
+            warn_if_reference_cannot_read(oversized, out);
             current = zipped;
         }
         if self.tar {
@@ -177,5 +181,19 @@ impl CompressArgs {
             block_size: self.block_kib * 1024,
             flavor,
         })
+    }
+}
+
+/// Say so when a ZFile just written has blocks the reference overlaybd
+/// cannot read (stored in more than 64 KiB: 64 KiB blocks that do not
+/// compress). obd reads them; the file is not wrong, only not portable.
+pub fn warn_if_reference_cannot_read(oversized_blocks: u64, out: &Path) {
+    if oversized_blocks > 0 {
+        eprintln!(
+            "obd: warning: {}: {oversized_blocks} block(s) did not compress and are stored in more than {} KiB; \
+             obd reads them, but the reference overlaybd (C++) cannot (EIO). Use --bs 32 or less for such data.",
+            out.display(),
+            overlaybd::zfile::REFERENCE_MAX_STORED_BLOCK >> 10
+        );
     }
 }

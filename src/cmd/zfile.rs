@@ -74,7 +74,9 @@ pub fn run(args: Args) -> Result<()> {
         std::io::Write::flush(&mut writer).context("writing the output")?;
     } else {
         let options = args.compress.options(Flavor::ToolOutput)?;
-        zfile::compress(&input, output.file_mut(), &options, &mut |n| bar.inc(n))?;
+        let oversized = zfile::compress(&input, output.file_mut(), &options, &mut |n| bar.inc(n))?;
+        bar.finish_and_clear();
+        super::warn_if_reference_cannot_read(oversized, &out);
     }
     bar.finish_and_clear();
     output.finish()

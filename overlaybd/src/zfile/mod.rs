@@ -247,7 +247,9 @@ mod reader;
 mod writer;
 
 pub use reader::ZFileReader;
-pub use writer::{compress, decompress, verify, Flavor, VerifyReport, ZFileOptions};
+pub use writer::{
+    compress, decompress, verify, Flavor, VerifyReport, ZFileOptions, REFERENCE_MAX_STORED_BLOCK,
+};
 
 #[cfg(test)]
 mod tests {

@@ -387,7 +387,11 @@ impl ZFileReader {
         begin: usize,
         dst: &mut [u8],
     ) -> io::Result<()> {
-        let mut data = vec![0u8; self.block_len(index)];
+        // The cache's buffer is reused: a partial read neither allocates
+        // nor zeroes a block (64 KiB at most) once the cache holds one.
+        let taken = self.cache.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut data = taken.map(|c| c.data).unwrap_or_default();
+        data.resize(self.block_len(index), 0);
         self.decode_block(index, stored, &mut data)?;
         dst.copy_from_slice(&data[begin..begin + dst.len()]);
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(CachedBlock { index, data });
@@ -488,7 +492,6 @@ impl ZFileReader {
         }
         let bs = u64::from(self.info.block_size);
         let last = (offset + buf.len() as u64 - 1) / bs;
-        let mut scratch = Vec::new();
         let mut done = 0usize;
         for b in offset / bs..=last {
             let begin = (offset + done as u64 - b * bs) as usize;
@@ -502,10 +505,14 @@ impl ZFileReader {
                 self.check_and_decompress(block, dst)
                     .map_err(|p| self.invalid(b, p))?;
             } else {
-                scratch.resize(block_len, 0);
-                self.check_and_decompress(block, &mut scratch)
-                    .map_err(|p| self.invalid(b, p))?;
-                dst.copy_from_slice(&scratch[begin..begin + take]);
+                PARTIAL_BLOCK.with(|cell| {
+                    let mut scratch = cell.borrow_mut();
+                    scratch.resize(block_len, 0);
+                    self.check_and_decompress(block, &mut scratch)
+                        .map_err(|p| self.invalid(b, p))?;
+                    dst.copy_from_slice(&scratch[begin..begin + take]);
+                    Ok::<(), io::Error>(())
+                })?;
             }
             done += take;
         }
@@ -527,6 +534,9 @@ impl ReadAt for ZFileReader {
 }
 
 thread_local! {
+    /// Where `decode_range` decodes a block it needs only part of; kept per
+    /// thread so a request does not allocate (and zero) a block each time.
+    static PARTIAL_BLOCK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static ZSTD_DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 

@@ -109,16 +109,24 @@ fn lz4_compress_default(src: &[u8], scratch: &mut Vec<u8>) -> io::Result<usize> 
 /// Input bytes read (and compressed) per round.
 pub(super) const COMPRESS_CHUNK: usize = 1 << 20;
 
+/// The largest stored block (compressed bytes and CRC) the reference
+/// overlaybd reads: its block reader has a 64 KiB buffer and refuses a
+/// block that does not fit (EIO). A 64 KiB block of data that does not
+/// compress is stored in more than that, by its own writer too.
+pub const REFERENCE_MAX_STORED_BLOCK: u32 = 64 << 10;
+
 /// Compress all of `input` into `out` as a ZFile (verify = 1, per-block
 /// CRC). `out` is written from its current position; [`Flavor::CommitOutput`]
 /// seeks back there to rewrite the header. `progress` is called with the
-/// number of input bytes each step consumed.
+/// number of input bytes each step consumed. Returns how many blocks are
+/// stored in more than [`REFERENCE_MAX_STORED_BLOCK`] bytes (only 64 KiB
+/// blocks can be): obd reads them, the reference does not.
 pub fn compress(
     input: &dyn ReadAt,
     out: &mut (impl Write + Seek),
     opts: &ZFileOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<()> {
+) -> Result<u64> {
     if !WRITER_BLOCK_SIZES.contains(&opts.block_size) {
         return Err(Error::Invalid(format!(
             "ZFile block size {} is not one of 4, 8, 16, 32 or 64 KiB",
@@ -183,7 +191,11 @@ pub fn compress(
         out.seek(SeekFrom::Start(end)).context(|| OUT.into())?;
     }
     out.flush().context(|| OUT.into())?;
-    Ok(())
+    let oversized = lengths
+        .iter()
+        .filter(|&&l| l > REFERENCE_MAX_STORED_BLOCK)
+        .count();
+    Ok(oversized as u64)
 }
 
 /// Decompress the ZFile `src` into `out`, checking every block. Returns the

@@ -11,7 +11,10 @@
 //! - a ZFile layer over a local file has its compressed span read into a
 //!   scratch buffer, then each block is CRC-checked and decompressed
 //!   straight into the request buffer (a bad block is EIO, never data): on
-//!   the queue thread for small requests, on all CPUs for large ones;
+//!   the queue thread for small requests, on all CPUs for large ones; a
+//!   small request with many bytes of blocks to decode (a 4 KiB read of a
+//!   32 KiB-block layer) is read and decoded on the offload pool instead,
+//!   so the queue thread serves other tags meanwhile;
 //! - the writable layer's data file is read at `position`;
 //! - a registry layer (through the blob cache) is read from the cache on the
 //!   queue thread when every byte it needs is cached (`Fetch::read_cached`,
@@ -125,7 +128,7 @@ impl Backend {
     pub fn new(live: Arc<LiveStack>) -> std::io::Result<Backend> {
         Ok(Backend {
             live,
-            pool: Pool::new(POOL_THREADS, "obd-fetch")?,
+            pool: Pool::new(POOL_THREADS, "obd-offload")?,
         })
     }
 
@@ -287,6 +290,13 @@ impl Backend {
         }
         if !rest.is_empty() {
             return Err(-libc::EIO);
+        }
+        if zfile_pieces > 0 && offload_decoding(&jobs) {
+            for job in jobs.iter_mut() {
+                if let Fetch::ZFile { .. } = job.fetch {
+                    job.fetch = Fetch::Offload;
+                }
+            }
         }
         if scratch.stored.len() < zfile_pieces {
             scratch.stored.resize_with(zfile_pieces, Vec::new);
@@ -458,6 +468,34 @@ impl Backend {
     }
 }
 
+/// Bytes of ZFile blocks a small request must decode (whole blocks, 4 KiB
+/// random reads of a 32 KiB-block layer included) from which the request's
+/// local ZFile pieces are read and decoded on the offload pool instead of
+/// the queue thread. Decoding 32 KiB takes longer than handing the work to
+/// another thread and back, and meanwhile the queue serves its other tags
+/// (a queue has one thread, and 6.12 has no per-tag daemons).
+const OFFLOAD_DECODE_BYTES: u64 = 32 << 10;
+
+/// Whether a request's local ZFile pieces go to the offload pool: it is
+/// too small for [`decode_all`]'s parallel decoding, but has at least
+/// [`OFFLOAD_DECODE_BYTES`] of blocks to decode.
+fn offload_decoding(jobs: &[Job<'_, '_>]) -> bool {
+    let mut request = 0u64;
+    let mut blocks = 0u64;
+    for job in jobs {
+        request += job.chunk.len() as u64;
+        if let Fetch::ZFile {
+            reader, position, ..
+        } = job.fetch
+        {
+            let bs = u64::from(reader.info().block_size).max(1);
+            let last = (position + job.chunk.len() as u64).saturating_sub(1) / bs;
+            blocks += (last + 1 - position / bs) * bs;
+        }
+    }
+    request < PARALLEL_DECODE_BYTES as u64 && blocks >= OFFLOAD_DECODE_BYTES
+}
+
 /// Decoded bytes of one request from which its ZFile blocks are decoded on
 /// several CPUs at once. A request arrives on the queue of the CPU that
 /// submitted it, so without this one CPU decodes a whole sequential stream.
@@ -581,6 +619,46 @@ mod tests {
     use super::*;
     use overlaybd::io::{Bytes, Source};
     use overlaybd::zfile::{compress, ZFileOptions};
+
+    /// Which small requests leave the queue thread to be decoded: those
+    /// with at least 32 KiB of blocks to decode, and none that
+    /// `decode_all` already spreads over all CPUs.
+    #[test]
+    fn small_reads_of_large_blocks_are_decoded_off_the_queue_thread() {
+        let data = vec![7u8; 1 << 20];
+        let plain: Source = Arc::new(Bytes::new(data, "plain"));
+        let reader_of = |kib: u32| {
+            let mut out = std::io::Cursor::new(Vec::new());
+            let options = ZFileOptions {
+                block_size: kib << 10,
+                ..ZFileOptions::default()
+            };
+            compress(&*plain, &mut out, &options, &mut |_| {}).unwrap();
+            ZFileReader::open(Arc::new(Bytes::new(out.into_inner(), "z"))).unwrap()
+        };
+        let (small, large) = (reader_of(4), reader_of(32));
+        let offloaded = |reader: &ZFileReader, position: u64, len: usize| {
+            let mut buf = vec![0u8; len];
+            let job = Job {
+                chunk: &mut buf,
+                fetch: Fetch::ZFile {
+                    fd: -1,
+                    offset: 0,
+                    stored_len: 0,
+                    reader,
+                    position,
+                },
+                source: PieceSource::Layer { layer: 0, position },
+                stored: 0,
+            };
+            offload_decoding(&[job])
+        };
+        assert!(offloaded(&large, 8192, 4096), "4 KiB of a 32 KiB block");
+        assert!(!offloaded(&small, 8192, 4096), "one 4 KiB block");
+        assert!(!offloaded(&small, 4096, 28 << 10), "7 blocks of 4 KiB");
+        assert!(offloaded(&small, 2048, 32 << 10), "9 blocks of 4 KiB");
+        assert!(!offloaded(&large, 0, 128 << 10), "parallel decoding's");
+    }
 
     /// A large request's ZFile span, cut into parts and decoded on the
     /// pool, gives the same bytes as decoding it whole; a bad block in any

@@ -1,9 +1,11 @@
-//! Reads that may wait on the network, run off the queue thread.
+//! Reads that may wait on the network, or decode a lot, run off the queue
+//! thread.
 //!
 //! A queue thread serves all of its tags from one io_uring; a read that
-//! blocks it (a registry fetch of a chunk not yet cached) would stall every
-//! other request on that queue for as long as the fetch takes. Such reads
-//! go to a small pool of threads shared by the device's queues. The pool
+//! blocks it (a registry fetch of a chunk not yet cached, or a small read
+//! that decodes a large ZFile block) would stall every other request on
+//! that queue for as long as it takes. Such reads go to a small pool of
+//! threads shared by the device's queues. The pool
 //! thread reads into its own buffer, stores the result and writes an
 //! eventfd; the queue task waits for that eventfd with a read SQE on its
 //! own ring, so it wakes exactly when the data is there, and copies it in.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark (issues 3 and 6): /dev/ublkbN and a TCMU /dev/sdX (`obd tcmu`,
-# the snapshotter's configfs steps) serving a 3-layer stack, against the
+# Benchmark (issues 3, 6 and 12): /dev/ublkbN and a TCMU /dev/sdX (`obd tcmu`,
+# the snapshotter's configfs steps) serving a 5-layer stack, against the
 # kernel loop device over the same image flattened to a raw file, in one VM
 # boot. Not a test; CI does not run it.
 #
@@ -15,10 +15,15 @@
 #   layer 0   `obd import` of a 1 GiB `mkfs.ext4 -d` image of ~620 MiB of
 #             generated files (code-like text, binary-like, random; fixed
 #             seed; lz4 4 KiB blocks compress it ~1.4x);
-#   layer 1,2 sparse writable layers (`obd create -s`) given random 4 KiB and
+#   layer 1-4 sparse writable layers (`obd create -s`) given random 4 KiB and
 #             64 KiB writes (~31 MiB each, fixed seeds), then `obd commit`;
-#   both a plain LSMT stack and a ZFile stack (`import -z`, `commit -z`, lz4,
-#   4 KiB blocks) of the same bytes, checked to `obd export` the same raw.
+#             layer 1 also maps sector 0 (512 non-zero bytes in the ext4
+#             boot area), so that the reference builds its linearized index
+#             (it falls back to binary search when no layer maps offset 0);
+#   three stacks of the same bytes, checked to `obd export` the same raw:
+#   lsmt (plain LSMT), zfile (lz4, 4 KiB blocks everywhere) and mixed
+#   (ZFile with lz4 and zstd, 4-64 KiB blocks: layer 0 zstd/32K, then
+#   lz4/16K, zstd/4K, lz4/64K, zstd/8K).
 # Then one VM boot (tests/vm/run.sh, 6 GiB, 2 vCPUs) copies the layers to
 # the guest's storage, exports the flattened raw there, and runs for each
 # case fio --ioengine=io_uring (--direct=1 on devices), caches dropped
@@ -31,13 +36,13 @@
 # the ZFile stack with --queues 1 and 2; TCMU (`obd tcmu`, tcm_loop) over
 # the same two stacks. N rounds, even ones in reverse order (the host's
 # load drifts: other jobs share its cores). --cases picks a subset (names:
-# loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2
-# tcmu-lsmt tcmu-zfile ref-tcmu-lsmt ref-tcmu-zfile).
+# loop-on loop-off file ublk-KIND-1 ublk-KIND-2 tcmu-KIND ref-tcmu-KIND,
+# KIND = lsmt, zfile or mixed).
 # --ref-tcmu PATH: also serve both stacks through the reference C++
 # overlaybd-tcmu (PATH: the binary, or a wrapper that sets LD_LIBRARY_PATH
 # and execs it; it must be outside /tmp, the guest runs it from the host's
 # root) with the same configfs steps and tcm_loop: cases ref-tcmu-lsmt and
-# ref-tcmu-zfile, added to the default cases. It gets its own global
+# ref-tcmu-zfile and ref-tcmu-mixed, added to the default cases. It gets its own global
 # config, /tmp/obd-ref/overlaybd.json in the guest (its only argument),
 # with its log and cache under /tmp/obd-ref (the log is copied to the
 # results as ref-overlaybd.log). Without --ref-tcmu the ref-* cases cannot
@@ -59,7 +64,7 @@
 # tmpfs: the guest's tmpfs. tmpfs does not take non-blocking reads
 # (RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every read of it to an
 # io-wq thread, which penalises the ublk path against loop.
-# The table (means and per-round MB/s and IOPS, ratio to the better loop
+# The table (medians and per-round MB/s and IOPS, ratio to the better loop
 # mode, TCMU/ublk ratio, CPU use, obd daemon CPU per thread) is printed,
 # written to $OBD_VM_RESULTS/bench-ublk.md and copied to target/bench/.
 # Emulated CPUs (TCG) distort absolutes: read the ratios.
@@ -89,8 +94,8 @@ while (($#)); do
     esac
 done
 if [[ -z $cases ]]; then
-    cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 tcmu-lsmt tcmu-zfile"
-    [[ -z $ref_tcmu ]] || cases+=" ref-tcmu-lsmt ref-tcmu-zfile"
+    cases="loop-on loop-off file ublk-lsmt-1 ublk-lsmt-2 ublk-zfile-1 ublk-zfile-2 ublk-mixed-1 tcmu-lsmt tcmu-zfile tcmu-mixed"
+    [[ -z $ref_tcmu ]] || cases+=" ref-tcmu-lsmt ref-tcmu-zfile ref-tcmu-mixed"
 fi
 
 # ---------------------------------------------------------------------------
@@ -164,16 +169,20 @@ print(f"{total >> 20} MiB in files", file=sys.stderr)
 PY
 }
 
-# random_writes SPARSE SEED: random 4 KiB and 64 KiB writes into a sparse
-# writable layer, where virtual byte X lives at file offset 4096 + X.
+# random_writes SPARSE SEED [SECTOR0]: random 4 KiB and 64 KiB writes into
+# a sparse writable layer, where virtual byte X lives at file offset
+# 4096 + X; with SECTOR0 also 512 non-zero bytes at X = 0 (the ext4 boot
+# area, which ext4 leaves unused).
 random_writes() {
-    "$PY" - "$1" "$2" <<'PY'
+    "$PY" - "$1" "$2" "${3:-}" <<'PY'
 import os, random, sys
-path, seed = sys.argv[1], int(sys.argv[2])
+path, seed, sector0 = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rnd = random.Random(seed)
 vsize = os.path.getsize(path) - 4096
 fd = os.open(path, os.O_WRONLY)
 n = 0
+if sector0:
+    n += os.pwrite(fd, b"obd bench: sector 0 is mapped\n".ljust(512, b"."), 4096)
 for _ in range(3000):                      # 4 KiB writes anywhere
     off = rnd.randrange(0, vsize >> 12) << 12
     n += os.pwrite(fd, rnd.randbytes(2048) + bytes(1) * 1024 + rnd.randbytes(1024), 4096 + off)
@@ -194,22 +203,34 @@ make_data() {
     make_tree "$t/tree"
     mkfs.ext4 -q -F -E root_owner=0:0 -d "$t/tree" "$t/disk.raw" 1G
     rm -rf "$t/tree"
+    # the mixed stack's ZFile settings, layer by layer
+    # (no 64 KiB blocks in layer 0: its random files do not compress, and
+    # the reference cannot read a block stored in more than 64 KiB)
+    local mixed=("zstd 32" "lz4 16" "zstd 4" "lz4 64" "zstd 8") m
+    read -r -a m <<<"${mixed[0]}"
     "$obd" import "$t/disk.raw" "$t/layer0.lsmt"
     "$obd" import -z "$t/disk.raw" "$t/layer0.zfile"
+    "$obd" import -z --algorithm "${m[0]}" --bs "${m[1]}" "$t/disk.raw" "$t/layer0.mixed"
     rm -f "$t/disk.raw"
     local i
-    for i in 1 2; do
+    for i in 1 2 3 4; do
         "$obd" create -s "$t/up$i.sparse" 1
-        random_writes "$t/up$i.sparse" "$((100 + i))"
+        random_writes "$t/up$i.sparse" "$((100 + i))" "$( ((i == 1)) && echo sector0)"
+        read -r -a m <<<"${mixed[i]}"
         "$obd" commit "$t/up$i.sparse" "$t/layer$i.lsmt"
         "$obd" commit -z "$t/up$i.sparse" "$t/layer$i.zfile"
+        "$obd" commit -z --algorithm "${m[0]}" --bs "${m[1]}" "$t/up$i.sparse" "$t/layer$i.mixed"
         rm -f "$t/up$i.sparse"
     done
-    "$obd" export --output "$t/flat.raw" "$t/layer0.lsmt" "$t/layer1.lsmt" "$t/layer2.lsmt"
-    "$obd" export --output "$t/flatz.raw" "$t/layer0.zfile" "$t/layer1.zfile" "$t/layer2.zfile"
-    cmp "$t/flat.raw" "$t/flatz.raw" || { say "the LSMT and ZFile stacks differ"; exit 1; }
+    local kind
+    "$obd" export --output "$t/flat.raw" "$t"/layer[0-4].lsmt
+    for kind in zfile mixed; do
+        "$obd" export --output "$t/flat.$kind" "$t"/layer[0-4].$kind
+        cmp "$t/flat.raw" "$t/flat.$kind" || { say "the LSMT and $kind stacks differ"; exit 1; }
+        rm -f "$t/flat.$kind"
+    done
     sha256sum <"$t/flat.raw" | cut -d' ' -f1 >"$t/flat.sha256"
-    rm -f "$t/flatz.raw" "$t/flat.raw"
+    rm -f "$t/flat.raw"
     mv "$t" "$DATA"
 }
 
@@ -227,7 +248,8 @@ host_main() {
         ref_args=(--ref-tcmu "$ref_tcmu")
     fi
     install_obd
-    if ((remake)) || [[ ! -s $DATA/flat.sha256 ]]; then
+    # (data from before the 5-layer stacks has no layer4.mixed)
+    if ((remake)) || [[ ! -s $DATA/flat.sha256 || ! -s $DATA/layer4.mixed ]]; then
         make_data
     fi
     (cd "$DATA" && ls -ls layer*) | sed 's/^/  /' >&2
@@ -364,11 +386,11 @@ file_case() {
     run_fio "$W/flat.raw" file-buffered - --direct=0
 }
 
-# stack_config KIND: write $W/KIND.json, the 3-layer stack of KIND (lsmt or
-# zfile), and print its path.
+# stack_config KIND: write $W/KIND.json, the 5-layer stack of KIND (lsmt,
+# zfile or mixed), and print its path.
 stack_config() {
     local cfg=$W/$1.json
-    "$PY" - "$cfg" "$W/layer0.$1" "$W/layer1.$1" "$W/layer2.$1" <<'PY'
+    "$PY" - "$cfg" "$W"/layer[0-4]."$1" <<'PY'
 import json, sys
 cfg, *lowers = sys.argv[1:]
 json.dump({"lowers": [{"file": l} for l in lowers], "resultFile": cfg + ".result"}, open(cfg, "w"))
@@ -622,11 +644,17 @@ guest_main() {
     : >"$ROWS"
     : >"$W/dio.tsv"
     local t0=$SECONDS
-    cp "$DATA"/layer* "$W/"
-    echo "copied the layers in $((SECONDS - t0)) s"
+    # the LSMT layers (flat.raw is made from them) and those of every kind
+    # a case serves
+    local kind kinds="lsmt"
+    for kind in zfile mixed; do
+        [[ " $cases " =~ -$kind(-[0-9])?\  ]] && kinds+=" $kind"
+    done
+    for kind in $kinds; do cp "$DATA"/layer[0-4]."$kind" "$W/"; done
+    echo "copied the layers ($kinds) in $((SECONDS - t0)) s"
     # the flattened raw, made here (faster than copying 1 GiB over 9p)
     t0=$SECONDS
-    "$OBD" export --output "$W/flat.raw" "$W/layer0.lsmt" "$W/layer1.lsmt" "$W/layer2.lsmt" \
+    "$OBD" export --output "$W/flat.raw" "$W"/layer[0-4].lsmt \
         2>"$W/export.err" || { cat "$W/export.err"; exit 1; }
     [[ $(sha256sum <"$W/flat.raw" | cut -d' ' -f1) == "$(cat "$DATA/flat.sha256")" ]] ||
         { echo "flat.raw differs from the host's export"; exit 1; }
@@ -637,7 +665,7 @@ guest_main() {
     uname -r
 
     # Odd rounds in this order, even rounds reversed, so a slow drift in the
-    # host's load (other jobs share its cores) evens out in the means. The
+    # host's load (other jobs share its cores) evens out in the medians. The
     # reference's cases come last in every round, rotated among themselves
     # (see the header: after overlaybd-tcmu the kernel waits for netlink
     # answers until ref_stop resets that).
@@ -670,15 +698,15 @@ for rnd, label, q, wl, mbs, iops, busy, threads in rows:
     r[key][wl].append((float(mbs), float(iops), int(busy), threads))
 def val(key, wl):   # per-round values: MB/s for seq, IOPS for rand
     return [x[0] if wl == "seq" else x[1] for x in r[key][wl]]
-def mean(key, wl):
-    return statistics.mean(val(key, wl))
+def median(key, wl):
+    return statistics.median(val(key, wl))
 loops = [k for k in (("loop-dio-on", "-"), ("loop-dio-off", "-")) if k in r]
-base = {wl: max((mean(k, wl) for k in loops), default=None) for wl in ("seq", "rand")}
+base = {wl: max((median(k, wl) for k in loops), default=None) for wl in ("seq", "rand")}
 print(f"fio --ioengine=io_uring, time_based {runtime} s after {ramp} s ramp, caches dropped before each;")
 print("seq = read bs=1M iodepth=8, rand = randread bs=4k iodepth=32; devices with --direct=1.")
 print(f"Guest: {ncpu} vCPUs (qemu TCG), {mem} MB, kernel {kver}, {fiov}, obd {rev}; images on {storage}.")
-print(f"{rounds} round(s), even rounds in reverse order; values are means [per round].")
-print("ratio = value / the better loop mode's mean for that workload.")
+print(f"{rounds} round(s), even rounds in reverse order; values are medians [each round].")
+print("ratio = value / the better loop mode's median for that workload.")
 print("CPU = whole-guest busy % (seq / rand). file-buffered = fio on the raw file itself,")
 print("buffered, io_uring: roughly the ceiling for a userspace reader of that storage.")
 print()
@@ -690,12 +718,12 @@ for key in order:
     cells = []
     for wl in ("seq", "rand"):
         v = val(key, wl)
-        cells.append(f"{mean(key, wl):.0f} [" + "/".join(f"{x:.0f}" for x in v) + "]")
-        cells.append(f"{mean(key, wl) / base[wl]:.2f}" if base[wl] else "-")
-    cpu = (f"{statistics.mean(x[2] for x in r[key]['seq']):.0f} / "
-           f"{statistics.mean(x[2] for x in r[key]['rand']):.0f}")
+        cells.append(f"{median(key, wl):.0f} [" + "/".join(f"{x:.0f}" for x in v) + "]")
+        cells.append(f"{median(key, wl) / base[wl]:.2f}" if base[wl] else "-")
+    cpu = (f"{statistics.median(x[2] for x in r[key]['seq']):.0f} / "
+           f"{statistics.median(x[2] for x in r[key]['rand']):.0f}")
     print(f"| {name} | {q} | " + " | ".join(cells) + f" | {cpu} |")
-pairs = [(k, ("ublk-" + k, "1"), ("tcmu-" + k, "1")) for k in ("lsmt", "zfile")]
+pairs = [(k, ("ublk-" + k, "1"), ("tcmu-" + k, "1")) for k in ("lsmt", "zfile", "mixed")]
 pairs = [p for p in pairs if p[1] in r and p[2] in r]
 if pairs:
     print()
@@ -706,10 +734,10 @@ if pairs:
     for kind, u, t in pairs:
         cells = []
         for wl in ("seq", "rand"):
-            cells.append(f"{mean(t, wl):.0f} / {mean(u, wl):.0f}")
-            cells.append(f"{mean(t, wl) / mean(u, wl):.2f}")
+            cells.append(f"{median(t, wl):.0f} / {median(u, wl):.0f}")
+            cells.append(f"{median(t, wl) / median(u, wl):.2f}")
         print(f"| {kind} | " + " | ".join(cells) + " |")
-refs = [(k, ("ref-tcmu-" + k, "1"), ("ublk-" + k, "1"), ("tcmu-" + k, "1")) for k in ("lsmt", "zfile")]
+refs = [(k, ("ref-tcmu-" + k, "1"), ("ublk-" + k, "1"), ("tcmu-" + k, "1")) for k in ("lsmt", "zfile", "mixed")]
 refs = [p for p in refs if p[1] in r]
 if refs:
     print()
@@ -722,10 +750,10 @@ if refs:
     for kind, f, u, t in refs:
         cells = []
         for wl in ("seq", "rand"):
-            m = mean(f, wl)
+            m = median(f, wl)
             cells.append(f"{m:.0f}")
             for o in (u, t):
-                cells.append(f"{mean(o, wl) / m:.2f}" if o in r and m else "-")
+                cells.append(f"{median(o, wl) / m:.2f}" if o in r and m else "-")
         print(f"| {kind} | " + " | ".join(cells) + " |")
 print()
 print("daemon CPU by thread (obd; overlaybd-tcmu for ref-tcmu-*), % of one vCPU, user+sys, round 1")

@@ -420,9 +420,17 @@ impl ZFileReader {
         if buf.is_empty() {
             return Ok(());
         }
+        STORED_BATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut batch) => self.read_range_with(buf, offset, &mut batch),
+            // A reader nested in another's read on this thread (not done
+            // today): a buffer of its own.
+            Err(_) => self.read_range_with(buf, offset, &mut Vec::new()),
+        })
+    }
+
+    fn read_range_with(&self, buf: &mut [u8], offset: u64, batch: &mut Vec<u8>) -> io::Result<()> {
         let bs = u64::from(self.info.block_size);
         let last = (offset + buf.len() as u64 - 1) / bs;
-        let mut batch = Vec::new();
         let (mut batch_start, mut batch_end) = (0u64, 0u64);
         let mut done = 0usize;
         for b in offset / bs..=last {
@@ -436,7 +444,7 @@ impl ZFileReader {
                 continue;
             }
             if b >= batch_end {
-                (batch_start, batch_end) = self.read_batch(b, last, &mut batch)?;
+                (batch_start, batch_end) = self.read_batch(b, last, batch)?;
             }
             let (off, len) = self.block_span(b);
             let rel = (off - batch_start) as usize;
@@ -534,6 +542,9 @@ impl ReadAt for ZFileReader {
 }
 
 thread_local! {
+    /// The stored bytes `read_range` reads before decoding them, kept per
+    /// thread so a read does not allocate them each time.
+    static STORED_BATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// Where `decode_range` decodes a block it needs only part of; kept per
     /// thread so a request does not allocate (and zero) a block each time.
     static PARTIAL_BLOCK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };

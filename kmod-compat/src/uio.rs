@@ -217,6 +217,14 @@ impl Mapping {
         Ok(())
     }
 
+    /// What tells this device node from another made later under the same
+    /// name: its inode, device number and filesystem.
+    pub fn node_identity(&self) -> io::Result<[u64; 3]> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok([m.dev(), m.ino(), m.rdev()])
+    }
+
     fn in_range(&self, offset: usize, len: usize) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.len)
     }

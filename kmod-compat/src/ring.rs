@@ -72,7 +72,7 @@ use std::hash::Hasher;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Mutex;
 
-use crate::exec::{DataBuf, Disk, Outcome};
+use crate::exec::{DataBuf, Disk, FillFn, Outcome};
 use crate::scsi;
 
 /// `struct tcmu_mailbox` field offsets (packed; `cmd_tail` is 64-aligned).
@@ -120,6 +120,16 @@ pub trait SharedMem {
     fn load_acquire(&self, offset: usize) -> Option<u32>;
     /// Store a 4-aligned u32 the kernel reads, with release ordering.
     fn store_release(&self, offset: usize, value: u32) -> bool;
+    /// Call `f` with `[offset, offset + len)` as a slice to fill (data-in
+    /// without a copy); `None` when out of range. Only for a range of the
+    /// data area that belongs to a command being run, which neither the
+    /// kernel nor another command touches until it is answered.
+    fn fill(
+        &self,
+        offset: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+    ) -> Option<Result<(), String>>;
 }
 
 fn u32_at<M: SharedMem + ?Sized>(mem: &M, offset: usize) -> Option<u32> {
@@ -183,11 +193,17 @@ impl Mailbox {
     }
 }
 
+/// Pieces of a command's data at least this large are read into straight
+/// (fewer, larger backend reads beat a copy); smaller ones are bounced.
+const DIRECT_PIECE: usize = 64 << 10;
+
 /// A command's data: the iovecs of a ring entry, as offsets into `mem`.
 struct IovBuf<'a, M: SharedMem + ?Sized> {
     mem: &'a M,
     iovs: &'a [(usize, usize)],
     total: usize,
+    /// Where the data area starts: only memory past it is filled in place.
+    data_start: usize,
 }
 
 impl<M: SharedMem + ?Sized> IovBuf<'_, M> {
@@ -224,6 +240,26 @@ impl<M: SharedMem + ?Sized> DataBuf for IovBuf<'_, M> {
             self.mem.write(at, &data[r]);
         });
     }
+    fn fill_in(&mut self, len: usize, fill: &mut FillFn<'_>) -> Option<Result<(), String>> {
+        let mut pieces = Vec::new();
+        self.walk(0, len.min(self.total), |at, r| pieces.push((at, r)));
+        let direct = pieces.iter().all(|(at, r)| {
+            *at >= self.data_start && (pieces.len() == 1 || r.len() >= DIRECT_PIECE)
+        });
+        if !direct {
+            return None;
+        }
+        for (at, r) in pieces {
+            let done = r.start;
+            match self.mem.fill(at, r.len(), &mut |buf| fill(done, buf)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Some(Err(e)),
+                // Out of range (checked when taken, so never): bounce.
+                None => return None,
+            }
+        }
+        Some(Ok(()))
+    }
 }
 
 /// Plain memory standing in for the uio mapping: unit tests and the
@@ -259,6 +295,16 @@ impl SharedMem for VecMem {
     }
     fn store_release(&self, offset: usize, value: u32) -> bool {
         self.write(offset, &value.to_le_bytes())
+    }
+    fn fill(
+        &self,
+        offset: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+    ) -> Option<Result<(), String>> {
+        let mut v = self.0.borrow_mut();
+        let s = v.get_mut(offset..offset.checked_add(len)?)?;
+        Some(f(s))
     }
 }
 
@@ -611,6 +657,18 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
         let st = ring.state.get_mut().unwrap_or_else(|e| e.into_inner());
         match restored {
             Some(r) => {
+                if !r.records.is_empty() || r.repair.is_some() {
+                    note(&format!(
+                        "taken up from the last daemon: {} displaced requests owed, {} \
+                         commands answered ahead{}",
+                        r.records.displaced.len(),
+                        r.records.ahead.len(),
+                        match r.repair {
+                            Some(_) => ", an unfinished answer undone",
+                            None => "",
+                        }
+                    ));
+                }
                 if let Some((pos, bytes)) = r.repair {
                     if !mem.write(mb.cmdr_off + pos, &bytes) {
                         return Err("cannot repair a ring entry".into());
@@ -850,6 +908,7 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
             mem: self.mem,
             iovs: &request.iovs,
             total: request.total,
+            data_start: self.mb.cmdr_off + self.mb.cmdr_size,
         };
         let outcome = disk.execute(request.cdb(), &mut data);
         if disk.trace {
@@ -1088,7 +1147,7 @@ mod tests {
     const DATA: usize = CMDR_OFF + CMDR_SIZE;
 
     fn ring() -> VecMem {
-        let mem = VecMem(RefCell::new(vec![0u8; DATA + 8192]));
+        let mem = VecMem(RefCell::new(vec![0u8; DATA + (256 << 10)]));
         mem.write(0, &2u16.to_le_bytes());
         mem.write(MB_FLAGS, &FLAG_CAP_OOOC.to_le_bytes());
         mem.write(MB_CMDR_OFF, &(CMDR_OFF as u32).to_le_bytes());
@@ -1169,7 +1228,8 @@ mod tests {
 
     fn open<'a>(mem: &'a VecMem, j: &'a VecMem) -> Ring<'a, VecMem> {
         let mb = Mailbox::read(mem).unwrap();
-        Ring::with_journal(mem, mb, j, 42, &|m| panic!("unexpected note: {m}")).unwrap()
+        let note = |m: &str| assert!(m.starts_with("taken up"), "unexpected note: {m}");
+        Ring::with_journal(mem, mb, j, 42, &note).unwrap()
     }
 
     fn ids(requests: &[Request]) -> Vec<u16> {
@@ -1482,6 +1542,41 @@ mod tests {
         let tiny = VecMem(RefCell::new(vec![0u8; 64]));
         let r = Ring::with_journal(&mem2, mb, &tiny, 42, &note).unwrap();
         assert!(!r.out_of_order());
+    }
+
+    #[test]
+    fn reads_go_straight_into_large_iovecs_and_bounce_for_small_ones() {
+        let k64 = 64u64 << 10;
+        let d = DATA as u64;
+        // (iovecs, read sizes the backend sees)
+        type Case<'a> = (&'a [(u64, u64)], &'a [usize]);
+        let cases: [Case; 4] = [
+            (&[(d, 2 * k64)], &[128 << 10]),
+            (&[(d + 2 * k64, k64), (d, k64)], &[64 << 10, 64 << 10]),
+            (&[(d, k64), (d + 2 * k64 + 512, 512)], &[(64 << 10) + 512]),
+            // Not in the data area: never filled in place.
+            (&[(CMDR_OFF as u64 + 512, 512)], &[512]),
+        ];
+        for (iovs, want) in cases {
+            let mem = ring();
+            let backend = Arc::new(MemBackend::new(1 << 20, false));
+            let disk = Disk::new(info(), Some(backend.clone()));
+            let blocks: u64 = iovs.iter().map(|i| i.1).sum::<u64>() / 512;
+            let read = [0x28, 0, 0, 0, 0, 3, 0, (blocks >> 8) as u8, blocks as u8, 0];
+            let len = queue_cmd(&mem, 0, &read, iovs);
+            mem.store_release(MB_CMD_HEAD, len as u32);
+            assert_eq!(run_all(&mem, &disk).unwrap(), 1);
+            assert_eq!(mem.0.borrow()[CMDR_OFF + RSP_STATUS], 0);
+            assert_eq!(&backend.reads.lock().unwrap()[..], want, "{iovs:?}");
+            let v = mem.0.borrow();
+            let image = backend.bytes.lock().unwrap();
+            let mut at = 3 * 512;
+            for &(base, n) in iovs {
+                let (base, n) = (base as usize, n as usize);
+                assert_eq!(&v[base..base + n], &image[at..at + n], "{iovs:?}");
+                at += n;
+            }
+        }
     }
 
     #[test]

@@ -269,6 +269,32 @@ impl SharedMem for Mapping {
         a.store(value, Ordering::Release);
         true
     }
+    fn fill(
+        &self,
+        offset: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+    ) -> Option<Result<(), String>> {
+        self.fill_range(offset, len, f)
+    }
+}
+
+impl Mapping {
+    fn fill_range(
+        &self,
+        offset: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+    ) -> Option<Result<(), String>> {
+        if !self.in_range(offset, len) {
+            return None;
+        }
+        // SAFETY: in range of our mapping, and (see `SharedMem::fill`) a
+        // command's own data area, which the kernel does not touch until
+        // we answer the command and no other worker uses meanwhile.
+        let s = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) };
+        Some(f(s))
+    }
 }
 
 impl Drop for Mapping {

@@ -58,6 +58,11 @@
 //! half (crash during 1) fails its checksum and the older one holds, the
 //! ring unchanged. The tail never moves between 1 and 4, so "before" and
 //! "after" (which differ: the entry has a length) tell the cases apart.
+//! The new daemon settles that choice before it answers anything (once the
+//! tail moves again they would tell nothing): it marks the half whose
+//! answer was given, or writes the entry back and then clears the half
+//! whose answer was not; a crash before that leaves the next daemon the
+//! same choice.
 //! An answer in the command's own entry changes no records and is written
 //! as before this journal existed: a crash between writing it and storing
 //! `cmd_tail` leaves an entry that no longer holds its request (that
@@ -582,6 +587,10 @@ struct Restored {
     seq: u64,
     /// An entry to write back (an answer that was not committed).
     repair: Option<(usize, [u8; RSP_END])>,
+    /// How the newest half is settled for good, before the tail can move
+    /// again (after which its "before" and "after" tell nothing): the
+    /// half to mark (its answer was given) or to clear (it was not).
+    settle: Option<(usize, bool)>,
 }
 
 impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
@@ -673,6 +682,17 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
                     if !mem.write(mb.cmdr_off + pos, &bytes) {
                         return Err("cannot repair a ring entry".into());
                     }
+                    fence(Ordering::SeqCst);
+                }
+                // Settled before any answer moves the tail: a crash before
+                // this leaves the same choice to the next daemon.
+                let settled = match r.settle {
+                    Some((half, true)) => Snapshot::mark(journal, half, r.seq),
+                    Some((half, false)) => journal.write(half * HALF + H_MAGIC, &[0u8; 8]),
+                    None => true,
+                };
+                if !settled {
+                    return Err("the journal is unwritable".into());
                 }
                 for d in &r.records.displaced {
                     st.outstanding.insert(d.cmd_id);
@@ -731,15 +751,23 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
             };
         };
         let seq = top.seq;
-        let (active, records, repair) = if top.committed || tail == top.tail_after as usize {
-            (*top_half, top.records.clone(), None)
+        let (active, records, repair, settle) = if top.committed {
+            (*top_half, top.records.clone(), None, None)
+        } else if tail == top.tail_after as usize {
+            (
+                *top_half,
+                top.records.clone(),
+                None,
+                Some((*top_half, true)),
+            )
         } else if tail == top.tail_before as usize {
             // The last answer was not given: the older half holds, and the
             // entry it went into gets its bytes back.
             let Some((prev_half, prev)) = halves.get(1) else {
                 return Err("an unfinished answer with no earlier copy".into());
             };
-            (*prev_half, prev.records.clone(), top.pending)
+            let settle = Some((*top_half, false));
+            (*prev_half, prev.records.clone(), top.pending, settle)
         } else {
             return Err(format!(
                 "cmd_tail {tail} is neither {} nor {}",
@@ -752,6 +780,7 @@ impl<'m, M: SharedMem + ?Sized> Ring<'m, M> {
             active,
             seq,
             repair,
+            settle,
         }))
     }
 
@@ -1419,6 +1448,91 @@ mod tests {
                 (vec![11, 12], all.clone()),
                 "step {step}"
             );
+        }
+    }
+
+    /// Many daemons in a row on one ring, each finishing some of what it
+    /// owes in a random order and most crashing at a random step of an
+    /// answer: in the end the kernel has read every command's answer
+    /// once, with its data.
+    #[test]
+    fn crashes_anywhere_in_random_orders_answer_each_command_once() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..300 {
+            let mem = ring();
+            let j = journal();
+            let backend = Arc::new(MemBackend::new(1 << 20, false));
+            let disk = Disk::new(info(), Some(backend.clone()));
+            // Six reads, from a random place (a PAD where they wrap).
+            let n = 6;
+            let start = rand(CMDR_SIZE / 8) * 8;
+            mem.store_release(MB_CMD_TAIL, start as u32);
+            mem.store_release(MB_CMD_HEAD, start as u32);
+            let mut at = start;
+            for i in 0..n {
+                if at + 112 > CMDR_SIZE {
+                    let pad = CMDR_SIZE - at;
+                    mem.write(CMDR_OFF + at, &(pad as u32 | OP_PAD).to_le_bytes());
+                    at = 0;
+                }
+                let read = [0x28, 0, 0, 0, 0, 7 + i as u8, 0, 0, 1, 0];
+                let iov = [(DATA as u64 + 512 * i as u64, 512)];
+                at = (at + queue_cmd_id(&mem, at, 11 + i as u16, &read, &iov)) % CMDR_SIZE;
+            }
+            mem.store_release(MB_CMD_HEAD, at as u32);
+            let end = at;
+            let mut generations = 0;
+            loop {
+                generations += 1;
+                let ring = open(&mem, &j);
+                let (mut owed, _) = ring.take().unwrap();
+                let last = generations > 8;
+                // Finish some (all, the last time) in a random order; maybe
+                // crash in one of the answers.
+                let count = if last {
+                    owed.len()
+                } else {
+                    rand(owed.len() + 1)
+                };
+                let crash = if last {
+                    u8::MAX
+                } else {
+                    [1, 2, 3, u8::MAX][rand(4)]
+                };
+                let mut crashed = false;
+                for k in 0..count {
+                    let r = owed.remove(rand(owed.len()));
+                    if k + 1 == count {
+                        ring.crash_after.store(crash, Ordering::Relaxed);
+                    }
+                    let outcome = ring.execute(&r, &disk, &|_| {});
+                    if ring.finish(&r, &outcome).is_err() {
+                        crashed = true;
+                        break;
+                    }
+                }
+                if last {
+                    assert_eq!(ring.outstanding(), 0);
+                    assert!(ring.settled());
+                    break;
+                }
+                let _ = crashed;
+            }
+            assert_eq!(mem.load_acquire(MB_CMD_TAIL), Some(end as u32));
+            let mut seen: Vec<u16> = kernel_reads(&mem, start, end).iter().map(|s| s.0).collect();
+            seen.sort();
+            assert_eq!(
+                seen,
+                (11..11 + n as u16).collect::<Vec<_>>(),
+                "start {start}"
+            );
+            check_data(&mem, &backend, n);
         }
     }
 

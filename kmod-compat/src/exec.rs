@@ -54,6 +54,10 @@ impl Backend for Stack {
     }
 }
 
+/// Fills a piece of a command's buffer at an offset in its data (see
+/// [`DataBuf::fill_in`]).
+pub type FillFn<'a> = dyn FnMut(usize, &mut [u8]) -> Result<(), String> + 'a;
+
 /// A command's data buffer, as the initiator sees it: data-out is read
 /// from it, data-in written to it.
 pub trait DataBuf {
@@ -66,6 +70,14 @@ pub trait DataBuf {
     fn copy_out(&self, offset: usize, out: &mut [u8]);
     /// Copy `data` to `offset` (data-in, e.g. READ).
     fn copy_in(&mut self, offset: usize, data: &[u8]);
+    /// Data-in without a bounce buffer: call `fill` with the buffer's own
+    /// memory for `[0, len)`, piece after piece (each with its offset in
+    /// the data), when it is one piece or a few large ones. `None` (the
+    /// default) when it is not: the caller copies with `copy_in`.
+    fn fill_in(&mut self, len: usize, fill: &mut FillFn<'_>) -> Option<Result<(), String>> {
+        let _ = (len, fill);
+        None
+    }
 }
 
 impl DataBuf for Vec<u8> {
@@ -77,6 +89,9 @@ impl DataBuf for Vec<u8> {
     }
     fn copy_in(&mut self, offset: usize, data: &[u8]) {
         self[offset..offset + data.len()].copy_from_slice(data);
+    }
+    fn fill_in(&mut self, len: usize, fill: &mut FillFn<'_>) -> Option<Result<(), String>> {
+        Some(fill(0, &mut self[..len]))
     }
 }
 
@@ -274,6 +289,15 @@ impl Disk {
                     return Outcome::check(s);
                 }
                 let total = (blocks as u64 * bs).min(data.len() as u64) as usize;
+                // Straight into the command's buffer when it allows.
+                let direct = data.fill_in(total, &mut |at, buf| {
+                    backend.read(buf, lba * bs + at as u64)
+                });
+                match direct {
+                    Some(Ok(())) => return Outcome::good(total),
+                    Some(Err(e)) => return Outcome::failed(Sense::UNRECOVERED_READ_ERROR, e),
+                    None => {}
+                }
                 with_scratch(|scratch| {
                     let mut done = 0usize;
                     while done < total {
@@ -443,6 +467,8 @@ pub(crate) mod tests {
         pub writable: bool,
         pub fail_reads: bool,
         pub flushes: Mutex<u32>,
+        /// The length of every read asked for.
+        pub reads: Mutex<Vec<usize>>,
     }
 
     impl MemBackend {
@@ -453,6 +479,7 @@ pub(crate) mod tests {
                 writable,
                 fail_reads: false,
                 flushes: Mutex::new(0),
+                reads: Mutex::new(Vec::new()),
             }
         }
     }
@@ -465,6 +492,7 @@ pub(crate) mod tests {
             self.writable
         }
         fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), String> {
+            self.reads.lock().unwrap().push(buf.len());
             if self.fail_reads {
                 return Err("layer.lsmt: bad CRC".into());
             }

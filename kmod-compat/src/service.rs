@@ -20,9 +20,10 @@
 //! A device seen for the first time gets a thread that opens its image
 //! with the engine, writes `resultFile`, and serves the ring until the
 //! device goes: it hands commands to the device's workers
-//! (`Options::workers`), which run them at once and answer them in ring
-//! order (see [`Ring`]). A previous daemon's unfinished commands are still
-//! in the ring past `cmd_tail`, so a restart simply picks them up.
+//! (`Options::workers`), which run them at once and answer each as it
+//! finishes (see [`Ring`]). A previous daemon's unfinished commands are
+//! still in the ring past `cmd_tail` or in the device's ring journal under
+//! /run/obd/tcmu, so a restart picks them up (and none twice).
 //!
 //! Reply support is a global switch of the kernel that stays on after the
 //! daemon that set it is gone, and the kernel then waits for ever for an
@@ -60,6 +61,10 @@ pub const DEFAULT_WORKERS: usize = 4;
 /// target_core_user's module parameters.
 pub const MODULE_PARAMETERS: &str = "/sys/module/target_core_user/parameters";
 
+/// Where ring journals are kept: on tmpfs, surviving the daemon (not a
+/// reboot, which takes the devices too).
+pub const JOURNAL_DIR: &str = "/run/obd/tcmu";
+
 /// Called with each device's image once it is open, and its config; what
 /// it returns is kept as long as the device is served and dropped when the
 /// device goes (`obd tcmu` records or replays the config's trace with it).
@@ -82,6 +87,9 @@ pub struct Options {
     pub netlink: bool,
     /// target_core_user's module parameters (`block_netlink`, ...).
     pub module_parameters: PathBuf,
+    /// Where each device's ring journal is kept (see [`crate::ring`]), so
+    /// that commands are answered as they finish; `None`: in ring order.
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -96,6 +104,7 @@ impl Options {
             metrics: None,
             netlink: true,
             module_parameters: PathBuf::from(MODULE_PARAMETERS),
+            journal_dir: Some(PathBuf::from(JOURNAL_DIR)),
         }
     }
 }
@@ -306,6 +315,7 @@ impl Service {
             on_open: self.options.on_open.clone(),
             metrics: self.options.metrics.clone(),
             events: self.events.clone(),
+            journal_dir: self.options.journal_dir.clone(),
         };
         let (quit2, state2) = (quit.clone(), state.clone());
         let spawned = std::thread::Builder::new()
@@ -595,6 +605,7 @@ struct DeviceOptions {
     metrics: Option<Arc<Metrics>>,
     /// Where ADDED_DEVICE and REMOVED_DEVICE are answered.
     events: Option<Arc<Events>>,
+    journal_dir: Option<PathBuf>,
 }
 
 /// A device's thread: serve it, telling the kernel (if it waits) when the
@@ -725,7 +736,17 @@ fn serve_device(
             return;
         }
     };
-    let ring = match Mailbox::read(&mapping).and_then(|mb| Ring::new(&mapping, mb)) {
+    let journal = options
+        .journal_dir
+        .as_deref()
+        .and_then(|dir| open_journal(dir, entry, name, &mapping));
+    let opened = Mailbox::read(&mapping).and_then(|mb| match &journal {
+        Some((file, identity, _)) => Ring::with_journal(&mapping, mb, file, *identity, &|m| {
+            say(&format!("journal: {m}"))
+        }),
+        None => Ring::new(&mapping, mb),
+    });
+    let ring = match opened {
         Ok(r) => r,
         Err(e) => {
             say(&format!("failed: {e}"));
@@ -773,9 +794,14 @@ fn serve_device(
     }
     let _unpublish = Unpublish(options.metrics.as_deref(), &metrics_key);
     say(&format!(
-        "ring of {} bytes in a {}-byte mapping, {workers} workers",
+        "ring of {} bytes in a {}-byte mapping, {workers} workers, answers {}",
         ring.size(),
-        entry.map_size
+        entry.map_size,
+        if ring.out_of_order() {
+            "as commands finish"
+        } else {
+            "in ring order"
+        }
     ));
     let name_file = sys.join(&entry.node).join("name");
     let broken = AtomicBool::new(false);
@@ -829,12 +855,89 @@ fn serve_device(
         // Workers finish what they have and leave.
         drop(to_workers);
     });
+    // Nothing owed, nothing journalled: the next daemon needs no journal.
+    if let Some((_, _, path)) = &journal {
+        if ring.settled() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     if let Some(b) = &backend {
         if let Err(e) = b.flush() {
             say(&format!("flushing the writable layer: {e}"));
         }
     }
     say("device removed");
+}
+
+/// Open (or create) the journal of the device on `entry`: a file in `dir`
+/// named from the device's uio name, so the next daemon for the device
+/// finds it, mapped shared (a daemon that dies leaves what it wrote). Its
+/// identity names this device node, so a device made anew under the same
+/// name does not take an old journal. `None` (logged once per daemon)
+/// when it cannot be had: commands are then answered in ring order.
+fn open_journal(
+    dir: &Path,
+    entry: &UioEntry,
+    name: &TcmuName,
+    mapping: &Mapping,
+) -> Option<(Mapping, u64, PathBuf)> {
+    use std::hash::Hasher;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    let mut h = fnv::FnvHasher::default();
+    h.write(entry.name.as_bytes());
+    let safe: String = name
+        .device
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let path = dir.join(format!("{safe}-{:016x}.journal", h.finish()));
+    let opened = (|| -> std::io::Result<(Mapping, u64)> {
+        let node = mapping.node_identity()?;
+        for v in node {
+            h.write_u64(v);
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        let size = crate::ring::JOURNAL_SIZE;
+        if file.metadata()?.len() != size as u64 {
+            // Written out, not just sized: a tmpfs page that cannot be had
+            // fails here, not as a SIGBUS in the mapping later.
+            file.set_len(0)?;
+            file.write_all(&vec![0u8; size])?;
+        }
+        drop(file);
+        Ok((Mapping::open(&path, size)?, h.finish()))
+    })();
+    match opened {
+        Ok((m, identity)) => Some((m, identity, path)),
+        Err(e) => {
+            if !LOGGED.swap(true, Ordering::Relaxed) {
+                log(&format!(
+                    "no ring journal ({}: {e}): commands are answered in ring order",
+                    path.display()
+                ));
+            }
+            None
+        }
+    }
 }
 
 /// A device's worker: run requests as they come and answer them; tell

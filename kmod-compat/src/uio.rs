@@ -217,6 +217,14 @@ impl Mapping {
         Ok(())
     }
 
+    /// What tells this device node from another made later under the same
+    /// name: its inode, device number and filesystem.
+    pub fn node_identity(&self) -> io::Result<[u64; 3]> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok([m.dev(), m.ino(), m.rdev()])
+    }
+
     fn in_range(&self, offset: usize, len: usize) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.len)
     }
@@ -260,6 +268,32 @@ impl SharedMem for Mapping {
         let a = unsafe { &*(self.ptr.add(offset) as *const AtomicU32) };
         a.store(value, Ordering::Release);
         true
+    }
+    fn fill(
+        &self,
+        offset: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+    ) -> Option<Result<(), String>> {
+        self.fill_range(offset, len, f)
+    }
+}
+
+impl Mapping {
+    fn fill_range(
+        &self,
+        offset: usize,
+        len: usize,
+        f: &mut dyn FnMut(&mut [u8]) -> Result<(), String>,
+    ) -> Option<Result<(), String>> {
+        if !self.in_range(offset, len) {
+            return None;
+        }
+        // SAFETY: in range of our mapping, and (see `SharedMem::fill`) a
+        // command's own data area, which the kernel does not touch until
+        // we answer the command and no other worker uses meanwhile.
+        let s = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) };
+        Some(f(s))
     }
 }
 

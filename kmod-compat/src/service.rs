@@ -728,7 +728,8 @@ fn serve_device(
     let say = |m: &str| log(&format!("{label}: {m}"));
     // The ring first: a device whose ring cannot be mapped cannot be
     // served, whatever its image.
-    let mapping = match Mapping::open(&dev.join(&entry.node), entry.map_size) {
+    let map_size = ring_map_size(sys, entry);
+    let mapping = match Mapping::open(&dev.join(&entry.node), map_size) {
         Ok(m) => m,
         Err(e) => {
             say(&format!("failed: cannot map /dev/{}: {e}", entry.node));
@@ -940,6 +941,27 @@ fn open_journal(
     }
 }
 
+/// The size of the device's map0. A device found the moment it appears
+/// (its ADDED_DEVICE event, or a scan that raced its registration) may not
+/// show its map in sysfs yet: seen once in the bench VM as "uio map0 has
+/// size 0" on the first device after a daemon start, which failed the
+/// snapshotter's `enable` with EIO. So a size of 0 is read again for up
+/// to 2 s before the device is given up.
+fn ring_map_size(sys_class_uio: &Path, entry: &UioEntry) -> usize {
+    let mut size = entry.map_size;
+    for _ in 0..20 {
+        if size > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        size = match uio::entry(sys_class_uio, &entry.node) {
+            Some((now, _)) if now.name == entry.name => now.map_size,
+            _ => 0,
+        };
+    }
+    size
+}
+
 /// A device's worker: run requests as they come and answer them; tell
 /// the kernel whenever `cmd_tail` moved.
 fn work(
@@ -1112,6 +1134,38 @@ mod tests {
         assert!(keys[0].starts_with("enableAudit"));
         assert!(keys[1].contains("\"ocf\""));
         assert!(keys[2].starts_with("ioEngine 1"));
+    }
+
+    /// A device whose map is not in sysfs yet when it is found gets its
+    /// size once it shows, not a failure.
+    #[test]
+    fn a_map_that_shows_late_is_waited_for() {
+        let dir = std::env::temp_dir().join(format!("obd-tcmu-late-{}", std::process::id()));
+        let name = "tcm-user/1/late/overlaybd//c.json";
+        let uio0 = dir.join("uio0");
+        std::fs::create_dir_all(uio0.join("maps/map0")).unwrap();
+        std::fs::write(uio0.join("name"), format!("{name}\n")).unwrap();
+        let entry = UioEntry {
+            node: "uio0".into(),
+            name: name.into(),
+            map_size: 0,
+        };
+        let size_file = uio0.join("maps/map0/size");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(250));
+            std::fs::write(size_file, "0x40800000\n").unwrap();
+        });
+        assert_eq!(ring_map_size(&dir, &entry), 0x4080_0000);
+        writer.join().unwrap();
+        // Never there: given up (0), in bounded time.
+        let gone = UioEntry {
+            node: "uio1".into(),
+            ..entry
+        };
+        let start = Instant::now();
+        assert_eq!(ring_map_size(&dir, &gone), 0);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

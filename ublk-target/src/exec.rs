@@ -13,9 +13,9 @@
 //!   straight into the request buffer (a bad block is EIO, never data) on
 //!   the queue thread, when the request has less than 32 KiB of blocks to
 //!   decode; a request with more (a 4 KiB read of a 32 KiB-block layer, a
-//!   sequential read) is read and decoded on the offload pool instead, so
-//!   the queue thread serves other tags meanwhile and the requests in
-//!   flight decode on all CPUs;
+//!   sequential read) is read whole on the offload pool instead, through
+//!   `Stack::read` as one job, so the queue thread serves other tags
+//!   meanwhile and the requests in flight decode on all CPUs;
 //! - the writable layer's data file is read at `position`;
 //! - a registry layer (through the blob cache) is read from the cache on the
 //!   queue thread when every byte it needs is cached (`Fetch::read_cached`,
@@ -118,9 +118,16 @@ pub struct Scratch {
 pub struct Backend {
     /// The stack, replaceable while the device runs (`obd snapshot`).
     live: Arc<LiveStack>,
-    /// Threads for reads that may wait on a registry (see `offload`).
+    /// Threads for reads that may wait on a registry, or decode a lot
+    /// (see `offload`).
     pool: Pool,
+    /// Buffers of finished `offload_request`s, for the next ones.
+    spare: std::sync::Mutex<Vec<Vec<u8>>>,
 }
+
+/// How many `offload_request` buffers (up to `IO_BUF_BYTES` each) are
+/// kept for reuse: as many requests as the pool runs at once.
+const SPARE_BUFFERS: usize = POOL_THREADS;
 
 /// How long a request waits before asking again whether a live snapshot
 /// has finished replacing the stack.
@@ -131,6 +138,7 @@ impl Backend {
         Ok(Backend {
             live,
             pool: Pool::new(POOL_THREADS, "obd-offload")?,
+            spare: std::sync::Mutex::default(),
         })
     }
 
@@ -294,11 +302,8 @@ impl Backend {
             return Err(-libc::EIO);
         }
         if zfile_pieces > 0 && offload_decoding(&jobs) {
-            for job in jobs.iter_mut() {
-                if let Fetch::ZFile { .. } = job.fetch {
-                    job.fetch = Fetch::Offload;
-                }
-            }
+            drop(jobs);
+            return self.offload_request(q, stack, offset, buf).await;
         }
         if scratch.stored.len() < zfile_pieces {
             scratch.stored.resize_with(zfile_pieces, Vec::new);
@@ -399,6 +404,54 @@ impl Backend {
         decode_all(decodes)
     }
 
+    /// Read a whole request on the offload pool, through the engine's own
+    /// read path (as `obd tcmu`'s workers do: one job, not one per plan
+    /// piece), into a buffer kept for the next such request, then copy it
+    /// into the request buffer. A fresh buffer per request would cost a
+    /// page fault per 4 KiB (large allocations are fresh mappings).
+    async fn offload_request(
+        &self,
+        q: &UblkQueue<'_>,
+        stack: &Arc<Stack>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), i32> {
+        let stack = stack.clone();
+        let len = buf.len();
+        let mut bytes = self.spare_buffer();
+        let bytes = self
+            .pool
+            .run(q, move || {
+                if bytes.len() < len {
+                    bytes.resize(len, 0);
+                }
+                match stack.read(&mut bytes[..len], offset) {
+                    Ok(()) => Ok(bytes),
+                    Err(e) => {
+                        eprintln!("obd: {e}");
+                        Err(-e.errno())
+                    }
+                }
+            })
+            .await?;
+        let read = bytes.get(..len).ok_or(-libc::EIO)?;
+        buf.copy_from_slice(read);
+        self.keep_buffer(bytes);
+        Ok(())
+    }
+
+    fn spare_buffer(&self) -> Vec<u8> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        spare.pop().unwrap_or_default()
+    }
+
+    fn keep_buffer(&self, bytes: Vec<u8>) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE_BUFFERS {
+            spare.push(bytes);
+        }
+    }
+
     /// A read that may wait on a registry, on the offload pool.
     async fn offload_read(
         &self,
@@ -472,8 +525,8 @@ impl Backend {
 
 /// Bytes of ZFile blocks a request must decode (whole blocks: a 4 KiB
 /// random read of a 32 KiB-block layer counts 32 KiB) from which the
-/// request's local ZFile pieces are read and decoded on the offload pool
-/// instead of the queue thread. Decoding 32 KiB takes longer than handing
+/// request is read and decoded on the offload pool instead of the queue
+/// thread. Decoding 32 KiB takes longer than handing
 /// the work to another thread and back, and meanwhile the queue serves its
 /// other tags (a queue has one thread, and 6.12 has no per-tag daemons), so
 /// the requests in flight decode on all CPUs at once. Measured in one boot
@@ -482,7 +535,7 @@ impl Backend {
 /// of scripts/bench-ublk.sh (see scripts/bench-ublk.md).
 const OFFLOAD_DECODE_BYTES: u64 = 32 << 10;
 
-/// Whether a request's local ZFile pieces go to the offload pool: they
+/// Whether a request is read on the offload pool: its local ZFile pieces
 /// have at least [`OFFLOAD_DECODE_BYTES`] of blocks to decode.
 fn offload_decoding(jobs: &[Job<'_, '_>]) -> bool {
     let mut blocks = 0u64;

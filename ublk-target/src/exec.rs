@@ -121,12 +121,12 @@ pub struct Backend {
     /// Threads for reads that may wait on a registry, or decode a lot
     /// (see `offload`).
     pool: Pool,
-    /// Buffers of finished `offload_request`s, for the next ones.
+    /// Buffers of finished `read_on_pool`s, for the next ones.
     spare: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
-/// How many `offload_request` buffers (up to `IO_BUF_BYTES` each) are
-/// kept for reuse: as many requests as the pool runs at once.
+/// How many `read_on_pool` buffers (up to `IO_BUF_BYTES` each) are kept
+/// for reuse: as many reads as the pool runs at once.
 const SPARE_BUFFERS: usize = POOL_THREADS;
 
 /// How long a request waits before asking again whether a live snapshot
@@ -406,9 +406,7 @@ impl Backend {
 
     /// Read a whole request on the offload pool, through the engine's own
     /// read path (as `obd tcmu`'s workers do: one job, not one per plan
-    /// piece), into a buffer kept for the next such request, then copy it
-    /// into the request buffer. A fresh buffer per request would cost a
-    /// page fault per 4 KiB (large allocations are fresh mappings).
+    /// piece).
     async fn offload_request(
         &self,
         q: &UblkQueue<'_>,
@@ -416,8 +414,23 @@ impl Backend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), i32> {
+        self.read_on_pool(q, stack, buf, move |s, b| s.read(b, offset))
+            .await
+    }
+
+    /// Run `read` on the offload pool into a buffer kept for the next such
+    /// read, then copy what it read into `target`. A fresh buffer per read
+    /// would cost a page fault per 4 KiB (large allocations are fresh
+    /// mappings).
+    async fn read_on_pool(
+        &self,
+        q: &UblkQueue<'_>,
+        stack: &Arc<Stack>,
+        target: &mut [u8],
+        read: impl FnOnce(&Stack, &mut [u8]) -> overlaybd::Result<()> + Send + 'static,
+    ) -> Result<(), i32> {
         let stack = stack.clone();
-        let len = buf.len();
+        let len = target.len();
         let mut bytes = self.spare_buffer();
         let bytes = self
             .pool
@@ -425,7 +438,7 @@ impl Backend {
                 if bytes.len() < len {
                     bytes.resize(len, 0);
                 }
-                match stack.read(&mut bytes[..len], offset) {
+                match read(&stack, &mut bytes[..len]) {
                     Ok(()) => Ok(bytes),
                     Err(e) => {
                         eprintln!("obd: {e}");
@@ -435,7 +448,7 @@ impl Backend {
             })
             .await?;
         let read = bytes.get(..len).ok_or(-libc::EIO)?;
-        buf.copy_from_slice(read);
+        target.copy_from_slice(read);
         self.keep_buffer(bytes);
         Ok(())
     }
@@ -460,26 +473,8 @@ impl Backend {
         chunk: &mut [u8],
         source: PieceSource,
     ) -> Result<(), i32> {
-        let stack = stack.clone();
-        let len = chunk.len();
-        let bytes = self
-            .pool
-            .run(q, move || {
-                let mut bytes = vec![0u8; len];
-                match stack.read_piece(&mut bytes, source) {
-                    Ok(()) => Ok(bytes),
-                    Err(e) => {
-                        eprintln!("obd: {e}");
-                        Err(-e.errno())
-                    }
-                }
-            })
-            .await?;
-        if bytes.len() != len {
-            return Err(-libc::EIO);
-        }
-        chunk.copy_from_slice(&bytes);
-        Ok(())
+        self.read_on_pool(q, stack, chunk, move |s, b| s.read_piece(b, source))
+            .await
     }
 
     /// A store that reads the layers below first (part of a sparse
@@ -526,8 +521,8 @@ impl Backend {
 /// Bytes of ZFile blocks a request must decode (whole blocks: a 4 KiB
 /// random read of a 32 KiB-block layer counts 32 KiB) from which the
 /// request is read and decoded on the offload pool instead of the queue
-/// thread. Decoding 32 KiB takes longer than handing
-/// the work to another thread and back, and meanwhile the queue serves its
+/// thread. Decoding 32 KiB takes longer than handing the work to another
+/// thread and back, and meanwhile the queue serves its
 /// other tags (a queue has one thread, and 6.12 has no per-tag daemons), so
 /// the requests in flight decode on all CPUs at once. Measured in one boot
 /// against decoding requests of 128 KiB or more in parallel parts on the

@@ -55,6 +55,40 @@ install_obd() {
     cp "${CARGO_TARGET_DIR:-target}/release/obd" "$BENCH/obd.tmp" && mv "$BENCH/obd.tmp" "$BENCH/obd"
 }
 
+# bench_disk IMAGE SIZE SERIAL: a fresh sparse IMAGE of SIZE on the host,
+# attached to the VM as a virtio disk with SERIAL; sets BENCH_DISK_ARGS to
+# the tests/vm/run.sh options that do it. cache=unsafe: the host's page
+# cache backs it, like a host's layer directory.
+bench_disk() {
+    rm -f "$1"
+    truncate -s "$2" "$1"
+    BENCH_DISK_ARGS=(--qemu-arg -drive
+        --qemu-arg "file=$1,if=none,id=$3,format=raw,cache=unsafe"
+        --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=$3,serial=$3")
+}
+
+# mount_bench_disk SERIAL DIR (guest): make ext4 on the virtio disk with
+# SERIAL and mount it on DIR; exit 1 when the disk is missing.
+mount_bench_disk() {
+    local b disk=
+    for b in /sys/block/vd*; do
+        [[ $(cat "$b/serial" 2>/dev/null) == "$1" ]] && disk=/dev/${b##*/}
+    done
+    [[ -b $disk ]] || { echo "the disk with virtio serial $1 is missing"; exit 1; }
+    mkfs.ext4 -q -F "$disk"
+    mount "$disk" "$2"
+}
+
+# write_stack_config CONFIG LAYER...: an image config of the LAYERs
+# (bottom first), its resultFile next to it.
+write_stack_config() {
+    "$PY" - "$@" <<'PY'
+import json, sys
+cfg, *lowers = sys.argv[1:]
+json.dump({"lowers": [{"file": l} for l in lowers], "resultFile": cfg + ".result"}, open(cfg, "w"))
+PY
+}
+
 # run_bench: guest_main with --guest, host_main without.
 run_bench() {
     if ((guest)); then

@@ -255,16 +255,11 @@ host_main() {
     (cd "$DATA" && ls -ls layer*) | sed 's/^/  /' >&2
     local results
     results=$(mktemp -d /tmp/obd-bench-ublk.XXXXXX)
-    local rc=0 disk_args=()
+    local rc=0
+    BENCH_DISK_ARGS=()
     case $storage in
         tmpfs) ;;
-        disk)
-            rm -f "$BENCH/disk.img"
-            truncate -s 6G "$BENCH/disk.img"
-            disk_args=(--qemu-arg -drive
-                --qemu-arg "file=$BENCH/disk.img,if=none,id=benchdisk,format=raw,cache=unsafe"
-                --qemu-arg -device --qemu-arg virtio-blk-pci,drive=benchdisk,serial=obdbench)
-            ;;
+        disk) bench_disk "$BENCH/disk.img" 6G obdbench ;;
         *) say "--storage is disk or tmpfs"; exit 2 ;;
     esac
     # Each case of a round takes 2 x (ramp + runtime) of fio plus set-up,
@@ -272,7 +267,7 @@ host_main() {
     local n_cases vm_timeout
     n_cases=$(wc -w <<<"$cases")
     vm_timeout=$((900 + rounds * n_cases * (2 * (ramp + runtime) + 60) * 2))
-    tests/vm/run.sh --timeout "$vm_timeout" --mem "$mem" --smp "$smp" --results "$results" --quiet "${disk_args[@]}" \
+    tests/vm/run.sh --timeout "$vm_timeout" --mem "$mem" --smp "$smp" --results "$results" --quiet "${BENCH_DISK_ARGS[@]}" \
         -- bash scripts/bench-ublk.sh --guest --runtime "$runtime" --ramp "$ramp" --rounds "$rounds" \
         --cases "$cases" --storage "$storage" "${ref_args[@]}" || rc=$?
     rm -f "$BENCH/disk.img"
@@ -390,11 +385,7 @@ file_case() {
 # zfile or mixed), and print its path.
 stack_config() {
     local cfg=$W/$1.json
-    "$PY" - "$cfg" "$W"/layer[0-4]."$1" <<'PY'
-import json, sys
-cfg, *lowers = sys.argv[1:]
-json.dump({"lowers": [{"file": l} for l in lowers], "resultFile": cfg + ".result"}, open(cfg, "w"))
-PY
+    write_stack_config "$cfg" "$W"/layer[0-4]."$1"
     echo "$cfg"
 }
 
@@ -631,13 +622,7 @@ guest_main() {
     mkdir -p "$W" "$OUT/fio"
     local storage_label=tmpfs
     if [[ $storage == disk ]]; then
-        local b disk=
-        for b in /sys/block/vd*; do
-            [[ $(cat "$b/serial" 2>/dev/null) == obdbench ]] && disk=/dev/${b##*/}
-        done
-        [[ -b $disk ]] || { echo "the bench disk (virtio serial obdbench) is missing"; exit 1; }
-        mkfs.ext4 -q -F "$disk"
-        mount "$disk" "$W"
+        mount_bench_disk obdbench "$W"
         storage_label="ext4 on virtio-blk"
     fi
     echo "storage: $storage_label"

@@ -56,16 +56,10 @@ host_main() {
     local results rc=0 extra=()
     [[ -z $ref_tcmu ]] || extra+=(--ref-tcmu "$(realpath -s "$ref_tcmu")")
     ((!callers)) || extra+=(--callers)
-    local disk_args=()
-    if [[ $storage == disk ]]; then
-        rm -f "$BENCH/profile-disk.img"
-        truncate -s 4G "$BENCH/profile-disk.img"
-        disk_args=(--qemu-arg -drive
-            --qemu-arg "file=$BENCH/profile-disk.img,if=none,id=profdisk,format=raw,cache=unsafe"
-            --qemu-arg -device --qemu-arg virtio-blk-pci,drive=profdisk,serial=obdprofile)
-    fi
+    BENCH_DISK_ARGS=()
+    [[ $storage != disk ]] || bench_disk "$BENCH/profile-disk.img" 4G obdprofile
     results=$(mktemp -d /tmp/obd-profile.XXXXXX)
-    tests/vm/run.sh --timeout $((900 + 4 * seconds)) --mem "$mem" --results "$results" --quiet "${disk_args[@]}" \
+    tests/vm/run.sh --timeout $((900 + 4 * seconds)) --mem "$mem" --results "$results" --quiet "${BENCH_DISK_ARGS[@]}" \
         -- bash scripts/profile-ublk.sh --guest --front "$front" --kind "$kind" --workload "$workload" \
         --seconds "$seconds" --storage "$storage" "${extra[@]}" || rc=$?
     rm -f "$BENCH/profile-disk.img"
@@ -82,22 +76,10 @@ host_main() {
 guest_main() {
     local W=/tmp/profile OUT=${OBD_VM_RESULTS:-/tmp} OBD=$BENCH/obd dev daemon cfg
     mkdir -p "$W"
-    if [[ $storage == disk ]]; then
-        local b disk=
-        for b in /sys/block/vd*; do
-            [[ $(cat "$b/serial" 2>/dev/null) == obdprofile ]] && disk=/dev/${b##*/}
-        done
-        [[ -b $disk ]] || { echo "the profile disk (virtio serial obdprofile) is missing"; exit 1; }
-        mkfs.ext4 -q -F "$disk"
-        mount "$disk" "$W"
-    fi
+    [[ $storage != disk ]] || mount_bench_disk obdprofile "$W"
     cp "$DATA"/layer[0-4]."$kind" "$W/"
     cfg=$W/$kind.json
-    "$PY" - "$cfg" "$W"/layer[0-4]."$kind" <<'PY'
-import json, sys
-cfg, *lowers = sys.argv[1:]
-json.dump({"lowers": [{"file": l} for l in lowers], "resultFile": cfg + ".result"}, open(cfg, "w"))
-PY
+    write_stack_config "$cfg" "$W"/layer[0-4]."$kind"
     local size=$((1 << 30))
     case $front in
         ublk | ublk2)

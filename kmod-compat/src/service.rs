@@ -36,7 +36,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -806,6 +806,7 @@ fn serve_device(
     ));
     let name_file = sys.join(&entry.node).join("name");
     let broken = AtomicBool::new(false);
+    let kicks = Kicks::default();
     let (to_workers, requests) = mpsc::channel::<Request>();
     let requests = Mutex::new(requests);
     std::thread::scope(|scope| {
@@ -813,7 +814,7 @@ fn serve_device(
             let spawned = std::thread::Builder::new()
                 .name(format!("tcmu-{}", entry.node))
                 .spawn_scoped(scope, || {
-                    work(&ring, &disk, &mapping, &requests, &broken, &say)
+                    work(&ring, &disk, &mapping, &kicks, &requests, &broken, &say)
                 });
             if let Err(e) = spawned {
                 say(&format!("cannot start a worker: {e}"));
@@ -962,12 +963,56 @@ fn ring_map_size(sys_class_uio: &Path, entry: &UioEntry) -> usize {
     size
 }
 
+/// Tells the kernel that answers are ready, once for many. Each kick is a
+/// write to the uio node in which target_core_user takes the ring's lock
+/// and completes every answer up to `cmd_tail`; with many commands in
+/// flight, workers that finish while another worker's kick runs leave it
+/// to that worker to kick once more, instead of queueing on the kernel's
+/// lock one after another (as libtcmu's `tcmulib_processing_complete` is
+/// coalesced by the reference).
+#[derive(Default)]
+struct Kicks {
+    /// Finished answers not yet covered by a kick that began after them.
+    pending: AtomicUsize,
+}
+
+impl Kicks {
+    /// Call after an answer moved `cmd_tail`. Either this thread kicks,
+    /// until no answer came in during its last kick, or a thread that is
+    /// kicking now will kick again after seeing this one.
+    fn kick(&self, mapping: &Mapping) -> std::io::Result<()> {
+        self.kick_with(|| mapping.kick())
+    }
+
+    fn kick_with(&self, kick: impl Fn() -> std::io::Result<()>) -> std::io::Result<()> {
+        let mut seen = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        if seen != 1 {
+            return Ok(());
+        }
+        loop {
+            if let Err(e) = kick() {
+                // The device stops on this error; nobody waits on the count.
+                self.pending.store(0, Ordering::Release);
+                return Err(e);
+            }
+            match self
+                .pending
+                .compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => seen = now,
+            }
+        }
+    }
+}
+
 /// A device's worker: run requests as they come and answer them; tell
 /// the kernel whenever `cmd_tail` moved.
 fn work(
     ring: &Ring<'_, Mapping>,
     disk: &Disk,
     mapping: &Mapping,
+    kicks: &Kicks,
     requests: &Mutex<mpsc::Receiver<Request>>,
     broken: &AtomicBool,
     say: &(dyn Fn(&str) + Sync),
@@ -978,7 +1023,7 @@ fn work(
         let outcome = ring.execute(&request, disk, say);
         match ring.finish(&request, &outcome) {
             Ok(true) => {
-                if let Err(e) = mapping.kick() {
+                if let Err(e) = kicks.kick(mapping) {
                     say(&format!("cannot notify the kernel: {e}"));
                     broken.store(true, Ordering::Relaxed);
                 }
@@ -995,6 +1040,89 @@ fn work(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every answer is seen by a kick that began after it was written,
+    /// however the workers' kicks interleave, and fewer kicks are made
+    /// than answers when they overlap.
+    #[test]
+    fn every_answer_is_covered_by_a_later_kick() {
+        use std::sync::atomic::AtomicU64;
+        const THREADS: u64 = 4;
+        const ANSWERS: u64 = 2000;
+        let kicks = Kicks::default();
+        // What the "kernel" has completed: the count of answers written
+        // when the last kick began.
+        let written = AtomicU64::new(0);
+        let completed = AtomicU64::new(0);
+        let made = AtomicU64::new(0);
+        let kick = || {
+            made.fetch_add(1, Ordering::Relaxed);
+            let now = written.load(Ordering::Acquire);
+            completed.fetch_max(now, Ordering::AcqRel);
+            std::thread::yield_now();
+            Ok(())
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..THREADS {
+                scope.spawn(|| {
+                    for _ in 0..ANSWERS {
+                        written.fetch_add(1, Ordering::AcqRel);
+                        kicks.kick_with(kick).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(completed.load(Ordering::Acquire), THREADS * ANSWERS);
+        assert_eq!(kicks.pending.load(Ordering::Acquire), 0);
+        assert!(made.load(Ordering::Relaxed) <= THREADS * ANSWERS);
+    }
+
+    /// An answer written while another worker's kick runs is left to
+    /// that worker, which kicks once more for it.
+    #[test]
+    fn an_answer_during_a_kick_gets_one_more_kick() {
+        use std::sync::mpsc::channel;
+        let kicks = Kicks::default();
+        let made = AtomicUsize::new(0);
+        let (in_kick, kicking) = channel::<()>();
+        let (go_on, wait) = channel::<()>();
+        let wait = Mutex::new(wait);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                kicks
+                    .kick_with(|| {
+                        if made.fetch_add(1, Ordering::AcqRel) == 0 {
+                            in_kick.send(()).unwrap();
+                            wait.lock().unwrap().recv().unwrap();
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+            });
+            kicking.recv().unwrap();
+            // The second worker's answer: no kick of its own.
+            kicks.kick_with(|| panic!("a second kicker")).unwrap();
+            go_on.send(()).unwrap();
+        });
+        assert_eq!(made.load(Ordering::Acquire), 2);
+        assert_eq!(kicks.pending.load(Ordering::Acquire), 0);
+    }
+
+    /// A failing kick is returned, and the next answer kicks again.
+    #[test]
+    fn a_failed_kick_is_reported_and_not_left_pending() {
+        let kicks = Kicks::default();
+        let failing = || Err(std::io::Error::other("gone"));
+        assert!(kicks.kick_with(failing).is_err());
+        let made = AtomicUsize::new(0);
+        kicks
+            .kick_with(|| {
+                made.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(made.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn disk_identity_is_stable_per_config() {

@@ -57,8 +57,9 @@ pub struct Args {
     /// layers [default: /etc/overlaybd/overlaybd.json if it exists].
     #[arg(long, value_name = "PATH")]
     global_config: Option<PathBuf>,
-    /// SCSI commands run at once per device. Answers still go back in
-    /// the order the kernel queued them.
+    /// SCSI commands run at once per device (a thread each). Each answer
+    /// goes back as its command finishes (in ring order when no ring
+    /// journal can be kept under /run/obd/tcmu).
     #[arg(long, value_name = "N", default_value_t = service::DEFAULT_WORKERS as u16,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     workers: u16,

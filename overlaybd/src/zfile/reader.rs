@@ -551,6 +551,30 @@ thread_local! {
     static ZSTD_DCTX: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// Decompress one LZ4 block with liblz4's `LZ4_decompress_safe`, which the
+/// writer's library already links, so one LZ4 library serves both ways
+/// (and `obd zfile -x` of 1 GiB of lz4/64K took 0.45-0.51 s of CPU against
+/// 0.52-0.67 s with lz4_flex's safe decoder). It is the call made for
+/// hostile input: it never reads or writes outside the two buffers,
+/// whatever `data` holds.
+fn lz4_decompress_safe(data: &[u8], out: &mut [u8]) -> std::result::Result<usize, String> {
+    use std::os::raw::{c_char, c_int};
+    let src_len = c_int::try_from(data.len()).map_err(|_| "lz4 block too large".to_string())?;
+    let dst_len = c_int::try_from(out.len()).map_err(|_| "lz4 block too large".to_string())?;
+    // SAFETY: `data` is valid for `src_len` bytes of reading and `out` for
+    // `dst_len` bytes of writing; LZ4_decompress_safe touches nothing
+    // beyond them and reports malformed input as a negative length.
+    let n = unsafe {
+        lz4_sys::LZ4_decompress_safe(
+            data.as_ptr().cast::<c_char>(),
+            out.as_mut_ptr().cast::<c_char>(),
+            src_len,
+            dst_len,
+        )
+    };
+    usize::try_from(n).map_err(|_| format!("lz4 decompression failed (liblz4 error {n})"))
+}
+
 /// Decompress one block's compressed bytes into `out`; returns the length
 /// produced (an error when it would exceed `out`).
 fn decompress_block(
@@ -559,8 +583,7 @@ fn decompress_block(
     out: &mut [u8],
 ) -> std::result::Result<usize, String> {
     match algorithm {
-        Algorithm::Lz4 => lz4_flex::block::decompress_into(data, out)
-            .map_err(|e| format!("lz4 decompression failed: {e}")),
+        Algorithm::Lz4 => lz4_decompress_safe(data, out),
         Algorithm::Zstd => ZSTD_DCTX.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {

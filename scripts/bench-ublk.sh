@@ -37,7 +37,7 @@
 # the same two stacks. N rounds, even ones in reverse order (the host's
 # load drifts: other jobs share its cores). --cases picks a subset (names:
 # loop-on loop-off file ublk-KIND-1 ublk-KIND-2 tcmu-KIND ref-tcmu-KIND,
-# KIND = lsmt, zfile or mixed).
+# KIND = lsmt, zfile or mixed; tcmu-KIND-wN runs `obd tcmu --workers N`).
 # --ref-tcmu PATH: also serve both stacks through the reference C++
 # overlaybd-tcmu (PATH: the binary, or a wrapper that sets LD_LIBRARY_PATH
 # and execs it; it must be outside /tmp, the guest runs it from the host's
@@ -405,6 +405,7 @@ ublk_case() {
 # the reference's run, see the header); a device per case, made and
 # removed with the snapshotter's configfs steps.
 TCMU_DAEMON=
+TCMU_WORKERS=
 REF_DAEMON=
 NL_QUIET=1    # the kernel waits for no netlink answer (see ref_stop)
 
@@ -448,17 +449,25 @@ tcmu_device() {
     remove_dev "bench-$kind" || true
 }
 
+# tcmu_case KIND[-wN]: obd tcmu over the KIND stack, with N workers per
+# device (`--workers N`; the daemon's default without -wN).
 tcmu_case() {
+    local kind=${1%-w*} workers=
+    [[ $1 != *-w* ]] || workers=${1##*-w}
     ref_stop
     if ((!NL_QUIET)); then
         echo "== round $round tcmu-$1: skipped (the kernel may still wait for netlink answers)"
         return 0
     fi
-    if [[ -z $TCMU_DAEMON ]]; then
-        "$OBD" tcmu >>"$OUT/tcmu-daemon.log" 2>&1 &
-        TCMU_DAEMON=$!
+    if [[ -n $TCMU_DAEMON && $TCMU_WORKERS != "$workers" ]]; then
+        obd_tcmu_stop
     fi
-    tcmu_device "$1" "tcmu-$1" "$TCMU_DAEMON"
+    if [[ -z $TCMU_DAEMON ]]; then
+        "$OBD" tcmu ${workers:+--workers "$workers"} >>"$OUT/tcmu-daemon.log" 2>&1 &
+        TCMU_DAEMON=$!
+        TCMU_WORKERS=$workers
+    fi
+    tcmu_device "$kind" "tcmu-$1" "$TCMU_DAEMON"
 }
 
 # The reference overlaybd-tcmu takes its global config as its only
@@ -633,7 +642,7 @@ guest_main() {
     # a case serves
     local kind kinds="lsmt"
     for kind in zfile mixed; do
-        [[ " $cases " =~ -$kind(-[0-9])?\  ]] && kinds+=" $kind"
+        [[ " $cases " =~ -$kind(-[0-9]|-w[0-9]+)?\  ]] && kinds+=" $kind"
     done
     for kind in $kinds; do cp "$DATA"/layer[0-4]."$kind" "$W/"; done
     echo "copied the layers ($kinds) in $((SECONDS - t0)) s"

@@ -39,6 +39,8 @@ bash scripts/containerd-setup.sh >/dev/null
 OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- bash tests/vm/containerd/flow.sh
 echo "== VM: the same with rwMode dir (a writable overlaybd device per container, made by obd as overlaybd-create; ~3 min)"
 OBD_CTR_RWMODE=dir OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- bash tests/vm/containerd/flow.sh
+echo "== VM: the same with rwMode dev (containerd mounts the container's overlaybd device as ext4 itself; ~3 min)"
+OBD_CTR_RWMODE=dev OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- bash tests/vm/containerd/flow.sh
 echo "== VM: vhost-user-blk (obd serve; qemu boots the Debian 6.12 kernel from an obd image, no kernel module)"
 OBD_BIN=target/debug/obd bash tests/vm/vhost/boot.sh
 echo "== VM: power cut, short form (qemu killed under flushed writes; one trial per front end and upper kind)"

@@ -2,7 +2,7 @@
 # The real containerd flow with obd in place of overlaybd-tcmu, in the VM:
 #
 #   scripts/containerd-setup.sh     # host: containerd, runc, snapshotter, ctr
-#   [OBD_CTR_RWMODE=dir] OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- \
+#   [OBD_CTR_RWMODE=dir|dev] OBD_VM_EXTRA_MODULES=overlay tests/vm/run.sh --timeout 1800 -- \
 #       bash tests/vm/containerd/flow.sh
 #
 # In the guest: Debian's containerd 1.6 with the accelerated-container-image
@@ -25,8 +25,9 @@
 #      makes an image with an acceleration layer;
 #   e) a container from the busybox image prints its files; its writes
 #      land in the snapshotter's writable layer, not in the image (rwMode
-#      overlayfs: the snapshot's upper dir; OBD_CTR_RWMODE=dir: the
-#      writable_data of the container's own overlaybd device);
+#      overlayfs: the snapshot's upper dir; OBD_CTR_RWMODE=dir or dev: the
+#      writable_data of the container's own overlaybd device; dev: that
+#      device is what containerd mounts, as ext4);
 #   f) the traced image is pushed and rpulled (so the snapshotter sees its
 #      acceleration layer), and a container from it that reads one small
 #      file starts on a cold cache (obd tcmu restarted on an empty cache,
@@ -42,8 +43,9 @@ ACTR=$CTR_BIN/ctr # accelerated-container-image's ctr: rpull, record-trace
 SNAPSHOTTER=$CTR_BIN/overlaybd-snapshotter
 FIX=$ROOT/tests/fixtures/real-dev-image
 # The snapshotter's rwMode: overlayfs (an overlay upper dir on the image's
-# device) or dir (a writable overlaybd device per container, made with
-# /opt/overlaybd/bin/overlaybd-create, i.e. obd).
+# device), dir (a writable overlaybd device per container, made with
+# /opt/overlaybd/bin/overlaybd-create, i.e. obd, mounted by the
+# snapshotter) or dev (the same device, mounted by containerd).
 RWMODE=${OBD_CTR_RWMODE:-overlayfs}
 W=/tmp/ctrflow
 WORK=$W
@@ -258,6 +260,16 @@ if timeout 120 ctr run --snapshotter overlaybd $BB_IMG bbw /bin/sh -c "echo $MAR
         bad "e) the container's write: not found in the writable layer (rwMode $RWMODE), or it leaked into the image"
     fi
     timeout 60 ctr container rm bbw >/dev/null 2>&1
+    if [ "$RWMODE" = dev ]; then
+        # rwMode dev: containerd mounts the device's ext4 as the root
+        # file system itself (no bind of the snapshotter's mount point).
+        devmounts=$(grep -o 'return mount point(R/W mode: dev): \[{ext4 /dev/sd[a-z]* ' $W/snapshotter.log | sort -u | tr -s ' ' | tr '\n' ';')
+        if [ -n "$devmounts" ]; then
+            ok "e) rwMode dev: the snapshotter gave containerd the overlaybd devices to mount as ext4 ($devmounts)"
+        else
+            bad "e) rwMode dev: no ext4 device mount in the snapshotter's log"
+        fi
+    fi
 else
     bad "e) ctr run (write): $(tail -n 5 $W/run3.out)"
 fi

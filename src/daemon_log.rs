@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use overlaybd::config::LogConfig;
+use overlaybd::config::{GlobalConfig, LogConfig};
 
 /// Send stderr to the log file `config` names, if it names one; a thread
 /// writes it. Returns whether it did.
@@ -53,6 +53,14 @@ pub fn start(config: &LogConfig) -> Result<bool> {
         })
         .context("starting the log thread")?;
     Ok(true)
+}
+
+/// What every daemon that loads a global config says at start, once its
+/// log is set up: each key it reads but does not act on.
+pub fn name_ignored_keys(who: &str, global: &GlobalConfig) {
+    for key in global.ignored_keys() {
+        eprintln!("{who}: warning: not implemented, ignored: {key}");
+    }
 }
 
 const LEVELS: [&str; 4] = ["DEBUG", "INFO", "WARN", "ERROR"];

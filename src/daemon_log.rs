@@ -6,6 +6,10 @@
 //! 3 error) drops lines below it; a line is a warning when it says
 //! "warning", an error when it says "error", "failed" or "cannot", else info.
 //!
+//! The audit log (`enableAudit`, `auditPath`) is a second file, rotated
+//! the same way at the reference's fixed 10 MiB and 3 old files, written by
+//! [`overlaybd::audit`].
+//!
 //! Redirecting stderr (not a logging framework) keeps every message of
 //! every crate, including a panic's, in the one log, with no call site to
 //! change.
@@ -61,6 +65,33 @@ pub fn name_ignored_keys(who: &str, global: &GlobalConfig) {
     for key in global.ignored_keys() {
         eprintln!("{who}: warning: not implemented, ignored: {key}");
     }
+}
+
+/// The audit file's size limit and old files kept (fixed, as the
+/// reference's).
+const AUDIT_SIZE: u64 = 10 << 20;
+const AUDIT_FILES: u32 = 3;
+
+/// Open the audit log (`enableAudit`, `auditPath`) and send
+/// [`overlaybd::audit`]'s events to it. An empty `auditPath` is a warning
+/// and no audit, as in the reference; a path that cannot be opened fails
+/// the start, as a bad `logPath` does.
+pub fn start_audit(who: &str, global: &GlobalConfig) -> Result<()> {
+    if !global.enable_audit {
+        return Ok(());
+    }
+    let Some(path) = global.audit_path.clone() else {
+        eprintln!("{who}: warning: enableAudit is set but auditPath is empty: no audit log");
+        return Ok(());
+    };
+    let mut log = RotatingLog::open(path.clone(), AUDIT_SIZE, AUDIT_FILES)
+        .with_context(|| format!("auditPath {}", path.display()))?;
+    overlaybd::audit::install(Box::new(move |line| {
+        // Nowhere to report a failing audit write but the log, per event.
+        let _ = log.write_line(line);
+    }));
+    eprintln!("{who}: audit log {} (enableAudit)", path.display());
+    Ok(())
 }
 
 const LEVELS: [&str; 4] = ["DEBUG", "INFO", "WARN", "ERROR"];

@@ -784,13 +784,6 @@ impl GlobalConfig {
     /// surprise.
     pub fn ignored_keys(&self) -> Vec<String> {
         let mut keys = Vec::new();
-        if self.enable_audit || self.audit_path.is_some() {
-            keys.push(
-                "enableAudit/auditPath: no audit log is written (the reference's \
-                 lists registry downloads and slow cache reads)"
-                    .to_string(),
-            );
-        }
         if self.cache_config.cache_type != "file" {
             keys.push(format!(
                 "cacheConfig.cacheType \"{}\": the registry cache is always obd's file cache",

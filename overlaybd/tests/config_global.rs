@@ -364,8 +364,7 @@ fn ignored_keys_are_named_only_when_set() {
     let keys =
         parse(r#"{"enableAudit": true, "ioEngine": 1, "cacheConfig": {"cacheType": "ocf"}}"#)
             .ignored_keys();
-    assert_eq!(keys.len(), 3, "{keys:?}");
-    assert!(keys[0].starts_with("enableAudit"));
-    assert!(keys[1].contains("\"ocf\""));
-    assert!(keys[2].starts_with("ioEngine 1"));
+    assert_eq!(keys.len(), 2, "the audit log is written: {keys:?}");
+    assert!(keys[0].contains("\"ocf\""));
+    assert!(keys[1].starts_with("ioEngine 1"));
 }

@@ -106,6 +106,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     crate::daemon_log::start(&global.log_config)?;
     crate::daemon_log::name_ignored_keys("obd tcmu", &global);
+    crate::daemon_log::start_audit("obd tcmu", &global)?;
     eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
     let trace_global = global.clone();
     let on_open: kmod_compat::service::OnOpen = Arc::new(move |stack, config| {

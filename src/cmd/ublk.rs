@@ -208,6 +208,8 @@ pub fn launch(
         Mode::Background => start_daemon(loaded, daemon_args),
         Mode::Foreground => {
             crate::daemon_log::name_ignored_keys("obd", &global.config);
+            crate::daemon_log::start_audit("obd", &global.config)
+                .map_err(|e| loaded.fail(format!("{e:#}")))?;
             let stack = open_checked(loaded, global)?;
             let (record, trace) = serving_parts(loaded, &stack, options, global);
             serve_foreground(loaded, stack, options, start, record, trace)
@@ -223,7 +225,10 @@ pub fn launch(
             redirect_stdio(&log_path());
             let _ = std::env::set_current_dir("/");
             crate::daemon_log::name_ignored_keys("obd", &global.config);
-            let stack = match open_checked(loaded, global) {
+            let stack = match crate::daemon_log::start_audit("obd", &global.config)
+                .map_err(|e| loaded.fail(format!("{e:#}")))
+                .and_then(|()| open_checked(loaded, global))
+            {
                 Ok(stack) => stack,
                 Err(e) => {
                     let mut ready = ready;

@@ -18,7 +18,7 @@
 //! hot paths need no audit handle threaded through them.
 
 use std::fmt::Display;
-use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -74,11 +74,12 @@ pub fn record<T, E: Display>(
     ));
 }
 
-/// A read of a local file that took at least [`SLOW_LOCAL_READ`] as
-/// `file:pread`; the file is named from its descriptor only then.
+/// A read of a local file (`file`, or a raw descriptor) that took at
+/// least [`SLOW_LOCAL_READ`] as `file:pread`; the file is named from its
+/// descriptor only then.
 pub fn slow_file_read<T, E: Display>(
     started: Option<Instant>,
-    file: &File,
+    file: &impl AsRawFd,
     offset: u64,
     len: u64,
     result: &Result<T, E>,
@@ -87,10 +88,10 @@ pub fn slow_file_read<T, E: Display>(
     if at.elapsed() < SLOW_LOCAL_READ {
         return;
     }
-    use std::os::fd::AsRawFd;
-    let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    let fd = file.as_raw_fd();
+    let name = std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| format!("fd {}", file.as_raw_fd()));
+        .unwrap_or_else(|_| format!("fd {fd}"));
     record(started, "file:pread", &name, offset, len, result);
 }
 
@@ -146,6 +147,7 @@ pub(crate) fn capture() -> &'static Mutex<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     #[test]
     fn a_line_has_time_event_file_range_latency_and_result() {
@@ -177,6 +179,29 @@ mod tests {
             failed.ends_with("latency_us=3000 result=error: GET b: 503 retry later"),
             "{failed}"
         );
+    }
+
+    /// Only a read that took the threshold or more is audited, named by
+    /// the file's path.
+    #[test]
+    fn only_slow_local_reads_are_audited_by_path() {
+        let lines = capture();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slow-read-test.lsmt");
+        std::fs::write(&path, [0u8; 100]).unwrap();
+        let file = File::open(&path).unwrap();
+        let ok: std::io::Result<()> = Ok(());
+        slow_file_read(start(), &file, 0, 100, &ok);
+        let long_ago = Instant::now().checked_sub(SLOW_LOCAL_READ).unwrap();
+        slow_file_read(Some(long_ago), &file, 4096, 512, &ok);
+        let lines = lines.lock().unwrap();
+        let ours: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("slow-read-test"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        let wanted = format!(" file:pread file={} offset=4096 size=512 ", path.display());
+        assert!(ours[0].contains(&wanted), "{}", ours[0]);
     }
 
     /// Before a sink is installed nothing is timed or written (this test

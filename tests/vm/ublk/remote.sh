@@ -19,7 +19,9 @@
 #  - with background download on (no delay), the daemon that `obd add`
 #    starts downloads the whole blob into the lower's dir and switches to
 #    it (the download threads start when the image opens, which must be in
-#    the daemon, not in the `obd add` process that exits).
+#    the daemon, not in the `obd add` process that exits); with
+#    enableAudit, that daemon's audit log lists the blob's `download`s and
+#    `bk_download` chunks, and its log names the ignored `ioEngine` once.
 #   tests/vm/run.sh -- bash tests/vm/ublk/remote.sh
 SUITE=ublk-remote
 source "$(dirname "$0")/lib.sh"
@@ -181,12 +183,17 @@ download_in_daemon() {
     set_config "$CFG" || return 1
     cache_dir "$CACHE" || return 1
     global_config "$GLOBAL" "$CACHE" || return 1
-    "$PY" - "$GLOBAL" <<'PY' || { fail "edit $GLOBAL"; return 1; }
+    "$PY" - "$GLOBAL" "$WORK/$name/audit.log" <<'PY' || { fail "edit $GLOBAL"; return 1; }
 import json, sys
 cfg = json.load(open(sys.argv[1]))
 cfg["download"] = {"enable": True, "delay": 0, "delayExtra": 0, "maxMBps": 0}
+cfg["enableAudit"] = True
+cfg["auditPath"] = sys.argv[2]
+cfg["ioEngine"] = 0
 json.dump(cfg, open(sys.argv[1], "w"))
 PY
+    local digest
+    digest=$(blob_digest "$CFG")
     DEV=$(add_device "$CFG" --global-config "$GLOBAL") || return 1
     local dir i
     dir=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["lowers"][-1]["dir"])' "$CFG")
@@ -205,9 +212,16 @@ PY
     mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
     cmp "$SRC/d03/f010" "$MNT/d03/f010" || { fail "d03/f010 differs"; umount "$MNT"; return 1; }
     umount "$MNT"
+    local bk downloads ignored
     "$OBD" del -n "${DEV#/dev/ublkb}" || return 1
     umount "$CACHE"
-    no_devices
+    no_devices || return 1
+    bk=$(grep -c " bk_download file=.*/$digest offset=[0-9]* size=[0-9]* latency_us=[0-9]* result=ok$" "$WORK/$name/audit.log")
+    downloads=$(grep -c " download file=.*/$digest offset=" "$WORK/$name/audit.log")
+    ignored=$(cat /run/obd/ublk/*.log 2>/dev/null | grep -c "warning: not implemented, ignored: ioEngine 0")
+    log "audit log: $bk bk_download and $downloads download lines of $digest; ioEngine named $ignored times in the daemon logs"
+    ((bk > 0 && downloads >= bk)) || { fail "the audit log lacks the download: $(head -n 3 "$WORK/$name/audit.log")"; return 1; }
+    ((ignored == 1)) || { fail "the daemon named ioEngine $ignored times"; return 1; }
 }
 
 # shared_cache: a ublk device (obd add) and a TCMU device (obd tcmu) of one

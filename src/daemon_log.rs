@@ -147,8 +147,9 @@ impl RotatingLog {
         if self.size > 0 && self.size + len > self.limit {
             self.rotate()?;
         }
-        self.file.write_all(line.as_bytes())?;
-        self.file.write_all(b"\n")?;
+        // One write per line: processes appending to one file (daemons
+        // sharing an auditPath) never split each other's lines.
+        self.file.write_all(format!("{line}\n").as_bytes())?;
         self.size += len;
         Ok(())
     }

@@ -6,6 +6,10 @@
 //! 3 error) drops lines below it; a line is a warning when it says
 //! "warning", an error when it says "error", "failed" or "cannot", else info.
 //!
+//! The audit log (`enableAudit`, `auditPath`) is a second file, rotated
+//! the same way at the reference's fixed 10 MiB and 3 old files, written by
+//! [`overlaybd::audit`].
+//!
 //! Redirecting stderr (not a logging framework) keeps every message of
 //! every crate, including a panic's, in the one log, with no call site to
 //! change.
@@ -16,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use overlaybd::config::LogConfig;
+use overlaybd::config::{GlobalConfig, LogConfig};
 
 /// Send stderr to the log file `config` names, if it names one; a thread
 /// writes it. Returns whether it did.
@@ -53,6 +57,41 @@ pub fn start(config: &LogConfig) -> Result<bool> {
         })
         .context("starting the log thread")?;
     Ok(true)
+}
+
+/// What every daemon that loads a global config says at start, once its
+/// log is set up: each key it reads but does not act on.
+pub fn name_ignored_keys(who: &str, global: &GlobalConfig) {
+    for key in global.ignored_keys() {
+        eprintln!("{who}: warning: not implemented, ignored: {key}");
+    }
+}
+
+/// The audit file's size limit and old files kept (fixed, as the
+/// reference's).
+const AUDIT_SIZE: u64 = 10 << 20;
+const AUDIT_FILES: u32 = 3;
+
+/// Open the audit log (`enableAudit`, `auditPath`) and send
+/// [`overlaybd::audit`]'s events to it. An empty `auditPath` is a warning
+/// and no audit, as in the reference; a path that cannot be opened fails
+/// the start, as a bad `logPath` does.
+pub fn start_audit(who: &str, global: &GlobalConfig) -> Result<()> {
+    if !global.enable_audit {
+        return Ok(());
+    }
+    let Some(path) = global.audit_path.clone() else {
+        eprintln!("{who}: warning: enableAudit is set but auditPath is empty: no audit log");
+        return Ok(());
+    };
+    let mut log = RotatingLog::open(path.clone(), AUDIT_SIZE, AUDIT_FILES)
+        .with_context(|| format!("auditPath {}", path.display()))?;
+    overlaybd::audit::install(Box::new(move |line| {
+        // Nowhere to report a failing audit write but the log, per event.
+        let _ = log.write_line(line);
+    }));
+    eprintln!("{who}: audit log {} (enableAudit)", path.display());
+    Ok(())
 }
 
 const LEVELS: [&str; 4] = ["DEBUG", "INFO", "WARN", "ERROR"];
@@ -108,8 +147,9 @@ impl RotatingLog {
         if self.size > 0 && self.size + len > self.limit {
             self.rotate()?;
         }
-        self.file.write_all(line.as_bytes())?;
-        self.file.write_all(b"\n")?;
+        // One write per line: processes appending to one file (daemons
+        // sharing an auditPath) never split each other's lines.
+        self.file.write_all(format!("{line}\n").as_bytes())?;
         self.size += len;
         Ok(())
     }

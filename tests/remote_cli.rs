@@ -260,3 +260,168 @@ fn processes_share_one_small_cache_under_faults() {
         "the test should have filled the cache: {largest}"
     );
 }
+
+/// `obd serve` of a pushed image read through a proxy, with the global
+/// config `audit` merged into a fresh cache's; returns its stderr once it
+/// opened the image and stopped on SIGTERM.
+fn serve_audited(dir: &Path, config: &Path, name: &str, audit: serde_json::Value) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let mut global = serde_json::json!({
+        "cacheConfig": {"cacheDir": dir.join(format!("cache-{name}")), "cacheSizeGB": 1},
+    });
+    for (key, value) in audit.as_object().unwrap() {
+        global[key] = value.clone();
+    }
+    let global_path = dir.join(format!("{name}.json"));
+    std::fs::write(&global_path, global.to_string()).unwrap();
+    let socket = dir.join(format!("{name}.sock"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
+        .args([
+            "serve",
+            "--vhost-user-blk",
+            s(&socket),
+            "--config",
+            s(config),
+        ])
+        .args(["--global-config", s(&global_path)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert_eq!(line.trim_end(), s(&socket), "{log}");
+    assert!(status.success(), "{status:?}: {log}");
+    log
+}
+
+/// The audit log (`enableAudit`, `auditPath`) of a daemon that reads a
+/// registry image lists each range it fetched as a `download` of that
+/// blob, the same ranges the registry was asked for; with `enableAudit`
+/// false nothing is written, and an empty `auditPath` is a warning.
+#[test]
+fn the_audit_log_lists_the_registry_ranges_a_daemon_fetched() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let dir = tempfile::tempdir().unwrap();
+    let global = global_config(dir.path(), registry.port);
+    let layers = [v.path("layer0.lsmt"), v.path("layer1.zstd8k.zfile")];
+    let pushed = dir.path().join("pushed.json");
+    push(&registry, &global, &pushed, &layers);
+    let digests: Vec<String> = layers
+        .iter()
+        .map(|l| overlaybd::remote::sha256_file(l).unwrap().0)
+        .collect();
+    // The same image, read through a proxy that notes each Range asked.
+    let proxy = Proxy::start(registry.port);
+    let config = dir.path().join("config.v1.json");
+    let text = std::fs::read_to_string(&pushed)
+        .unwrap()
+        .replace(&registry.base(), &proxy.base());
+    std::fs::write(&config, text).unwrap();
+
+    let audit = dir.path().join("audit/obd.audit");
+    let log = serve_audited(
+        dir.path(),
+        &config,
+        "on",
+        serde_json::json!({"enableAudit": true, "auditPath": audit}),
+    );
+    assert!(log.contains("audit log"), "{log}");
+    let asked: Vec<(u64, u64)> = proxy
+        .stats
+        .ranges
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|range| {
+            let (first, last) = range
+                .strip_prefix("bytes=")
+                .and_then(|r| r.split_once('-'))
+                .unwrap_or_else(|| panic!("Range {range:?}"));
+            let first: u64 = first.parse().unwrap();
+            (first, last.parse::<u64>().unwrap() - first + 1)
+        })
+        .collect();
+    assert!(!asked.is_empty(), "opening the image fetched nothing");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let mut audited = Vec::new();
+    let mut offset_zero_of = Vec::new();
+    for line in text.lines() {
+        let field = |name: &str| -> &str {
+            line.split(' ')
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+        };
+        let (secs, micros) = line.split(' ').next().unwrap().split_once('.').unwrap();
+        assert!(secs.parse::<u64>().unwrap() > 1_600_000_000 && micros.len() == 6);
+        assert_eq!(line.split(' ').nth(1), Some("download"), "{line}");
+        assert!(line.ends_with(" result=ok"), "{line}");
+        field("latency_us=").parse::<u64>().unwrap();
+        let file = field("file=");
+        let digest = digests
+            .iter()
+            .find(|d| file.ends_with(&format!("/blobs/{d}")))
+            .unwrap_or_else(|| panic!("{file} is not a layer blob"));
+        let offset: u64 = field("offset=").parse().unwrap();
+        let size: u64 = field("size=").parse().unwrap();
+        if offset == 0 {
+            offset_zero_of.push(digest.clone());
+        }
+        audited.push((offset, size));
+    }
+    let (mut asked, mut audited) = (asked, audited);
+    asked.sort();
+    audited.sort();
+    assert_eq!(audited, asked, "{text}");
+    // Each layer's header was read.
+    offset_zero_of.sort();
+    offset_zero_of.dedup();
+    assert_eq!(offset_zero_of.len(), digests.len(), "{text}");
+
+    // Off: the same reads (a fresh cache) and no audit file.
+    let before = proxy.blob_gets();
+    let unused = dir.path().join("off/obd.audit");
+    let log = serve_audited(
+        dir.path(),
+        &config,
+        "off",
+        serde_json::json!({"enableAudit": false, "auditPath": unused}),
+    );
+    assert!(
+        proxy.blob_gets() > before,
+        "nothing fetched: nothing to audit"
+    );
+    assert!(!unused.exists(), "written with enableAudit false:\n{log}");
+    assert!(!log.contains("audit"), "{log}");
+
+    // An empty path: a warning, and the image is still served.
+    let log = serve_audited(
+        dir.path(),
+        &config,
+        "empty",
+        serde_json::json!({"enableAudit": true, "auditPath": ""}),
+    );
+    assert!(
+        log.contains("warning: enableAudit is set but auditPath is empty"),
+        "{log}"
+    );
+}

@@ -30,8 +30,9 @@ fn result(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("result")).unwrap_or_default()
 }
 
-/// `obd serve` in the background; returns once it printed the socket path.
-fn start(socket: &Path, config: &Path) -> Child {
+/// `obd serve` in the background, with `extra` arguments; returns once it
+/// printed the socket path.
+fn start(socket: &Path, config: &Path, extra: &[&str]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
         .args([
             "serve",
@@ -41,6 +42,7 @@ fn start(socket: &Path, config: &Path) -> Child {
             s(config),
         ])
         .args(["--queues", "2"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -87,7 +89,7 @@ fn serves_connection_after_connection_and_stops_cleanly() {
     // A stale socket (nobody listening) is replaced.
     drop(UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
-    let child = start(&socket, &config);
+    let child = start(&socket, &config, &[]);
     assert_eq!(result(dir.path()), "success");
     // A VMM that connects and goes away; then another.
     for _ in 0..2 {
@@ -212,4 +214,36 @@ fn help_shows_a_vmm_command_line() {
     ] {
         assert!(help.contains(want), "--help lacks {want}:\n{help}");
     }
+}
+
+/// Keys of the global config obd does not act on are named once at start.
+#[test]
+fn names_the_global_keys_it_ignores_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = image(dir.path());
+    let global = dir.path().join("overlaybd.json");
+    std::fs::write(
+        &global,
+        r#"{"ioEngine": 2, "cacheConfig": {"cacheType": "ocf", "cacheDir": "cache"}}"#,
+    )
+    .unwrap();
+    let socket = dir.path().join("vm.sock");
+    let child = start(&socket, &config, &["--global-config", s(&global)]);
+    let log = stop(child);
+    let ignored: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not implemented, ignored"))
+        .collect();
+    assert_eq!(ignored.len(), 2, "{log}");
+    assert!(
+        ignored[0].contains("cacheConfig.cacheType \"ocf\""),
+        "{log}"
+    );
+    assert!(ignored[1].contains("ioEngine 2"), "{log}");
+
+    // Without such keys, nothing is named.
+    std::fs::write(&global, r#"{"cacheConfig": {"cacheDir": "cache"}}"#).unwrap();
+    let child = start(&socket, &config, &["--global-config", s(&global)]);
+    let log = stop(child);
+    assert!(!log.contains("ignored"), "{log}");
 }

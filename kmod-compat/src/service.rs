@@ -536,33 +536,6 @@ fn reconfigure(label: &str, event: &Event, opened: Option<Option<Result<Arc<Disk
     -libc::EOPNOTSUPP
 }
 
-/// Keys of the global config that obd reads but does not act on, as they
-/// are set in `global`, each with what obd does instead: the daemon names
-/// them once at start, so that a setting that does nothing is no silent
-/// surprise.
-pub fn ignored_global_keys(global: &GlobalConfig) -> Vec<String> {
-    let mut keys = Vec::new();
-    if global.enable_audit || global.audit_path.is_some() {
-        keys.push(
-            "enableAudit/auditPath: no audit log is written (the reference's \
-             lists registry downloads and slow cache reads)"
-                .to_string(),
-        );
-    }
-    if global.cache_config.cache_type != "file" {
-        keys.push(format!(
-            "cacheConfig.cacheType \"{}\": the registry cache is always obd's file cache",
-            global.cache_config.cache_type
-        ));
-    }
-    if let Some(engine) = global.io_engine {
-        keys.push(format!(
-            "ioEngine {engine}: layer files are read by each device's worker threads"
-        ));
-    }
-    keys
-}
-
 /// A stable 64-bit FNV-1a hash, for serial numbers and identifiers: FNV's
 /// offset basis xor `seed` as the starting state. The values must not change
 /// (a disk keeps its serial across daemon restarts and upgrades), so not
@@ -1246,22 +1219,6 @@ mod tests {
         std::fs::write(&file, "not json").unwrap();
         assert_eq!(open_failure_status(&file), -libc::EINVAL);
         std::fs::remove_file(&file).unwrap();
-    }
-
-    #[test]
-    fn ignored_keys_are_named_only_when_set() {
-        assert!(ignored_global_keys(&GlobalConfig::default()).is_empty());
-        let mut global = GlobalConfig {
-            enable_audit: true,
-            io_engine: Some(1),
-            ..GlobalConfig::default()
-        };
-        global.cache_config.cache_type = "ocf".into();
-        let keys = ignored_global_keys(&global);
-        assert_eq!(keys.len(), 3, "{keys:?}");
-        assert!(keys[0].starts_with("enableAudit"));
-        assert!(keys[1].contains("\"ocf\""));
-        assert!(keys[2].starts_with("ioEngine 1"));
     }
 
     /// A device whose map is not in sysfs yet when it is found gets its

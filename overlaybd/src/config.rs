@@ -778,6 +778,26 @@ pub struct CertConfig {
 }
 
 impl GlobalConfig {
+    /// Keys set here that obd reads but does not act on, each with what obd
+    /// does instead: every daemon that loads a global config names them
+    /// once at start, so that a setting that does nothing is no silent
+    /// surprise.
+    pub fn ignored_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        if self.cache_config.cache_type != "file" {
+            keys.push(format!(
+                "cacheConfig.cacheType \"{}\": the registry cache is always obd's file cache",
+                self.cache_config.cache_type
+            ));
+        }
+        if let Some(engine) = self.io_engine {
+            keys.push(format!(
+                "ioEngine {engine}: layer files are read by each device's worker threads"
+            ));
+        }
+        keys
+    }
+
     /// Read and check `path`. Paths inside are taken as written.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -102,7 +102,10 @@ impl LocalFile {
 impl ReadAt for LocalFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_bounds(self, buf.len(), offset)?;
-        self.file.read_exact_at(buf, offset)
+        let started = crate::audit::start();
+        let result = self.file.read_exact_at(buf, offset);
+        crate::audit::slow_file_read(started, &self.file, offset, buf.len() as u64, &result);
+        result
     }
     fn size(&self) -> u64 {
         self.size

@@ -6,6 +6,7 @@
 //! holds this range, at which file offset" as a plan, and executing the plan
 //! is a separate step so each front end can do the I/O its own way.
 
+pub mod audit;
 pub mod config;
 pub mod crc;
 pub mod credentials;

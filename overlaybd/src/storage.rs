@@ -270,7 +270,12 @@ impl At<'_> {
     pub fn read(&self, buf: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         match *self {
-            At::File { file, offset } => file.read_exact_at(buf, offset),
+            At::File { file, offset } => {
+                let started = crate::audit::start();
+                let result = file.read_exact_at(buf, offset);
+                crate::audit::slow_file_read(started, file, offset, buf.len() as u64, &result);
+                result
+            }
             At::Fetch { blob, offset } => blob.read_exact_at(buf, offset),
             At::Read { source, offset } => source.read_exact_at(buf, offset),
         }

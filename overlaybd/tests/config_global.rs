@@ -357,3 +357,14 @@ fn round_trip_through_json() {
         assert!(text.contains(key), "{key} in {text}");
     }
 }
+
+#[test]
+fn ignored_keys_are_named_only_when_set() {
+    assert!(GlobalConfig::default().ignored_keys().is_empty());
+    let keys =
+        parse(r#"{"enableAudit": true, "ioEngine": 1, "cacheConfig": {"cacheType": "ocf"}}"#)
+            .ignored_keys();
+    assert_eq!(keys.len(), 2, "the audit log is written: {keys:?}");
+    assert!(keys[0].contains("\"ocf\""));
+    assert!(keys[1].starts_with("ioEngine 1"));
+}

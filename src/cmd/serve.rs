@@ -124,6 +124,9 @@ pub fn run(args: Args) -> Result<()> {
         return Err(loaded.fail(format!("cannot load the image config: {problem}")));
     }
     let global = Global::load(&loaded, args.global_config.as_deref())?;
+    crate::daemon_log::name_ignored_keys("obd serve", &global.config);
+    crate::daemon_log::start_audit("obd serve", &global.config)
+        .map_err(|e| loaded.fail(format!("{e:#}")))?;
     let stack = open_image(&loaded, &global)?;
     let size = stack.virtual_size();
     if !size.is_multiple_of(u64::from(args.block_size)) {

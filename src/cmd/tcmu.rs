@@ -106,9 +106,8 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("obd tcmu: logging to {} (logConfig)", path.display());
     }
     crate::daemon_log::start(&global.log_config)?;
-    for key in service::ignored_global_keys(&global) {
-        eprintln!("obd tcmu: warning: not implemented, ignored: {key}");
-    }
+    crate::daemon_log::name_ignored_keys("obd tcmu", &global);
+    crate::daemon_log::start_audit("obd tcmu", &global)?;
     eprintln!("obd tcmu: serving overlaybd TCMU devices (dev_config=overlaybd/<config path>)");
     let trace_global = global.clone();
     let on_open: kmod_compat::service::OnOpen = Arc::new(move |stack, config| {

@@ -207,6 +207,9 @@ pub fn launch(
     match mode {
         Mode::Background => start_daemon(loaded, daemon_args),
         Mode::Foreground => {
+            crate::daemon_log::name_ignored_keys("obd", &global.config);
+            crate::daemon_log::start_audit("obd", &global.config)
+                .map_err(|e| loaded.fail(format!("{e:#}")))?;
             let stack = open_checked(loaded, global)?;
             let (record, trace) = serving_parts(loaded, &stack, options, global);
             serve_foreground(loaded, stack, options, start, record, trace)
@@ -221,7 +224,11 @@ pub fn launch(
             let _ = rustix::process::setsid();
             redirect_stdio(&log_path());
             let _ = std::env::set_current_dir("/");
-            let stack = match open_checked(loaded, global) {
+            crate::daemon_log::name_ignored_keys("obd", &global.config);
+            let stack = match crate::daemon_log::start_audit("obd", &global.config)
+                .map_err(|e| loaded.fail(format!("{e:#}")))
+                .and_then(|()| open_checked(loaded, global))
+            {
                 Ok(stack) => stack,
                 Err(e) => {
                     let mut ready = ready;

@@ -46,27 +46,42 @@ impl Session {
         config: &ImageConfig,
         global: &GlobalConfig,
     ) -> Result<Session> {
-        // An image with an acceleration layer replays the trace in it (a
-        // missing or empty one is no trace: it is never recorded into).
+        Self::start_for_image_warning(stack, config, global, crate::warn_to_stderr())
+    }
+
+    /// [`Session::start_for_image`], with warnings to `warn`.
+    pub fn start_for_image_warning(
+        stack: &Arc<Stack>,
+        config: &ImageConfig,
+        global: &GlobalConfig,
+        warn: Warn,
+    ) -> Result<Session> {
+        let concurrency = global.prefetch_config.concurrency as usize;
+        // An image with an acceleration layer replays the trace in it; it
+        // is never recorded into, so a missing or empty one is no trace
+        // (said once, as the image is served without prefetch).
         if let Some(trace) = config.acceleration_trace() {
             return match std::fs::metadata(&trace) {
-                Ok(meta) if meta.len() > 0 => Session::start(
-                    stack,
-                    &trace,
-                    global.prefetch_config.concurrency as usize,
-                    crate::warn_to_stderr(),
-                ),
-                _ => Ok(Session::Idle),
+                Ok(meta) if meta.len() > 0 => Session::start(stack, &trace, concurrency, warn),
+                Ok(_) => {
+                    warn(&format!(
+                        "{}: the acceleration layer's trace is empty; nothing to prefetch",
+                        trace.display()
+                    ));
+                    Ok(Session::Idle)
+                }
+                Err(e) => {
+                    warn(&format!(
+                        "{}: the acceleration layer has no trace ({e}); nothing to prefetch",
+                        trace.display()
+                    ));
+                    Ok(Session::Idle)
+                }
             };
         }
         match &config.record_trace_path {
             None => Ok(Session::Idle),
-            Some(path) => Session::start(
-                stack,
-                path,
-                global.prefetch_config.concurrency as usize,
-                crate::warn_to_stderr(),
-            ),
+            Some(path) => Session::start(stack, path, concurrency, warn),
         }
     }
 

@@ -326,6 +326,9 @@ impl Backend {
         // failure: no SQE may outlive the memory it reads into, and that
         // memory (request buffer, scratch) does not move in between.
         let mut submitted = Vec::with_capacity(jobs.len());
+        // Local reads slower than the audit threshold are audited, timed
+        // from submission to when this task collects them.
+        let audit = overlaybd::audit::start();
         for job in jobs.iter_mut() {
             submitted.push(job.target(&mut scratch.stored).map(|(fd, at, target)| {
                 let mut sqe =
@@ -344,7 +347,16 @@ impl Backend {
                 Some(future) => {
                     let first = future.await;
                     match job.target(&mut scratch.stored) {
-                        Some((fd, at, target)) => finish_read(q, fd, at, target, first).await,
+                        Some((fd, at, target)) => {
+                            let len = target.len() as u64;
+                            let read = finish_read(q, fd, at, target, first).await;
+                            if audit.is_some() {
+                                let outcome =
+                                    read.map_err(|e| std::io::Error::from_raw_os_error(-e));
+                                overlaybd::audit::slow_file_read(audit, &fd, at, len, &outcome);
+                            }
+                            read
+                        }
                         None => Err(-libc::EIO),
                     }
                 }

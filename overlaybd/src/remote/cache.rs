@@ -326,7 +326,15 @@ impl BlobCache {
             if count <= target {
                 break;
             }
-            let freed = self.evict_blob(&blob.key)?;
+            let started = crate::audit::start();
+            let evicted = self.evict_blob(&blob.key);
+            let freed = *evicted.as_ref().unwrap_or(&0);
+            if started.is_some() {
+                let data = self.options.dir.join(format!("{}.data", blob.key));
+                let name = data.display().to_string();
+                crate::audit::record(started, "eviction", &name, 0, freed, &evicted);
+            }
+            evicted?;
             count = count.saturating_sub(freed);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
@@ -1553,6 +1561,29 @@ mod tests {
         buf.fill(0xaa);
         blob.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(buf, data, "re-fetched, never holes");
+    }
+
+    #[test]
+    fn an_eviction_is_audited_with_the_bytes_it_freed() {
+        let lines = crate::audit::capture();
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(2 << 20);
+        let cache = BlobCache::open(options(dir.path(), 3 << 20, 64 << 10)).unwrap();
+        let mut buf = vec![0u8; data.len()];
+        for key in ["sha256:audit1", "sha256:audit2"] {
+            let blob = cache.blob(key, origin(&data)).unwrap();
+            blob.read_exact_at(&mut buf, 0).unwrap();
+        }
+        let evicted = dir.path().join("sha256_audit1.data");
+        let wanted = format!(
+            " eviction file={} offset=0 size={} ",
+            evicted.display(),
+            2 << 20
+        );
+        let lines = lines.lock().unwrap();
+        let ours: Vec<&String> = lines.iter().filter(|l| l.contains(&wanted)).collect();
+        assert_eq!(ours.len(), 1, "{lines:?}");
+        assert!(ours[0].ends_with(" result=ok"), "{}", ours[0]);
     }
 
     #[test]

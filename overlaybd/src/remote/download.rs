@@ -213,7 +213,10 @@ fn fill(
             blob.read_exact_at(piece, offset)?;
         } else {
             // A background download is prefetch: on-demand reads go first.
-            super::registry::prefetching(|| blob.origin().read_exact_at(piece, offset))?;
+            let audit = crate::audit::start();
+            let read = super::registry::prefetching(|| blob.origin().read_exact_at(piece, offset));
+            crate::audit::record(audit, "bk_download", blob.name(), offset, n, &read);
+            read?;
             fetched += n;
             if max_mbps > 0 {
                 // Sleep until the average rate is back under the limit.
@@ -309,13 +312,17 @@ mod tests {
     use crate::remote::cache::{BlobCache, CacheOptions};
 
     fn blob(data: &[u8], dir: &Path) -> Arc<CachedBlob> {
+        named_blob(data, dir, "blob")
+    }
+
+    fn named_blob(data: &[u8], dir: &Path, name: &str) -> Arc<CachedBlob> {
         let cache = BlobCache::open(CacheOptions {
             dir: dir.join("cache"),
             capacity: 1 << 20,
             refill_size: 4096,
         })
         .unwrap();
-        let origin: Source = Arc::new(Bytes::new(data.to_vec(), "blob"));
+        let origin: Source = Arc::new(Bytes::new(data.to_vec(), name));
         cache.blob("sha256:test", origin).unwrap()
     }
 
@@ -331,6 +338,46 @@ mod tests {
             download_blob(&blob, &digest, &layer_dir, 4096, 0, &AtomicBool::new(false)).unwrap();
         assert_eq!(path, layer_dir.join("overlaybd.commit"));
         assert_eq!(fs::read(&path).unwrap(), data);
+    }
+
+    /// Each chunk fetched (not those copied from the cache) is audited.
+    #[test]
+    fn fetched_chunks_are_audited_as_bk_download() {
+        let lines = crate::audit::capture();
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        let blob = named_blob(&data, dir.path(), "bk-audited");
+        blob.read_exact_at(&mut [0u8; 100], 5000).unwrap();
+        download_blob(
+            &blob,
+            &digest,
+            &dir.path().join("layer"),
+            4096,
+            0,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let lines = lines.lock().unwrap();
+        let ours: Vec<(u64, u64)> = lines
+            .iter()
+            .filter(|l| l.contains(" bk_download file=bk-audited ") && l.ends_with("result=ok"))
+            .map(|l| {
+                let field = |name: &str| -> u64 {
+                    l.split(' ')
+                        .find_map(|f| f.strip_prefix(name))
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                (field("offset="), field("size="))
+            })
+            .collect();
+        assert_eq!(
+            ours,
+            [(0, 4096), (8192, 4096), (12288, 4096), (16384, 3616)],
+            "chunk 1 came from the cache: {lines:?}"
+        );
     }
 
     #[test]

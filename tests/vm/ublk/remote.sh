@@ -15,11 +15,13 @@
 #    within a bounded time instead of hanging, and `obd del` still works;
 #  - a ublk device and an `obd tcmu` device of one registry image share one
 #    cacheDir smaller than the blob; both trees match, the cache stays
-#    within its capacity;
+#    within its capacity, and obd tcmu's audit log lists the downloads;
 #  - with background download on (no delay), the daemon that `obd add`
 #    starts downloads the whole blob into the lower's dir and switches to
 #    it (the download threads start when the image opens, which must be in
-#    the daemon, not in the `obd add` process that exits).
+#    the daemon, not in the `obd add` process that exits); with
+#    enableAudit, that daemon's audit log lists the blob's `download`s and
+#    `bk_download` chunks, and its log names the ignored `ioEngine` once.
 #   tests/vm/run.sh -- bash tests/vm/ublk/remote.sh
 SUITE=ublk-remote
 source "$(dirname "$0")/lib.sh"
@@ -181,12 +183,17 @@ download_in_daemon() {
     set_config "$CFG" || return 1
     cache_dir "$CACHE" || return 1
     global_config "$GLOBAL" "$CACHE" || return 1
-    "$PY" - "$GLOBAL" <<'PY' || { fail "edit $GLOBAL"; return 1; }
+    "$PY" - "$GLOBAL" "$WORK/$name/audit.log" <<'PY' || { fail "edit $GLOBAL"; return 1; }
 import json, sys
 cfg = json.load(open(sys.argv[1]))
 cfg["download"] = {"enable": True, "delay": 0, "delayExtra": 0, "maxMBps": 0}
+cfg["enableAudit"] = True
+cfg["auditPath"] = sys.argv[2]
+cfg["ioEngine"] = 0
 json.dump(cfg, open(sys.argv[1], "w"))
 PY
+    local digest
+    digest=$(blob_digest "$CFG")
     DEV=$(add_device "$CFG" --global-config "$GLOBAL") || return 1
     local dir i
     dir=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["lowers"][-1]["dir"])' "$CFG")
@@ -205,15 +212,23 @@ PY
     mount -o ro,noload "$DEV" "$MNT" || { fail "mount $DEV"; return 1; }
     cmp "$SRC/d03/f010" "$MNT/d03/f010" || { fail "d03/f010 differs"; umount "$MNT"; return 1; }
     umount "$MNT"
+    local bk downloads ignored
     "$OBD" del -n "${DEV#/dev/ublkb}" || return 1
     umount "$CACHE"
-    no_devices
+    no_devices || return 1
+    bk=$(grep -c " bk_download file=.*/$digest offset=[0-9]* size=[0-9]* latency_us=[0-9]* result=ok$" "$WORK/$name/audit.log")
+    downloads=$(grep -c " download file=.*/$digest offset=" "$WORK/$name/audit.log")
+    ignored=$(cat /run/obd/ublk/*.log 2>/dev/null | grep -c "warning: not implemented, ignored: ioEngine 0")
+    log "audit log: $bk bk_download and $downloads download lines of $digest; ioEngine named $ignored times in the daemon logs"
+    ((bk > 0 && downloads >= bk)) || { fail "the audit log lacks the download: $(head -n 3 "$WORK/$name/audit.log")"; return 1; }
+    ((ignored == 1)) || { fail "the daemon named ioEngine $ignored times"; return 1; }
 }
 
 # shared_cache: a ublk device (obd add) and a TCMU device (obd tcmu) of one
 # registry image at the same time, through one cacheDir smaller than the
 # blob, so each process evicts what the other reads: both trees match, and
-# the cache stays within its capacity.
+# the cache stays within its capacity; obd tcmu's audit log (enableAudit)
+# lists the blob's downloads.
 shared_cache() {
     need_ublk || return 1
     need_registry || return 1
@@ -230,6 +245,13 @@ import json, sys
 json.dump({"cacheConfig": {"cacheDir": sys.argv[2], "cacheSizeMB": int(sys.argv[3]),
                            "refillSize": 65536}}, open(sys.argv[1], "w"))
 PY
+    # obd tcmu also writes an audit log (enableAudit).
+    "$PY" - "$GLOBAL" "$GLOBAL.tcmu" "$WORK/$name/tcmu-audit.log" <<'PY' || { fail "write $GLOBAL.tcmu"; return 1; }
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+cfg.update({"enableAudit": True, "auditPath": sys.argv[3]})
+json.dump(cfg, open(sys.argv[2], "w"))
+PY
     sed "s|$CFG.result|$CFG.tcmu-result|" "$CFG" >"$CFG.tcmu.json"
     local udev
     udev=$(add_device "$CFG" --global-config "$GLOBAL") || return 1
@@ -237,7 +259,7 @@ PY
     unset DEV
     # shellcheck source=tests/vm/tcmu/lib.sh
     source "$(dirname "${BASH_SOURCE[0]}")/../tcmu/lib.sh"
-    "$OBD" tcmu --global-config "$GLOBAL" >"$WORK/$name/tcmu.log" 2>&1 &
+    "$OBD" tcmu --global-config "$GLOBAL.tcmu" >"$WORK/$name/tcmu.log" 2>&1 &
     local tcmu=$! size
     size=$(blockdev --getsize64 "$udev")
     make_dev shared "$CFG.tcmu.json" "$size" || { fail "TCMU device: $(tail -n 3 "$WORK/$name/tcmu.log")"; kill $tcmu; return 1; }
@@ -265,6 +287,12 @@ PY
     log "ublk: $(tail -n 1 "$WORK/$name/ublk.cmp"); TCMU: $(tail -n 1 "$WORK/$name/tcmu.cmp"); cache at most $largest bytes (capacity $((cap_mb << 20)))"
     ((rc1 == 0)) || { fail "the ublk device's tree differs"; return 1; }
     ((rc2 == 0)) || { fail "the TCMU device's tree differs"; return 1; }
+    local digest downloads evictions
+    digest=$(blob_digest "$CFG")
+    downloads=$(grep -c " download file=.*/$digest offset=[0-9]* size=[0-9]* latency_us=[0-9]* result=ok$" "$WORK/$name/tcmu-audit.log")
+    evictions=$(grep -c " eviction file=.* result=ok$" "$WORK/$name/tcmu-audit.log")
+    log "obd tcmu's audit log: $downloads download lines of $digest, $evictions evictions"
+    ((downloads > 0)) || { fail "obd tcmu audited no download: $(head -n 3 "$WORK/$name/tcmu-audit.log")"; return 1; }
     # du counts whole blocks of every file the cache keeps (records too).
     ((largest <= (cap_mb << 20) + (1 << 20))) || { fail "the cache held $largest bytes"; return 1; }
     no_devices

@@ -444,6 +444,15 @@ impl RegistryBlob {
         if buf.is_empty() {
             return Ok(());
         }
+        let started = crate::audit::start();
+        let len = buf.len() as u64;
+        let result = self.fetch(buf, offset, priority).await;
+        crate::audit::record(started, "download", &self.name, offset, len, &result);
+        result
+    }
+
+    /// [`RegistryBlob::read_async`] of a non-empty range, not audited.
+    async fn fetch(&self, buf: &mut [u8], offset: u64, priority: Priority) -> io::Result<()> {
         let _permit = self.registry.admit(priority).await;
         if let Some(peer) = self.peer.as_deref() {
             if self.registry.peer_usable(peer) {

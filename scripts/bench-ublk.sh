@@ -38,6 +38,10 @@
 # load drifts: other jobs share its cores). --cases picks a subset (names:
 # loop-on loop-off file ublk-KIND-1 ublk-KIND-2 tcmu-KIND ref-tcmu-KIND,
 # KIND = lsmt, zfile or mixed; tcmu-KIND-wN runs `obd tcmu --workers N`).
+# KIND app (ublk-app-1, tcmu-app, ref-tcmu-app; not in the defaults) is a
+# 4-layer container image made by the reference convertor's tools (or obd
+# apply without --ref-tcmu) on which start-up workloads are timed instead of
+# fio: see scripts/bench-ublk-app.sh.
 # --ref-tcmu PATH: also serve both stacks through the reference C++
 # overlaybd-tcmu (PATH: the binary, or a wrapper that sets LD_LIBRARY_PATH
 # and execs it; it must be outside /tmp, the guest runs it from the host's
@@ -71,6 +75,10 @@
 set -euo pipefail
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+# shellcheck source=tests/vm/ublk/chroot-lib.sh
+source "$REPO/tests/vm/ublk/chroot-lib.sh"
+# shellcheck source=scripts/bench-ublk-app.sh
+source "$REPO/scripts/bench-ublk-app.sh"
 DATA=$BENCH/data
 
 runtime=15
@@ -252,6 +260,9 @@ host_main() {
     if ((remake)) || [[ ! -s $DATA/flat.sha256 || ! -s $DATA/layer4.mixed ]]; then
         make_data
     fi
+    if [[ " $cases " == *-app[-\ ]* ]] && { ((remake)) || [[ ! -s $DATA/app/layer3.app ]]; }; then
+        make_app_data "$([[ -z $ref_tcmu ]] || dirname "$ref_tcmu")"
+    fi
     (cd "$DATA" && ls -ls layer*) | sed 's/^/  /' >&2
     local results
     results=$(mktemp -d /tmp/obd-bench-ublk.XXXXXX)
@@ -381,12 +392,24 @@ file_case() {
     run_fio "$W/flat.raw" file-buffered - --direct=0
 }
 
-# stack_config KIND: write $W/KIND.json, the 5-layer stack of KIND (lsmt,
-# zfile or mixed), and print its path.
+# stack_config KIND: write $W/KIND.json, the stack of KIND (lsmt, zfile,
+# mixed: 5 layers; app: 4), and print its path.
 stack_config() {
     local cfg=$W/$1.json
-    write_stack_config "$cfg" "$W"/layer[0-4]."$1"
+    write_stack_config "$cfg" "$W"/layer?."$1"
     echo "$cfg"
+}
+
+# run_workloads KIND DEV LABEL QUEUES PIDS...: fio's seq and rand, or the
+# start-up workloads on the app image.
+run_workloads() {
+    local kind=$1
+    shift
+    if [[ $kind == app ]]; then
+        run_app "$1" "$2"
+    else
+        run_fio "$1" "$2" "$3" --direct=1 "${@:4}"
+    fi
 }
 
 ublk_case() {
@@ -397,7 +420,7 @@ ublk_case() {
     local pids
     mapfile -t pids < <(pgrep -f -- "--config $cfg" || true)
     echo "== round $round ublk $kind --queues $queues: $dev (daemon pids ${pids[*]:-?})"
-    run_fio "$dev" "ublk-$kind" "$queues" --direct=1 "${pids[@]}"
+    run_workloads "$kind" "$dev" "ublk-$kind" "$queues" "${pids[@]}"
     "$OBD" del -n "${dev#/dev/ublkb}"
 }
 
@@ -433,7 +456,11 @@ tcmu_device() {
     local kind=$1 label=$2 daemon=$3 cfg size
     cfg=$(stack_config "$kind")
     rm -f "$cfg.result"
-    size=$(stat -c %s "$W/flat.raw")
+    if [[ $kind == app ]]; then
+        size=$((64 << 30))  # the convertor's virtual size
+    else
+        size=$(stat -c %s "$W/flat.raw")
+    fi
     make_dev "bench-$kind" "$cfg" "$size" || { echo "$label: TCMU device not created"; return 1; }
     local dev=${DEV[bench-$kind]} i
     for i in $(seq 1 50); do
@@ -445,7 +472,7 @@ tcmu_device() {
     # the same request limits as ublk's defaults would not be fair to
     # either: leave sd's own (max_sectors_kb from the block limits VPD)
     echo "== round $round $label: $dev (max_sectors_kb $(cat "/sys/block/${dev#/dev/}/queue/max_sectors_kb"), daemon pid $daemon)"
-    run_fio "$dev" "$label" 1 --direct=1 "$daemon"
+    run_workloads "$kind" "$dev" "$label" 1 "$daemon"
     remove_dev "bench-$kind" || true
 }
 
@@ -640,20 +667,29 @@ guest_main() {
     local t0=$SECONDS
     # the LSMT layers (flat.raw is made from them) and those of every kind
     # a case serves
-    local kind kinds="lsmt"
+    # (not needed when every case is on the app image)
+    local kind kinds="" c
+    for c in $cases; do [[ $c == *-app || $c == *-app-* ]] || kinds="lsmt"; done
     for kind in zfile mixed; do
         [[ " $cases " =~ -$kind(-[0-9]|-w[0-9]+)?\  ]] && kinds+=" $kind"
     done
     for kind in $kinds; do cp "$DATA"/layer[0-4]."$kind" "$W/"; done
-    echo "copied the layers ($kinds) in $((SECONDS - t0)) s"
-    # the flattened raw, made here (faster than copying 1 GiB over 9p)
-    t0=$SECONDS
-    "$OBD" export --output "$W/flat.raw" "$W"/layer[0-4].lsmt \
-        2>"$W/export.err" || { cat "$W/export.err"; exit 1; }
-    [[ $(sha256sum <"$W/flat.raw" | cut -d' ' -f1) == "$(cat "$DATA/flat.sha256")" ]] ||
-        { echo "flat.raw differs from the host's export"; exit 1; }
-    echo "exported and checked flat.raw in $((SECONDS - t0)) s:"
-    (cd "$W" && ls -ls layer* flat.raw) | sed 's/^/  /'
+    local copied=$kinds
+    if [[ " $cases " == *-app[-\ ]* ]]; then
+        cp "$DATA"/app/layer?.app "$W/"
+        copied+=" app ($(cat "$DATA/app/made-by"))"
+    fi
+    echo "copied the layers ($copied) in $((SECONDS - t0)) s"
+    if [[ -n $kinds ]]; then
+        # the flattened raw, made here (faster than copying 1 GiB over 9p)
+        t0=$SECONDS
+        "$OBD" export --output "$W/flat.raw" "$W"/layer[0-4].lsmt \
+            2>"$W/export.err" || { cat "$W/export.err"; exit 1; }
+        [[ $(sha256sum <"$W/flat.raw" | cut -d' ' -f1) == "$(cat "$DATA/flat.sha256")" ]] ||
+            { echo "flat.raw differs from the host's export"; exit 1; }
+        echo "exported and checked flat.raw in $((SECONDS - t0)) s"
+    fi
+    (cd "$W" && ls -ls layer* flat.raw 2>/dev/null || true) | sed 's/^/  /'
     free -m | sed 's/^/  /'
     fio --version
     uname -r
@@ -761,6 +797,7 @@ PY
     if [[ $cases == *tcmu-* ]]; then
         rmdir /sys/kernel/config/target/core/user_1 2>/dev/null || true
     fi
+    app_table >>"$OUT/bench-ublk.md"
     echo
     cat "$OUT/bench-ublk.md"
 }

@@ -629,9 +629,12 @@ impl Store {
                 {
                     return Ok(false);
                 }
+                let size = std::fs::metadata(path)?.len();
+                let bar = progress::bytes(size, &format!("{label} push"));
                 client
-                    .upload_blob(repo, digest, path)
+                    .upload_blob_with_progress(repo, digest, path, progress::upload_hook(&bar))
                     .with_context(|| format!("{label}: uploading {digest} to {repo}"))?;
+                bar.finish_and_clear();
                 Ok(true)
             }
             Store::Layout(dir) => {

@@ -300,7 +300,9 @@ fn upload_progress_counts_each_session_to_the_blob_size() {
         .plan()
         .upload_faults
         .push_back(UploadFault::LostRequest);
-    let client = Client::with_credentials(fast_options(), Box::new(Anonymous));
+    // The default timeouts: a PUT that timed out on a loaded machine would
+    // be one more session.
+    let client = Client::with_credentials(RegistryOptions::default(), Box::new(Anonymous));
     let repo_url = format!("{}/v2/{REPO}", proxy.base());
     let path = &layer_files(&v)[0];
     let bytes = std::fs::read(path).unwrap();

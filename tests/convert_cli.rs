@@ -523,6 +523,22 @@ fn registry_to_registry_then_layout() {
     );
     assert_eq!(stderr.matches(", already there").count(), 3, "{stderr}");
     assert!(!stderr.contains(", pushed"), "{stderr}");
+    // Into another repository, mounting from the first: no layer sent.
+    let (_, stderr) = convert(
+        &global,
+        &format!("{host}/src/app:v1"),
+        &format!("{host}/obd/copy:v1"),
+        &["--mount-from", "obd/none", "--mount-from", "obd/app"],
+    );
+    assert_eq!(
+        stderr.matches(", mounted from obd/app").count(),
+        3,
+        "{stderr}"
+    );
+    assert!(!stderr.contains(", pushed"), "{stderr}");
+    let copy = format!("{}/v2/obd/copy", registry.base());
+    let (_, copied) = client().get_manifest(&copy, "v1").unwrap().unwrap();
+    assert_eq!(copied, bytes, "the same manifest");
     // The image with Docker media types gives the same layers.
     let (_, stderr) = convert(
         &global,
@@ -653,6 +669,28 @@ fn bad_input_is_refused_with_a_reason() {
     ]);
     let err = run(&to, &format!("{host}/obd/app:v2"));
     assert!(err.contains("an overlaybd image already"), "{err}");
+    let err = obd_err(&[
+        "convert",
+        "--from",
+        &format!("{host}/src/app:v1"),
+        "--to",
+        &format!("oci:{}:v1", s(&dir.path().join("out"))),
+        "--mount-from",
+        "obd/app",
+    ]);
+    assert!(err.contains("--mount-from needs a registry --to"), "{err}");
+    let err = obd_err(&[
+        "convert",
+        "--global-config",
+        s(&global),
+        "--from",
+        &format!("{host}/src/app:v1"),
+        "--to",
+        &format!("{host}/obd/app:v3"),
+        "--mount-from",
+        "http://127.0.0.1/v2/obd/app",
+    ]);
+    assert!(err.contains("is not a repository name"), "{err}");
     let status = obd(&["convert", "--from", "x"]).status;
     assert!(!status.success());
 }

@@ -345,6 +345,53 @@ fn upload_progress_counts_each_session_to_the_blob_size() {
     assert_eq!(count(&proxy.stats.faults), 1);
 }
 
+/// A cross-repository mount: the blob appears in the second repository
+/// without a byte sent (no upload `PUT` through the proxy) and reads back
+/// right; from a repository that lacks it, the registry opens an upload
+/// session instead (202), `mount_blob` says so and the upload that follows
+/// works.
+#[test]
+fn a_blob_is_mounted_from_another_repository_not_sent_again() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let proxy = Proxy::start(registry.port);
+    let client = Client::with_credentials(RegistryOptions::default(), Box::new(Anonymous));
+    let repo = |name: &str| format!("{}/v2/{name}", proxy.base());
+    let path = &layer_files(&v)[1];
+    let bytes = std::fs::read(path).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    client
+        .upload_blob(&repo("obd/first"), &digest, path)
+        .unwrap();
+    assert_eq!(count(&proxy.stats.upload_puts), 1);
+
+    assert!(client
+        .mount_blob(&repo("obd/second"), &digest, "obd/first")
+        .unwrap());
+    assert_eq!(count(&proxy.stats.upload_puts), 1, "mounted, not sent");
+    let mut back = vec![0u8; bytes.len()];
+    client
+        .read_range(
+            &format!("{}/blobs/{digest}", repo("obd/second")),
+            bytes.len() as u64,
+            0,
+            &mut back,
+        )
+        .unwrap();
+    assert!(back == bytes, "the mounted blob reads back different bytes");
+
+    assert!(!client
+        .mount_blob(&repo("obd/third"), &digest, "obd/nothing-here")
+        .unwrap());
+    assert!(!client.blob_exists(&repo("obd/third"), &digest).unwrap());
+    assert_eq!(count(&proxy.stats.upload_puts), 1);
+    client
+        .upload_blob(&repo("obd/third"), &digest, path)
+        .unwrap();
+    assert_eq!(count(&proxy.stats.upload_puts), 2);
+    assert!(client.blob_exists(&repo("obd/third"), &digest).unwrap());
+}
+
 #[test]
 fn injected_faults_are_retried_and_never_give_wrong_bytes() {
     let (v, _registry, layers, proxy) = proxied(Auth::Anonymous);

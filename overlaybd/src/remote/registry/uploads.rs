@@ -1,6 +1,7 @@
-//! Uploads: whether a blob exists (`HEAD`), and a whole blob pushed in one
+//! Uploads: whether a blob exists (`HEAD`), a whole blob pushed in one
 //! piece (`POST .../blobs/uploads/`, then `PUT <location>?digest=...`, a
-//! new session for each try).
+//! new session for each try), and a blob mounted from another repository
+//! of the same registry (`POST .../blobs/uploads/?mount=...&from=...`).
 //! Each request carries the repository's credentials, learns a challenge
 //! and retries once on 401, and is retried with the client's backoff when
 //! it failed in a way that may pass. An upload can report its bytes as
@@ -114,6 +115,52 @@ impl Registry {
         progress: UploadProgress,
     ) -> io::Result<()> {
         block_on(self.upload_blob_async(repo_url, digest, path, Some(&progress)))
+    }
+
+    /// Mount blob `digest` into `repo_url` from repository `from` of the
+    /// same registry (a name like `library/app`) without sending it: the
+    /// OCI cross-repository mount, `POST .../blobs/uploads/?mount=<digest>
+    /// &from=<from>`. `Ok(true)`: the registry mounted it (201). `Ok(false)`:
+    /// it did not (`from` has no such blob, the client may not read it
+    /// there, or the registry does not mount) and opened an upload session
+    /// instead (202), which is cancelled; upload the blob then.
+    pub fn mount_blob(&self, repo_url: &str, digest: &str, from: &str) -> io::Result<bool> {
+        block_on(self.mount_blob_async(repo_url, digest, from))
+    }
+
+    /// [`Registry::mount_blob`], async.
+    pub async fn mount_blob_async(
+        &self,
+        repo_url: &str,
+        digest: &str,
+        from: &str,
+    ) -> io::Result<bool> {
+        let start = format!(
+            "{}/blobs/uploads/?mount={}&from={}",
+            repo_url.trim_end_matches('/'),
+            query_escape(digest),
+            query_escape(from)
+        );
+        let response = self.exchange(Method::POST, &start, Body::Empty).await?;
+        match response.status().as_u16() {
+            201 => Ok(true),
+            202 => {
+                // Not mounted: drop the session it opened (best effort; an
+                // abandoned session expires on its own).
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|l| resolve_location(&start, l));
+                if let Some(location) = location {
+                    let _ = self
+                        .exchange_once(Method::DELETE, &location, Body::Empty)
+                        .await;
+                }
+                Ok(false)
+            }
+            _ => Err(status_failure(&response, &start).error),
+        }
     }
 
     /// [`Registry::upload_blob`], async. An upload session is used once:

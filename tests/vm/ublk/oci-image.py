@@ -8,6 +8,9 @@ is checked against. Standard library only; run as root (devices, owners).
                                   tar entry kind (plain tar), 2 = whiteouts
                                   and replacements (gzip)
   oci-image.py push URL REPO TAG DIR   push DIR's image to a registry
+  oci-image.py layout DIR OUT TAG  write DIR's image as an OCI layout OUT
+                                  (blobs hard-linked; scripts/bench-convert.sh
+                                  makes DIR of its own layers)
   oci-image.py fetch URL REPO TAG DIR  download an image's manifest and
                                   layer blobs (DIR/layerN.blob)
   oci-image.py apply ROOT TAR...  apply layer tars to directory ROOT by the
@@ -250,6 +253,23 @@ def cmd_push(base, repo, tag, src):
     request(f"{base}/v2/{repo}/manifests/{tag}", "PUT", manifest,
             {"Content-Type": OCI_MANIFEST})
     print(sha256(manifest))
+
+
+def cmd_layout(src, out, tag):
+    config, manifest = image(src)
+    blobs = f"{out}/blobs/sha256"
+    os.makedirs(blobs, exist_ok=True)
+    for data in (config, manifest):
+        open(f"{blobs}/{sha256(data)[7:]}", "wb").write(data)
+    for i, l in enumerate(json.load(open(f"{src}/layers.json"))):
+        dst = f"{blobs}/{l['digest'][7:]}"
+        if not os.path.exists(dst):
+            os.link(f"{src}/layer{i}.blob", dst)
+    open(f"{out}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+    json.dump({"schemaVersion": 2, "manifests": [{
+        "mediaType": OCI_MANIFEST, "digest": sha256(manifest), "size": len(manifest),
+        "annotations": {"org.opencontainers.image.ref.name": tag}}]},
+        open(f"{out}/index.json", "w"))
 
 
 def cmd_fetch(base, repo, tag, out):
@@ -515,6 +535,8 @@ def main():
         cmd_layers(*args)
     elif cmd == "push":
         cmd_push(*args)
+    elif cmd == "layout":
+        cmd_layout(*args)
     elif cmd == "fetch":
         cmd_fetch(*args)
     elif cmd == "apply":

@@ -1,6 +1,8 @@
 # shellcheck shell=bash disable=SC2034 # its variables are for the scripts that source it
 # Shared by the VM benchmarks scripts/bench-startup.sh and
-# scripts/bench-ublk.sh (sourced right after `set -euo pipefail`, not run).
+# scripts/bench-ublk.sh (sourced right after `set -euo pipefail`, not run);
+# the host benchmark scripts/bench-convert.sh uses its say, usage,
+# bench_option and install_obd.
 # Each script runs twice: on the host (it builds obd, makes its data once
 # under target/bench/ and boots the VM with tests/vm/run.sh) and, given
 # --guest, inside the VM (the workloads). A script sets the defaults of its

@@ -29,6 +29,8 @@ echo "== benchmark, short form: obd export against cat of the flattened raw (scr
 bash scripts/bench-engine.sh --no-build --size-mib 64 --rounds 1
 echo "== benchmark, short form: start-up traces replayed through a throttled registry link (scripts/bench-fetch.sh)"
 bash scripts/bench-fetch.sh --short --no-build
+echo "== benchmark, short form: obd convert time and peak memory against gzip -dc | tar -x (scripts/bench-convert.sh)"
+bash scripts/bench-convert.sh --short --no-build
 OBD_BIN=target/release/obd tests/vm/run.sh --timeout 1500 --env OBD_BIN -- bash tests/vm/ublk/all.sh
 echo "== VM: TCMU (obd tcmu serving configfs/tcm_loop devices in a Debian 6.12 kernel under qemu)"
 cargo build --locked --bin obd

@@ -287,6 +287,111 @@ fn uploads_survive_a_lost_request_and_a_lost_answer() {
     assert_eq!(count(&proxy.stats.faults), 2);
 }
 
+/// The upload progress hook hears every byte of each session, in order:
+/// a session whose request is lost (the proxy read the whole body, then
+/// reset the connection) is counted to the end, and the new session the
+/// client opens counts again from the start to the blob's size.
+#[test]
+fn upload_progress_counts_each_session_to_the_blob_size() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let proxy = Proxy::start(registry.port);
+    proxy
+        .plan()
+        .upload_faults
+        .push_back(UploadFault::LostRequest);
+    // The default timeouts: a PUT that timed out on a loaded machine would
+    // be one more session.
+    let client = Client::with_credentials(RegistryOptions::default(), Box::new(Anonymous));
+    let repo_url = format!("{}/v2/{REPO}", proxy.base());
+    let path = &layer_files(&v)[0];
+    let bytes = std::fs::read(path).unwrap();
+    let len = bytes.len() as u64;
+    assert!(len > 2 << 20, "the layer should take several pieces");
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    for faulted in [true, false] {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook = {
+            let seen = seen.clone();
+            Arc::new(move |sent: u64| seen.lock().unwrap().push(sent))
+        };
+        let repo = if faulted {
+            repo_url.clone()
+        } else {
+            format!("{}/v2/obd/again", registry.base())
+        };
+        client
+            .upload_blob_with_progress(&repo, &digest, path, hook)
+            .unwrap();
+        assert!(client.blob_exists(&repo, &digest).unwrap());
+        let seen = seen.lock().unwrap().clone();
+        // Split into sessions where the count goes back.
+        let mut sessions: Vec<Vec<u64>> = vec![Vec::new()];
+        for (i, &sent) in seen.iter().enumerate() {
+            if i > 0 && sent <= seen[i - 1] {
+                sessions.push(Vec::new());
+            }
+            sessions.last_mut().unwrap().push(sent);
+        }
+        assert_eq!(sessions.len(), if faulted { 2 } else { 1 }, "{seen:?}");
+        for session in &sessions {
+            assert_eq!(*session.last().unwrap(), len, "{seen:?}");
+            assert!(
+                session.len() >= 2,
+                "one report for the whole blob: {seen:?}"
+            );
+        }
+    }
+    assert_eq!(count(&proxy.stats.faults), 1);
+}
+
+/// A cross-repository mount: the blob appears in the second repository
+/// without a byte sent (no upload `PUT` through the proxy) and reads back
+/// right; from a repository that lacks it, the registry opens an upload
+/// session instead (202), `mount_blob` says so and the upload that follows
+/// works.
+#[test]
+fn a_blob_is_mounted_from_another_repository_not_sent_again() {
+    let v = ReferenceVectors::unpack();
+    let registry = Registry::start(Auth::Anonymous);
+    let proxy = Proxy::start(registry.port);
+    let client = Client::with_credentials(RegistryOptions::default(), Box::new(Anonymous));
+    let repo = |name: &str| format!("{}/v2/{name}", proxy.base());
+    let path = &layer_files(&v)[1];
+    let bytes = std::fs::read(path).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    client
+        .upload_blob(&repo("obd/first"), &digest, path)
+        .unwrap();
+    assert_eq!(count(&proxy.stats.upload_puts), 1);
+
+    assert!(client
+        .mount_blob(&repo("obd/second"), &digest, "obd/first")
+        .unwrap());
+    assert_eq!(count(&proxy.stats.upload_puts), 1, "mounted, not sent");
+    let mut back = vec![0u8; bytes.len()];
+    client
+        .read_range(
+            &format!("{}/blobs/{digest}", repo("obd/second")),
+            bytes.len() as u64,
+            0,
+            &mut back,
+        )
+        .unwrap();
+    assert!(back == bytes, "the mounted blob reads back different bytes");
+
+    assert!(!client
+        .mount_blob(&repo("obd/third"), &digest, "obd/nothing-here")
+        .unwrap());
+    assert!(!client.blob_exists(&repo("obd/third"), &digest).unwrap());
+    assert_eq!(count(&proxy.stats.upload_puts), 1);
+    client
+        .upload_blob(&repo("obd/third"), &digest, path)
+        .unwrap();
+    assert_eq!(count(&proxy.stats.upload_puts), 2);
+    assert!(client.blob_exists(&repo("obd/third"), &digest).unwrap());
+}
+
 #[test]
 fn injected_faults_are_retried_and_never_give_wrong_bytes() {
     let (v, _registry, layers, proxy) = proxied(Auth::Anonymous);

@@ -47,7 +47,8 @@ use crate::progress;
 obd convert --from registry.example.com/library/redis:7 --to registry.example.com/library/redis:7-obd\n  \
 obd convert --from http://127.0.0.1:5000/app:v1 --to http://127.0.0.1:5000/app:v1-obd\n  \
 obd convert --from oci:./app-layout:v1 --to oci:./app-obd:v1 --oci\n  \
-obd convert --from 127.0.0.1:5000/app:v1 --to oci:/tmp/out:v1 --no-compress\n\
+obd convert --from 127.0.0.1:5000/app:v1 --to oci:/tmp/out:v1 --no-compress\n  \
+obd convert --from 127.0.0.1:5000/app2:v1 --to 127.0.0.1:5000/app2:v1-obd --mount-from app\n\
 Credentials for registries come from the global config's credentialConfig.")]
 pub struct Args {
     /// The image to convert.
@@ -72,6 +73,13 @@ pub struct Args {
     /// tmpfs /tmp) [default: $TMPDIR or /tmp].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// A repository of the --to registry (a name such as library/app) to
+    /// mount layers from instead of uploading them, when it has them: the
+    /// OCI cross-repository blob mount, e.g. from the repository of an
+    /// earlier conversion of an image with the same base layers. A
+    /// registry that does not mount a blob gets it uploaded. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    mount_from: Vec<String>,
     /// Global config for credentials [default: /etc/overlaybd/overlaybd.json
     /// if it exists].
     #[arg(long, value_name = "PATH")]
@@ -123,8 +131,14 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         GlobalConfig::default()
     };
-    let source = Store::open(&from, &global, false)?;
-    let target = Store::open(&to, &global, true)?;
+    if !args.mount_from.is_empty() && !to.is_registry() {
+        bail!("--mount-from needs a registry --to (it names repositories of that registry)");
+    }
+    if let Some(bad) = args.mount_from.iter().find(|n| !valid_repo_name(n)) {
+        bail!("--mount-from {bad:?} is not a repository name like library/app");
+    }
+    let source = Store::open(&from, &global, false, &[])?;
+    let target = Store::open(&to, &global, true, &args.mount_from)?;
     let work = match &args.work_dir {
         Some(dir) => tempfile::Builder::new()
             .prefix(".obd-convert-")
@@ -222,11 +236,15 @@ pub fn run(args: Args) -> Result<()> {
         parent_uuid = Some(uuid);
 
         let (digest, size) = sha256_file(&out).with_context(|| out.display().to_string())?;
-        let sent = target.put_blob(&digest, &out, &step)?;
+        let put = target.put_blob(&digest, &out, &step)?;
         eprintln!(
-            "{step}: {} → {digest} ({size} bytes){}",
+            "{step}: {} → {digest} ({size} bytes), {}",
             layer.digest,
-            if sent { ", pushed" } else { ", already there" }
+            match put {
+                Put::There => "already there".to_string(),
+                Put::Mounted(from) => format!("mounted from {from}"),
+                Put::Sent => "pushed".to_string(),
+            }
         );
         out_layers.push(json!({
             "mediaType": if args.oci { OCI_LAYER } else { DOCKER_LAYER },
@@ -453,8 +471,35 @@ impl Place {
 
 /// An opened place to read an image from or write one to.
 enum Store {
-    Registry { client: Box<Registry>, repo: String },
+    Registry {
+        client: Box<Registry>,
+        repo: String,
+        /// Repositories of the same registry to mount blobs from.
+        mount_from: Vec<String>,
+    },
     Layout(PathBuf),
+}
+
+/// What [`Store::put_blob`] did with a blob.
+enum Put {
+    /// The target had it already.
+    There,
+    /// The registry mounted it from this repository.
+    Mounted(String),
+    /// It was uploaded (or copied into the layout).
+    Sent,
+}
+
+/// A registry repository name: lowercase path components of [a-z0-9._-]
+/// (the distribution spec's grammar, loosely), no scheme or /v2/.
+fn valid_repo_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('/').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        })
 }
 
 /// A layer blob as a file: a temporary download, or a layout's own file.
@@ -473,11 +518,17 @@ impl BlobFile {
 }
 
 impl Store {
-    fn open(place: &Place, global: &GlobalConfig, write: bool) -> Result<Store> {
+    fn open(
+        place: &Place,
+        global: &GlobalConfig,
+        write: bool,
+        mount_from: &[String],
+    ) -> Result<Store> {
         Ok(match &place.location {
             Location::Registry(repo) => Store::Registry {
                 client: Box::new(Registry::new(RegistryOptions::from_global(global), global)?),
                 repo: repo.clone(),
+                mount_from: mount_from.to_vec(),
             },
             Location::Layout(dir) => {
                 if write {
@@ -506,7 +557,7 @@ impl Store {
     /// The manifest (or index) named by `reference`, and its media type.
     fn manifest(&self, reference: &Reference) -> Result<(String, Value)> {
         let (header_type, bytes) = match self {
-            Store::Registry { client, repo } => client
+            Store::Registry { client, repo, .. } => client
                 .get_manifest(repo, reference.text())
                 .with_context(|| format!("reading the manifest {} of {repo}", reference.text()))?
                 .with_context(|| {
@@ -587,7 +638,7 @@ impl Store {
                 }
                 Ok(BlobFile::Kept(path))
             }
-            Store::Registry { client, repo } => {
+            Store::Registry { client, repo, .. } => {
                 let url = format!("{repo}/blobs/{}", desc.digest);
                 let mut temp = tempfile::NamedTempFile::new_in(work)?;
                 let bar = progress::bytes(desc.size, &format!("{label} pull"));
@@ -618,26 +669,42 @@ impl Store {
         }
     }
 
-    /// Store the file `path` as blob `digest` unless it is there already.
-    /// Returns whether it was sent.
-    fn put_blob(&self, digest: &str, path: &Path, label: &str) -> Result<bool> {
+    /// Store the file `path` as blob `digest` unless it is there already:
+    /// mounted from one of the registry's `mount_from` repositories if one
+    /// has it, else sent.
+    fn put_blob(&self, digest: &str, path: &Path, label: &str) -> Result<Put> {
         match self {
-            Store::Registry { client, repo } => {
+            Store::Registry {
+                client,
+                repo,
+                mount_from,
+            } => {
                 if client
                     .blob_exists(repo, digest)
                     .with_context(|| format!("checking {digest} in {repo}"))?
                 {
-                    return Ok(false);
+                    return Ok(Put::There);
                 }
+                for from in mount_from {
+                    if client
+                        .mount_blob(repo, digest, from)
+                        .with_context(|| format!("{label}: mounting {digest} from {from}"))?
+                    {
+                        return Ok(Put::Mounted(from.clone()));
+                    }
+                }
+                let size = std::fs::metadata(path)?.len();
+                let bar = progress::bytes(size, &format!("{label} push"));
                 client
-                    .upload_blob(repo, digest, path)
+                    .upload_blob_with_progress(repo, digest, path, progress::upload_hook(&bar))
                     .with_context(|| format!("{label}: uploading {digest} to {repo}"))?;
-                Ok(true)
+                bar.finish_and_clear();
+                Ok(Put::Sent)
             }
             Store::Layout(dir) => {
                 let dest = Store::blob_path(dir, digest);
                 if dest.exists() {
-                    return Ok(false);
+                    return Ok(Put::There);
                 }
                 // Copied under a temporary name, then renamed: a blob file
                 // is either whole or absent.
@@ -645,7 +712,7 @@ impl Store {
                 std::io::copy(&mut File::open(path)?, temp.as_file_mut())?;
                 temp.as_file().sync_all()?;
                 temp.persist(&dest)?;
-                Ok(true)
+                Ok(Put::Sent)
             }
         }
     }
@@ -653,7 +720,7 @@ impl Store {
     /// Write `manifest` and point `tag` at it.
     fn put_manifest(&self, tag: &str, media_type: &str, manifest: &[u8]) -> Result<()> {
         match self {
-            Store::Registry { client, repo } => client
+            Store::Registry { client, repo, .. } => client
                 .put_manifest(repo, tag, media_type, manifest)
                 .with_context(|| format!("writing the manifest {tag} to {repo}")),
             Store::Layout(dir) => {

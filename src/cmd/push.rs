@@ -15,6 +15,7 @@ use overlaybd::remote::sha256_file;
 
 use super::export::load_global_config;
 use super::Output;
+use crate::progress;
 
 /// Upload read-only layers to a registry and write a config.v1.json that
 /// reads them from it.
@@ -83,9 +84,11 @@ pub fn run(args: Args) -> Result<()> {
         if exists {
             println!("{digest} {size} bytes: already in the registry");
         } else {
+            let bar = progress::bytes(size, "push");
             registry
-                .upload_blob(repo, &digest, layer)
+                .upload_blob_with_progress(repo, &digest, layer, progress::upload_hook(&bar))
                 .with_context(|| format!("uploading {}", layer.display()))?;
+            bar.finish_and_clear();
             println!("{digest} {size} bytes: pushed {}", layer.display());
         }
         lowers.push(Lower::Blob {

@@ -96,6 +96,7 @@ use super::{redact_url, remote_error};
 
 pub use manifests::MANIFEST_TYPES;
 pub use ranged_reads::{parse_content_range, RegistryBlob};
+pub use uploads::UploadProgress;
 
 /// Timeouts, retries and identity of registry requests.
 #[derive(Clone, Debug)]

@@ -317,6 +317,8 @@ pub struct Stats {
     pub blob_gets: AtomicU64,
     pub body_bytes: AtomicU64,
     pub faults: AtomicU64,
+    /// Upload `PUT`s (`.../blobs/uploads/...`) seen, whatever became of them.
+    pub upload_puts: AtomicU64,
     /// Redirects sent, storage GETs served, and storage GETs that carried
     /// an `Authorization` header.
     pub redirects: AtomicU64,
@@ -501,6 +503,7 @@ fn serve(
     let mut body = vec![0u8; body_len];
     reader.read_exact(&mut body)?;
     if method == "PUT" && path.contains("/blobs/uploads/") {
+        stats.upload_puts.fetch_add(1, Ordering::Relaxed);
         let upload_fault = plan.lock().unwrap().upload_faults.pop_front();
         match upload_fault {
             Some(UploadFault::LostRequest) => {

@@ -5,7 +5,7 @@
 # M failed` line. OBD_BIN picks the binary (default target/release/obd).
 set -uo pipefail
 here=$(dirname "$0")
-suites=(${OBD_UBLK_SUITES:-ref-vectors images demo bad-configs writable recovery remote trace})
+suites=(${OBD_UBLK_SUITES:-ref-vectors images demo bad-configs writable recovery remote trace convert})
 passed=0
 failed=0
 for suite in "${suites[@]}"; do

@@ -1,17 +1,24 @@
-//! Uploads: whether a blob exists (`HEAD`), and a whole blob pushed in one
+//! Uploads: whether a blob exists (`HEAD`), a whole blob pushed in one
 //! piece (`POST .../blobs/uploads/`, then `PUT <location>?digest=...`, a
-//! new session for each try).
+//! new session for each try), and a blob mounted from another repository
+//! of the same registry (`POST .../blobs/uploads/?mount=...&from=...`).
 //! Each request carries the repository's credentials, learns a challenge
 //! and retries once on 401, and is retried with the client's backoff when
-//! it failed in a way that may pass.
+//! it failed in a way that may pass. An upload can report its bytes as
+//! they go out (for a progress bar), through [`UploadProgress`].
 
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use backon::Retryable;
+use futures_util::stream::Stream;
 use reqwest::{Method, Response};
+use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::remote::auth::query_escape;
 
@@ -26,8 +33,9 @@ use super::{
 pub(super) enum Body<'a> {
     /// Nothing.
     Empty,
-    /// A file of this length, streamed from disk.
-    File(&'a Path, u64),
+    /// A file of this length, streamed from disk, its bytes sent so far
+    /// reported to the progress hook if there is one.
+    File(&'a Path, u64, Option<&'a UploadProgress>),
     /// A small JSON document (a manifest) of this media type.
     Json {
         bytes: &'a [u8],
@@ -35,6 +43,42 @@ pub(super) enum Body<'a> {
     },
     /// No body; the answer is wanted in one of these media types.
     Accept(&'a str),
+}
+
+/// Told the bytes of the blob sent so far by the current `PUT`, after each
+/// piece handed to the connection. A `PUT` sent again (a new session after
+/// a failure, or once more after a 401) counts again from 0.
+pub type UploadProgress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Size of the pieces a file is sent in.
+const UPLOAD_PIECE: usize = 1 << 20;
+
+/// A file as a stream of pieces, telling `progress` the running total.
+struct ProgressFile {
+    file: tokio::fs::File,
+    piece: Vec<u8>,
+    sent: u64,
+    progress: UploadProgress,
+}
+
+impl Stream for ProgressFile {
+    type Item = io::Result<Vec<u8>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.piece.resize(UPLOAD_PIECE, 0);
+        let mut buf = ReadBuf::new(&mut this.piece);
+        ready!(Pin::new(&mut this.file).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        if n == 0 {
+            return Poll::Ready(None);
+        }
+        this.sent += n as u64;
+        (this.progress)(this.sent);
+        let mut piece = std::mem::take(&mut this.piece);
+        piece.truncate(n);
+        Poll::Ready(Some(Ok(piece)))
+    }
 }
 
 impl Registry {
@@ -58,7 +102,65 @@ impl Registry {
     /// Upload the file at `path` as `repo_url/blobs/<digest>` in one piece
     /// (`POST .../blobs/uploads/`, then `PUT <location>?digest=...`).
     pub fn upload_blob(&self, repo_url: &str, digest: &str, path: &Path) -> io::Result<()> {
-        block_on(self.upload_blob_async(repo_url, digest, path))
+        block_on(self.upload_blob_async(repo_url, digest, path, None))
+    }
+
+    /// [`Registry::upload_blob`], telling `progress` the bytes sent as
+    /// they go out.
+    pub fn upload_blob_with_progress(
+        &self,
+        repo_url: &str,
+        digest: &str,
+        path: &Path,
+        progress: UploadProgress,
+    ) -> io::Result<()> {
+        block_on(self.upload_blob_async(repo_url, digest, path, Some(&progress)))
+    }
+
+    /// Mount blob `digest` into `repo_url` from repository `from` of the
+    /// same registry (a name like `library/app`) without sending it: the
+    /// OCI cross-repository mount, `POST .../blobs/uploads/?mount=<digest>
+    /// &from=<from>`. `Ok(true)`: the registry mounted it (201). `Ok(false)`:
+    /// it did not (`from` has no such blob, the client may not read it
+    /// there, or the registry does not mount) and opened an upload session
+    /// instead (202), which is cancelled; upload the blob then.
+    pub fn mount_blob(&self, repo_url: &str, digest: &str, from: &str) -> io::Result<bool> {
+        block_on(self.mount_blob_async(repo_url, digest, from))
+    }
+
+    /// [`Registry::mount_blob`], async.
+    pub async fn mount_blob_async(
+        &self,
+        repo_url: &str,
+        digest: &str,
+        from: &str,
+    ) -> io::Result<bool> {
+        let start = format!(
+            "{}/blobs/uploads/?mount={}&from={}",
+            repo_url.trim_end_matches('/'),
+            query_escape(digest),
+            query_escape(from)
+        );
+        let response = self.exchange(Method::POST, &start, Body::Empty).await?;
+        match response.status().as_u16() {
+            201 => Ok(true),
+            202 => {
+                // Not mounted: drop the session it opened (best effort; an
+                // abandoned session expires on its own).
+                let location = response
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|l| resolve_location(&start, l));
+                if let Some(location) = location {
+                    let _ = self
+                        .exchange_once(Method::DELETE, &location, Body::Empty)
+                        .await;
+                }
+                Ok(false)
+            }
+            _ => Err(status_failure(&response, &start).error),
+        }
     }
 
     /// [`Registry::upload_blob`], async. An upload session is used once:
@@ -72,12 +174,14 @@ impl Registry {
         repo_url: &str,
         digest: &str,
         path: &Path,
+        progress: Option<&UploadProgress>,
     ) -> io::Result<()> {
         let len = tokio::fs::metadata(path).await?.len();
         let mut tries = 0;
         loop {
             tries += 1;
-            let failure = match self.upload_session(repo_url, digest, path, len).await {
+            let session = self.upload_session(repo_url, digest, path, len, progress);
+            let failure = match session.await {
                 Ok(()) => return Ok(()),
                 Err(failure) => failure,
             };
@@ -102,6 +206,7 @@ impl Registry {
         digest: &str,
         path: &Path,
         len: u64,
+        progress: Option<&UploadProgress>,
     ) -> std::result::Result<(), Failure> {
         let start = format!("{}/blobs/uploads/", repo_url.trim_end_matches('/'));
         let response = self
@@ -125,7 +230,7 @@ impl Registry {
         let separator = if location.contains('?') { '&' } else { '?' };
         let put = format!("{location}{separator}digest={}", query_escape(digest));
         let response = self
-            .exchange_once(Method::PUT, &put, Body::File(path, len))
+            .exchange_once(Method::PUT, &put, Body::File(path, len, progress))
             .await?;
         match response.status().as_u16() {
             201 | 204 => Ok(()),
@@ -168,16 +273,25 @@ impl Registry {
                 Body::Empty => {
                     request = request.header("Content-Type", "application/octet-stream");
                 }
-                Body::File(path, len) => {
+                Body::File(path, len, progress) => {
                     // The file is streamed from disk, not read into memory,
                     // with time to send it at 1 MiB/s or faster on top of
                     // the usual deadline.
                     let file = tokio::fs::File::open(path).await?;
+                    let body = match progress {
+                        Some(progress) => reqwest::Body::wrap_stream(ProgressFile {
+                            file,
+                            piece: Vec::new(),
+                            sent: 0,
+                            progress: progress.clone(),
+                        }),
+                        None => reqwest::Body::from(file),
+                    };
                     request = request
                         .header("Content-Type", "application/octet-stream")
                         .header("Content-Length", len)
                         .timeout(self.options.deadline + Duration::from_secs(len >> 20))
-                        .body(file);
+                        .body(body);
                 }
                 Body::Json { bytes, media_type } => {
                     request = request

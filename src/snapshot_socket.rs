@@ -1,7 +1,10 @@
-//! The snapshot socket of a ublk daemon, `<run dir>/ublk/<id>.sock`: how
-//! `obd snapshot` asks the process serving a device for a live snapshot.
-//! One JSON line asks, one JSON line answers; only root can connect (the
-//! socket is 0600 in a root-only directory).
+//! The snapshot socket of a serving daemon: how `obd snapshot` asks the
+//! process serving a device for a live snapshot. A ublk daemon's is
+//! `<run dir>/ublk/<id>.sock`; a vhost-user-blk daemon's (`obd serve`) is
+//! `<run dir>/vhost/<hash>.sock`, named by a hash of its vhost-user
+//! socket's path, so the user names that daemon by the socket the VMM
+//! uses. One JSON line asks, one JSON line answers; only root can connect
+//! (the socket is 0600).
 //!
 //! What the daemon does, in order, while new requests wait and none is in
 //! flight ([`LiveStack::replace`]): flush the writable layer, create the
@@ -23,6 +26,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use overlaybd::config::ImageConfig;
 use overlaybd::live::{snapshot_stack, LiveStack, NewUpper};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// How long a snapshot waits for the requests in flight to end.
 const QUIET_WITHIN: Duration = Duration::from_secs(30);
@@ -55,14 +59,39 @@ pub enum Answer {
     Failed(String),
 }
 
+/// The snapshot socket of the daemon serving /dev/ublkb`dev_id`.
 pub fn socket_path(dev_id: u32) -> PathBuf {
     ublk_target::state::dir().join(format!("{dev_id}.sock"))
 }
 
-/// Start answering snapshot requests for device `dev_id`, whose image
-/// config is `config`, on a thread of its own.
-pub fn listen(dev_id: u32, live: Arc<LiveStack>, config: PathBuf) -> Result<()> {
-    let path = socket_path(dev_id);
+/// The snapshot socket of the daemon serving vhost-user-blk on
+/// `vhost_socket`, in the run dir next to the ublk one (`/run/obd/vhost`).
+/// The same socket named another way (a relative path, a symlinked
+/// directory) gives the same name.
+pub fn vhost_socket_path(vhost_socket: &Path) -> PathBuf {
+    let canonical = canonical_socket(vhost_socket);
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    ublk_target::state::dir()
+        .with_file_name("vhost")
+        .join(format!("{}.sock", &hex::encode(digest)[..16]))
+}
+
+/// `path` with its directory resolved (the socket itself may not exist
+/// yet).
+fn canonical_socket(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => fs::canonicalize(dir)
+            .map(|dir| dir.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
+}
+
+/// Start answering snapshot requests on the socket `path` for the device
+/// whose stack is `live` and whose image config is `config`, on a thread
+/// of its own.
+pub fn listen(path: PathBuf, live: Arc<LiveStack>, config: PathBuf) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
@@ -83,9 +112,9 @@ pub fn listen(dev_id: u32, live: Arc<LiveStack>, config: PathBuf) -> Result<()> 
     Ok(())
 }
 
-/// Remove the socket of device `dev_id` (its daemon is ending).
-pub fn remove(dev_id: u32) {
-    let _ = fs::remove_file(socket_path(dev_id));
+/// Remove a snapshot socket (its daemon is ending).
+pub fn remove(path: &Path) {
+    let _ = fs::remove_file(path);
 }
 
 fn answer(stream: UnixStream, live: &LiveStack, config: &Path) -> Result<()> {
@@ -270,12 +299,13 @@ fn numbered(path: &Path, n: u32) -> Result<PathBuf> {
     Ok(path.with_file_name(name))
 }
 
-/// Ask the daemon serving device `dev_id` for a snapshot.
-pub fn request(dev_id: u32, request: &Request) -> Result<Answer> {
-    let path = socket_path(dev_id);
-    let mut stream = UnixStream::connect(&path).map_err(|e| {
+/// Ask the daemon listening on the snapshot socket `path` for a snapshot;
+/// `device` names its device in errors, `served_by` the command that
+/// serves such a device.
+pub fn request(path: &Path, device: &str, served_by: &str, request: &Request) -> Result<Answer> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
         anyhow!(
-            "cannot reach the daemon of /dev/ublkb{dev_id} at {}: {e} (is the device served by obd add, and is its daemon running?)",
+            "cannot reach the daemon of {device} at {}: {e} (is the device served by {served_by}, and is its daemon running?)",
             path.display()
         )
     })?;
@@ -283,7 +313,7 @@ pub fn request(dev_id: u32, request: &Request) -> Result<Answer> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     if line.is_empty() {
-        bail!("the daemon of /dev/ublkb{dev_id} closed the socket without an answer");
+        bail!("the daemon of {device} closed the socket without an answer");
     }
     Ok(serde_json::from_str(&line)?)
 }
@@ -306,6 +336,21 @@ mod tests {
             numbered(Path::new("/x/my-disk"), 3).unwrap(),
             PathBuf::from("/x/my-disk-3")
         );
+    }
+
+    #[test]
+    fn a_vhost_socket_named_two_ways_has_one_snapshot_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let plain = dir.path().join("vm.sock");
+        let roundabout = dir.path().join("sub/../vm.sock");
+        assert_eq!(vhost_socket_path(&plain), vhost_socket_path(&roundabout));
+        assert_ne!(
+            vhost_socket_path(&plain),
+            vhost_socket_path(&dir.path().join("vm2.sock"))
+        );
+        let name = vhost_socket_path(&plain);
+        assert_eq!(name.parent().unwrap().file_name().unwrap(), "vhost");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The snapshot socket of a serving daemon: how `obd snapshot` asks the
-//! process serving a device for a live snapshot. A ublk daemon's is
+//! process serving a device for a live snapshot, and `obd resize` for a
+//! larger size (ublk devices only). A ublk daemon's is
 //! `<run dir>/ublk/<id>.sock`; a vhost-user-blk daemon's (`obd serve`) is
 //! `<run dir>/vhost/<hash>.sock`, named by a hash of its vhost-user
 //! socket's path, so the user names that daemon by the socket the VMM
@@ -31,8 +32,25 @@ use sha2::{Digest, Sha256};
 /// How long a snapshot waits for the requests in flight to end.
 const QUIET_WITHIN: Duration = Duration::from_secs(30);
 
-/// A request: where the new writable layer goes (default: next to the
-/// current one, numbered).
+/// What a client asks for.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Ask {
+    Snapshot(Request),
+    /// Grow the image and the device to `size` bytes.
+    Resize {
+        size: u64,
+    },
+}
+
+/// Which kind of device the daemon serves (what a resize must tell).
+#[derive(Clone, Copy, Debug)]
+pub enum Front {
+    Ublk(u32),
+    VhostUserBlk,
+}
+
+/// A snapshot request: where the new writable layer goes (default: next
+/// to the current one, numbered).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Request {
     pub data: Option<PathBuf>,
@@ -55,6 +73,11 @@ pub enum Answer {
         /// The new upper.
         upper: LayerFiles,
         config: PathBuf,
+    },
+    /// A resize: the sizes before and after.
+    Resized {
+        old: u64,
+        new: u64,
     },
     Failed(String),
 }
@@ -91,7 +114,7 @@ fn canonical_socket(path: &Path) -> PathBuf {
 /// Start answering snapshot requests on the socket `path` for the device
 /// whose stack is `live` and whose image config is `config`, on a thread
 /// of its own.
-pub fn listen(path: PathBuf, live: Arc<LiveStack>, config: PathBuf) -> Result<()> {
+pub fn listen(path: PathBuf, live: Arc<LiveStack>, config: PathBuf, front: Front) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
@@ -103,7 +126,7 @@ pub fn listen(path: PathBuf, live: Arc<LiveStack>, config: PathBuf) -> Result<()
         .name("obd-snapshot".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &live, &config) {
+                if let Err(e) = answer(stream, &live, &config, front) {
                     eprintln!("obd: snapshot socket: {e:#}");
                 }
             }
@@ -117,28 +140,74 @@ pub fn remove(path: &Path) {
     let _ = fs::remove_file(path);
 }
 
-fn answer(stream: UnixStream, live: &LiveStack, config: &Path) -> Result<()> {
+fn answer(stream: UnixStream, live: &LiveStack, config: &Path, front: Front) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    let answer = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => match take(live, config, &request) {
-            Ok(answer) => answer,
-            Err(e) => Answer::Failed(format!("{e:#}")),
-        },
-        Err(e) => Answer::Failed(format!("unreadable request: {e}")),
+    let (what, result) = match serde_json::from_str::<Ask>(&line) {
+        Ok(Ask::Snapshot(request)) => ("snapshot", take(live, config, &request)),
+        Ok(Ask::Resize { size }) => ("resize", resize(live, front, size)),
+        Err(e) => ("request", Err(anyhow!("unreadable request: {e}"))),
     };
+    let answer = result.unwrap_or_else(|e| Answer::Failed(format!("{e:#}")));
     match &answer {
         Answer::Done { frozen, upper, .. } => eprintln!(
             "obd: snapshot: {} is now a read-only lower; writes go to {}",
             frozen.data.display(),
             upper.data.display()
         ),
-        Answer::Failed(reason) => eprintln!("obd: snapshot failed: {reason}"),
+        Answer::Resized { old, new } => {
+            eprintln!("obd: resize: the image and the device grew from {old} to {new} bytes")
+        }
+        Answer::Failed(reason) => eprintln!("obd: {what} failed: {reason}"),
     }
     let mut stream = stream;
     writeln!(stream, "{}", serde_json::to_string(&answer)?)?;
     Ok(())
+}
+
+/// Grow the image to `size` bytes, then the device. The kernel's support
+/// is checked first, so an unsupported resize changes nothing.
+fn resize(live: &LiveStack, front: Front, size: u64) -> Result<Answer> {
+    let Front::Ublk(id) = front else {
+        bail!("a vhost-user-blk disk cannot be resized online yet; nothing was changed");
+    };
+    let old = live.current().virtual_size();
+    if size < old {
+        bail!("the image is {old} bytes and cannot shrink to {size}; nothing was changed");
+    }
+    if size == old {
+        return Ok(Answer::Resized { old, new: size });
+    }
+    if live.current().top().is_none() {
+        bail!("the image has no writable layer (`upper`), so it cannot grow; nothing was changed");
+    }
+    if !ublk_target::device::can_update_size(id).map_err(|e| anyhow!(e))? {
+        bail!(
+            "this kernel's ublk driver ({}) cannot resize a live device (no UBLK_F_UPDATE_SIZE; \
+             Linux 6.16 or later has it); nothing was changed: the image and /dev/ublkb{id} keep \
+             {old} bytes",
+            kernel_release()
+        );
+    }
+    live.grow(size)
+        .with_context(|| format!("cannot grow the image; /dev/ublkb{id} keeps {old} bytes"))?;
+    ublk_target::device::update_size(id, size).map_err(|e| {
+        anyhow!("{e}; the image grew to {size} bytes but /dev/ublkb{id} keeps {old} until it is added again")
+    })?;
+    if let Some(mut record) = ublk_target::state::DeviceRecord::load(id) {
+        record.size = size;
+        if let Err(e) = record.save() {
+            eprintln!("obd: cannot update the record of /dev/ublkb{id}: {e}");
+        }
+    }
+    Ok(Answer::Resized { old, new: size })
+}
+
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| format!("Linux {}", r.trim()))
+        .unwrap_or_else(|_| "this kernel".into())
 }
 
 /// Take the snapshot (see the module doc).
@@ -302,7 +371,7 @@ fn numbered(path: &Path, n: u32) -> Result<PathBuf> {
 /// Ask the daemon listening on the snapshot socket `path` for a snapshot;
 /// `device` names its device in errors, `served_by` the command that
 /// serves such a device.
-pub fn request(path: &Path, device: &str, served_by: &str, request: &Request) -> Result<Answer> {
+pub fn request(path: &Path, device: &str, served_by: &str, request: &Ask) -> Result<Answer> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         anyhow!(
             "cannot reach the daemon of {device} at {}: {e} (is the device served by {served_by}, and is its daemon running?)",

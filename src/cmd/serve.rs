@@ -162,7 +162,13 @@ pub fn run(args: Args) -> Result<()> {
     let _ = stopping.socket.set(socket.clone());
     // Even a read-only disk answers, so `obd snapshot` can say why not.
     let snapshots = crate::snapshot_socket::vhost_socket_path(&socket);
-    match crate::snapshot_socket::listen(snapshots.clone(), live.clone(), loaded.path.clone()) {
+    let front = crate::snapshot_socket::Front::VhostUserBlk;
+    match crate::snapshot_socket::listen(
+        snapshots.clone(),
+        live.clone(),
+        loaded.path.clone(),
+        front,
+    ) {
         Ok(()) => {
             let _ = stopping.snapshot_socket.set(snapshots);
         }

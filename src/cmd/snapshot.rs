@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use ublk_target::state::DeviceRecord;
 
 use super::ublk::check_dev_id;
-use crate::snapshot_socket::{self, Answer, Request};
+use crate::snapshot_socket::{self, Answer, Ask, Request};
 
 /// Snapshot a running device: its writable layer becomes a read-only
 /// layer of the image and writes go on to a fresh one, without detaching
@@ -50,10 +50,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let request = Request {
+    let request = Ask::Snapshot(Request {
         data: args.data.map(absolute),
         index: args.index.map(absolute),
-    };
+    });
     match (args.number, args.vhost_user_blk) {
         (Some(number), _) => ublk(number, &request),
         (None, Some(socket)) => vhost(&socket, &request),
@@ -61,7 +61,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-fn ublk(number: i64, request: &Request) -> Result<()> {
+fn ublk(number: i64, request: &Ask) -> Result<()> {
     let id = check_dev_id(number)?;
     let Some(record) = DeviceRecord::load(id) else {
         bail!("/dev/ublkb{id} is not a device obd serves (no record of it: see `obd list`)");
@@ -82,7 +82,7 @@ fn ublk(number: i64, request: &Request) -> Result<()> {
     report(&device, answer)
 }
 
-fn vhost(socket: &Path, request: &Request) -> Result<()> {
+fn vhost(socket: &Path, request: &Ask) -> Result<()> {
     let device = format!("the vhost-user-blk disk on {}", socket.display());
     if !socket.exists() {
         bail!(
@@ -116,5 +116,6 @@ fn report(device: &str, answer: Answer) -> Result<()> {
             Ok(())
         }
         Answer::Failed(reason) => bail!("{device}: snapshot failed: {reason}"),
+        Answer::Resized { .. } => bail!("{device}: the daemon answered another request"),
     }
 }

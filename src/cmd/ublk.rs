@@ -501,7 +501,8 @@ fn answer_snapshots(dev_id: u32, live: Arc<LiveStack>, record: &DeviceRecord) {
         return;
     }
     let socket = crate::snapshot_socket::socket_path(dev_id);
-    if let Err(e) = crate::snapshot_socket::listen(socket, live, record.config.clone()) {
+    let front = crate::snapshot_socket::Front::Ublk(dev_id);
+    if let Err(e) = crate::snapshot_socket::listen(socket, live, record.config.clone(), front) {
         eprintln!("obd: /dev/ublkb{dev_id} cannot take snapshots: {e:#}");
     }
 }

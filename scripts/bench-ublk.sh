@@ -8,7 +8,10 @@
 #                              [--smp N] [--no-build] [--remake-data]
 #                              [--cases 'CASE ...'] [--storage disk|tmpfs]
 #                              [--ref-tcmu PATH]
+#   bash scripts/bench-ublk.sh --data-only [--no-build] [--remake-data]
 #
+# --data-only: make the data below (when missing) and stop; what
+# scripts/bench-vhost.sh uses for its stacks.
 # On the host it builds obd (cargo build --release -p obd) and copies the
 # binary to target/bench/obd (so a rebuild by someone else mid-run cannot
 # change it), and makes, once, under target/bench/data/:
@@ -42,6 +45,18 @@
 # 4-layer container image made by the reference convertor's tools (or obd
 # apply without --ref-tcmu) on which start-up workloads are timed instead of
 # fio: see scripts/bench-ublk-app.sh.
+# Write cases (only when asked for with --cases; not in the default set):
+# the writable upper's write and flush throughput, against the kernel loop
+# device over a raw file on the same storage. Each makes its target fresh
+# in every round, a 1 GiB sparse raw file (losetup --direct-io on or off)
+# or an `obd add` device of a 1 GiB writable upper alone (append: data +
+# index; sparse: `obd create -s`), and runs
+#   fsync4k  randwrite bs=4k iodepth=1 fsync=1 (a FLUSH after every write)
+#   seqw     write bs=1M iodepth=8 end_fsync=1
+# with --direct=1, time_based RUNTIME s after RAMP s. Names: write-loop-on
+# write-loop-off write-ublk-append write-ublk-sparse. Their table (IOPS for
+# fsync4k, MB/s for seqw, ratio to the better loop mode) follows the read
+# table.
 # --ref-tcmu PATH: also serve both stacks through the reference C++
 # overlaybd-tcmu (PATH: the binary, or a wrapper that sets LD_LIBRARY_PATH
 # and execs it; it must be outside /tmp, the guest runs it from the host's
@@ -89,6 +104,7 @@ smp=2
 storage=disk
 cases=
 ref_tcmu=
+data_only=0
 while (($#)); do
     case $1 in
         --runtime) runtime=$2; shift 2 ;;
@@ -98,6 +114,7 @@ while (($#)); do
         --cases) cases=$2; shift 2 ;;
         --storage) storage=$2; shift 2 ;;
         --ref-tcmu) ref_tcmu=$2; shift 2 ;;
+        --data-only) data_only=1; shift ;;
         *) bench_option "$@"; shift "$BENCH_OPTION_WORDS" ;;
     esac
 done
@@ -264,6 +281,7 @@ host_main() {
         make_app_data "$([[ -z $ref_tcmu ]] || dirname "$ref_tcmu")"
     fi
     (cd "$DATA" && ls -ls layer*) | sed 's/^/  /' >&2
+    ((!data_only)) || return 0
     local results
     results=$(mktemp -d /tmp/obd-bench-ublk.XXXXXX)
     local rc=0
@@ -302,6 +320,7 @@ REF_TCMU=$ref_tcmu
 W=/tmp/bench
 OUT=${OBD_VM_RESULTS:-/tmp}
 ROWS=$OUT/rows.tsv
+WROWS=$OUT/write-rows.tsv
 
 cpu_total() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
 # threads PIDS...: "comm utime stime" (ticks) of every thread of PIDS
@@ -372,6 +391,71 @@ print(f"{rnd}\t{label}\t{queues}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0
 PY
         tail -n 1 "$ROWS" | sed 's/^/  /'
     done
+}
+
+# run_fio_write DEV LABEL: the write workloads (see the header); a row
+# each in WROWS: round label workload MB/s IOPS cpu-busy%
+run_fio_write() {
+    local dev=$1 label=$2 wl
+    for wl in fsync4k seqw; do
+        local args
+        if [[ $wl == fsync4k ]]; then
+            args=(--rw=randwrite --bs=4k --iodepth=1 --fsync=1 --randrepeat=1)
+        else
+            args=(--rw=write --bs=1M --iodepth=8 --end_fsync=1)
+        fi
+        local json=$OUT/fio/r$round-$label-$wl.json c0 c1
+        read -r -a c0 <<<"$(cpu_total)"
+        # (a stall shows as a missing row, not a hung benchmark)
+        if ! timeout $((ramp + runtime + 240)) fio --name="$wl" --filename="$dev" --direct=1 \
+            --ioengine=io_uring "${args[@]}" --time_based --runtime="$runtime" --ramp_time="$ramp" \
+            --output-format=json --output="$json" >/dev/null; then
+            echo "  $label $wl: fio did not finish within $((ramp + runtime + 240)) s"
+            continue
+        fi
+        read -r -a c1 <<<"$(cpu_total)"
+        "$PY" - "$json" "$round" "$label" "$wl" "${c0[@]}" "${c1[@]}" >>"$WROWS" <<'PY'
+import json, sys
+path, rnd, label, wl = sys.argv[1:5]
+b0, i0, b1, i1 = map(float, sys.argv[5:9])
+j = json.load(open(path))["jobs"][0]["write"]
+busy = 100 * (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
+print(f"{rnd}\t{label}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0f}\t{busy:.0f}")
+PY
+        tail -n 1 "$WROWS" | sed 's/^/  /'
+    done
+}
+
+# write_case loop-on|loop-off|ublk-append|ublk-sparse: a fresh 1 GiB
+# target on the bench storage, the write workloads, then it is removed.
+write_case() {
+    local what=$1 dev
+    rm -rf "$W/wr"
+    mkdir -p "$W/wr"
+    case $what in
+        loop-*)
+            truncate -s 1G "$W/wr/disk.raw"
+            dev=$(losetup -f --show --direct-io="${what#loop-}" "$W/wr/disk.raw")
+            echo "== round $round write-$what: $dev over a sparse raw file (dio $(cat "/sys/block/${dev#/dev/}/loop/dio"))"
+            run_fio_write "$dev" "write-$what"
+            losetup -d "$dev"
+            ;;
+        ublk-append | ublk-sparse)
+            if [[ $what == ublk-append ]]; then
+                "$OBD" create "$W/wr/upper.data" "$W/wr/upper.index" 1 >/dev/null
+                printf '{"upper":{"data":"%s","index":"%s"}}\n' "$W/wr/upper.data" "$W/wr/upper.index" >"$W/wr/config.json"
+            else
+                "$OBD" create -s "$W/wr/upper.data" 1 >/dev/null
+                printf '{"upper":{"data":"%s"}}\n' "$W/wr/upper.data" >"$W/wr/config.json"
+            fi
+            dev=$("$OBD" add --config "$W/wr/config.json")
+            [[ -b $dev ]] || { echo "obd add printed '$dev'"; return 1; }
+            echo "== round $round write-$what: $dev"
+            run_fio_write "$dev" "write-$what"
+            "$OBD" del -n "${dev#/dev/ublkb}"
+            ;;
+    esac
+    rm -rf "$W/wr"
 }
 
 loop_case() {
@@ -631,6 +715,7 @@ rotated() {
 
 run_case() {
     case $1 in
+        write-*) write_case "${1#write-}" ;;
         tcmu-*) tcmu_case "${1#tcmu-}" ;;
         ref-tcmu-*) ref_case "${1#ref-tcmu-}" ;;
         loop-*) loop_case "${1#loop-}" ;;
@@ -663,6 +748,7 @@ guest_main() {
     fi
     echo "storage: $storage_label"
     : >"$ROWS"
+    : >"$WROWS"
     : >"$W/dio.tsv"
     local t0=$SECONDS
     # the LSMT layers (flat.raw is made from them) and those of every kind
@@ -713,7 +799,8 @@ guest_main() {
 
     local rev
     rev=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo '?')
-    "$PY" - "$ROWS" "$W/dio.tsv" "$runtime" "$ramp" "$(nproc)" "$(free -m | awk '/Mem:/ { print $2 }')" \
+    : >"$OUT/bench-ublk.md"
+    [[ ! -s $ROWS ]] || "$PY" - "$ROWS" "$W/dio.tsv" "$runtime" "$ramp" "$(nproc)" "$(free -m | awk '/Mem:/ { print $2 }')" \
         "$(fio --version)" "$(uname -r)" "$rev" "$rounds" "$storage_label" >"$OUT/bench-ublk.md" <<'PY'
 import statistics, sys
 rows_path, dio_path, runtime, ramp, ncpu, mem, fiov, kver, rev, rounds, storage = sys.argv[1:]
@@ -794,6 +881,47 @@ for key in order:
         s, x = r[key]["seq"][0][3], r[key]["rand"][0][3]
         print(f"- {key[0]} --queues {key[1]}: seq: {s}; rand: {x}")
 PY
+    if [[ -s $WROWS ]]; then
+        "$PY" - "$WROWS" "$runtime" "$ramp" "$rounds" >>"$OUT/bench-ublk.md" <<'PY'
+import statistics, sys
+rows_path, runtime, ramp, rounds = sys.argv[1:]
+r, order = {}, []
+for line in open(rows_path):
+    if not line.strip():
+        continue
+    rnd, label, wl, mbs, iops, busy = line.rstrip("\n").split("\t")
+    if label not in r:
+        r[label] = {"fsync4k": [], "seqw": []}
+        order.append(label)
+    r[label][wl].append((float(mbs), float(iops), int(busy)))
+def val(label, wl):   # IOPS for fsync4k, MB/s for seqw
+    return [x[1] if wl == "fsync4k" else x[0] for x in r[label][wl]]
+def med(label, wl):   # (nan when fio never finished for it)
+    v = val(label, wl)
+    return statistics.median(v) if v else float("nan")
+loops = [l for l in ("write-loop-on", "write-loop-off") if l in r]
+base = {wl: max((med(l, wl) for l in loops), default=None) for wl in ("fsync4k", "seqw")}
+print()
+print("Writes: a fresh 1 GiB target per case and round on the same storage; fio --direct=1")
+print(f"--ioengine=io_uring, time_based {runtime} s after {ramp} s ramp. fsync4k = randwrite bs=4k")
+print("iodepth=1 fsync=1 (IOPS), seqw = write bs=1M iodepth=8 end_fsync=1 (MB/s). write-loop-*:")
+print("loop over a sparse raw file; write-ublk-*: `obd add` of a writable upper alone (append:")
+print(f"data + index, sparse: one file). {rounds} round(s); medians [each round]; ratio = value /")
+print("the better loop mode's median. CPU = whole-guest busy % (fsync4k / seqw).")
+print()
+print("| target | fsync4k IOPS | ratio | seqw MB/s | ratio | CPU % |")
+print("|---|---:|---:|---:|---:|---:|")
+for label in order:
+    cells = [label]
+    for wl in ("fsync4k", "seqw"):
+        cells.append(f"{med(label, wl):.0f} [" + "/".join(f"{x:.0f}" for x in val(label, wl)) + "]")
+        cells.append(f"{med(label, wl) / base[wl]:.2f}" if base[wl] else "-")
+    cpu = [statistics.median(x[2] for x in r[label][wl]) if r[label][wl] else float("nan")
+           for wl in ("fsync4k", "seqw")]
+    cells.append(f"{cpu[0]:.0f} / {cpu[1]:.0f}")
+    print("| " + " | ".join(cells) + " |")
+PY
+    fi
     if [[ $cases == *tcmu-* ]]; then
         rmdir /sys/kernel/config/target/core/user_1 2>/dev/null || true
     fi

@@ -49,6 +49,7 @@ enum Command {
     Del(cmd::del::Args),
     Recover(cmd::recover::Args),
     Snapshot(cmd::snapshot::Args),
+    Resize(cmd::resize::Args),
     Serve(cmd::serve::Args),
 }
 
@@ -110,6 +111,7 @@ fn main() -> ExitCode {
         Command::Del(args) => cmd::del::run(args),
         Command::Recover(args) => cmd::recover::run(args),
         Command::Snapshot(args) => cmd::snapshot::run(args),
+        Command::Resize(args) => cmd::resize::run(args),
         Command::Serve(args) => cmd::serve::run(args),
     };
     match result {

@@ -1,7 +1,11 @@
-//! The snapshot socket of a ublk daemon, `<run dir>/ublk/<id>.sock`: how
-//! `obd snapshot` asks the process serving a device for a live snapshot.
-//! One JSON line asks, one JSON line answers; only root can connect (the
-//! socket is 0600 in a root-only directory).
+//! The snapshot socket of a serving daemon: how `obd snapshot` asks the
+//! process serving a device for a live snapshot, and `obd resize` for a
+//! larger size (ublk devices only). A ublk daemon's is
+//! `<run dir>/ublk/<id>.sock`; a vhost-user-blk daemon's (`obd serve`) is
+//! `<run dir>/vhost/<hash>.sock`, named by a hash of its vhost-user
+//! socket's path, so the user names that daemon by the socket the VMM
+//! uses. One JSON line asks, one JSON line answers; only root can connect
+//! (the socket is 0600).
 //!
 //! What the daemon does, in order, while new requests wait and none is in
 //! flight ([`LiveStack::replace`]): flush the writable layer, create the
@@ -23,12 +27,30 @@ use anyhow::{anyhow, bail, Context, Result};
 use overlaybd::config::ImageConfig;
 use overlaybd::live::{snapshot_stack, LiveStack, NewUpper};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// How long a snapshot waits for the requests in flight to end.
 const QUIET_WITHIN: Duration = Duration::from_secs(30);
 
-/// A request: where the new writable layer goes (default: next to the
-/// current one, numbered).
+/// What a client asks for.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Ask {
+    Snapshot(Request),
+    /// Grow the image and the device to `size` bytes.
+    Resize {
+        size: u64,
+    },
+}
+
+/// Which kind of device the daemon serves (what a resize must tell).
+#[derive(Clone, Copy, Debug)]
+pub enum Front {
+    Ublk(u32),
+    VhostUserBlk,
+}
+
+/// A snapshot request: where the new writable layer goes (default: next
+/// to the current one, numbered).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Request {
     pub data: Option<PathBuf>,
@@ -52,17 +74,47 @@ pub enum Answer {
         upper: LayerFiles,
         config: PathBuf,
     },
+    /// A resize: the sizes before and after.
+    Resized {
+        old: u64,
+        new: u64,
+    },
     Failed(String),
 }
 
+/// The snapshot socket of the daemon serving /dev/ublkb`dev_id`.
 pub fn socket_path(dev_id: u32) -> PathBuf {
     ublk_target::state::dir().join(format!("{dev_id}.sock"))
 }
 
-/// Start answering snapshot requests for device `dev_id`, whose image
-/// config is `config`, on a thread of its own.
-pub fn listen(dev_id: u32, live: Arc<LiveStack>, config: PathBuf) -> Result<()> {
-    let path = socket_path(dev_id);
+/// The snapshot socket of the daemon serving vhost-user-blk on
+/// `vhost_socket`, in the run dir next to the ublk one (`/run/obd/vhost`).
+/// The same socket named another way (a relative path, a symlinked
+/// directory) gives the same name.
+pub fn vhost_socket_path(vhost_socket: &Path) -> PathBuf {
+    let canonical = canonical_socket(vhost_socket);
+    let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    ublk_target::state::dir()
+        .with_file_name("vhost")
+        .join(format!("{}.sock", &hex::encode(digest)[..16]))
+}
+
+/// `path` with its directory resolved (the socket itself may not exist
+/// yet).
+fn canonical_socket(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(dir), Some(name)) => fs::canonicalize(dir)
+            .map(|dir| dir.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
+    }
+}
+
+/// Start answering snapshot requests on the socket `path` for the device
+/// whose stack is `live` and whose image config is `config`, on a thread
+/// of its own.
+pub fn listen(path: PathBuf, live: Arc<LiveStack>, config: PathBuf, front: Front) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     }
@@ -74,7 +126,7 @@ pub fn listen(dev_id: u32, live: Arc<LiveStack>, config: PathBuf) -> Result<()> 
         .name("obd-snapshot".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &live, &config) {
+                if let Err(e) = answer(stream, &live, &config, front) {
                     eprintln!("obd: snapshot socket: {e:#}");
                 }
             }
@@ -83,33 +135,79 @@ pub fn listen(dev_id: u32, live: Arc<LiveStack>, config: PathBuf) -> Result<()> 
     Ok(())
 }
 
-/// Remove the socket of device `dev_id` (its daemon is ending).
-pub fn remove(dev_id: u32) {
-    let _ = fs::remove_file(socket_path(dev_id));
+/// Remove a snapshot socket (its daemon is ending).
+pub fn remove(path: &Path) {
+    let _ = fs::remove_file(path);
 }
 
-fn answer(stream: UnixStream, live: &LiveStack, config: &Path) -> Result<()> {
+fn answer(stream: UnixStream, live: &LiveStack, config: &Path, front: Front) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    let answer = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => match take(live, config, &request) {
-            Ok(answer) => answer,
-            Err(e) => Answer::Failed(format!("{e:#}")),
-        },
-        Err(e) => Answer::Failed(format!("unreadable request: {e}")),
+    let (what, result) = match serde_json::from_str::<Ask>(&line) {
+        Ok(Ask::Snapshot(request)) => ("snapshot", take(live, config, &request)),
+        Ok(Ask::Resize { size }) => ("resize", resize(live, front, size)),
+        Err(e) => ("request", Err(anyhow!("unreadable request: {e}"))),
     };
+    let answer = result.unwrap_or_else(|e| Answer::Failed(format!("{e:#}")));
     match &answer {
         Answer::Done { frozen, upper, .. } => eprintln!(
             "obd: snapshot: {} is now a read-only lower; writes go to {}",
             frozen.data.display(),
             upper.data.display()
         ),
-        Answer::Failed(reason) => eprintln!("obd: snapshot failed: {reason}"),
+        Answer::Resized { old, new } => {
+            eprintln!("obd: resize: the image and the device grew from {old} to {new} bytes")
+        }
+        Answer::Failed(reason) => eprintln!("obd: {what} failed: {reason}"),
     }
     let mut stream = stream;
     writeln!(stream, "{}", serde_json::to_string(&answer)?)?;
     Ok(())
+}
+
+/// Grow the image to `size` bytes, then the device. The kernel's support
+/// is checked first, so an unsupported resize changes nothing.
+fn resize(live: &LiveStack, front: Front, size: u64) -> Result<Answer> {
+    let Front::Ublk(id) = front else {
+        bail!("a vhost-user-blk disk cannot be resized online yet; nothing was changed");
+    };
+    let old = live.current().virtual_size();
+    if size < old {
+        bail!("the image is {old} bytes and cannot shrink to {size}; nothing was changed");
+    }
+    if size == old {
+        return Ok(Answer::Resized { old, new: size });
+    }
+    if live.current().top().is_none() {
+        bail!("the image has no writable layer (`upper`), so it cannot grow; nothing was changed");
+    }
+    if !ublk_target::device::can_update_size(id).map_err(|e| anyhow!(e))? {
+        bail!(
+            "this kernel's ublk driver ({}) cannot resize a live device (no UBLK_F_UPDATE_SIZE; \
+             Linux 6.16 or later has it); nothing was changed: the image and /dev/ublkb{id} keep \
+             {old} bytes",
+            kernel_release()
+        );
+    }
+    live.grow(size)
+        .with_context(|| format!("cannot grow the image; /dev/ublkb{id} keeps {old} bytes"))?;
+    ublk_target::device::update_size(id, size).map_err(|e| {
+        anyhow!("{e}; the image grew to {size} bytes but /dev/ublkb{id} keeps {old} until it is added again")
+    })?;
+    if let Some(mut record) = ublk_target::state::DeviceRecord::load(id) {
+        record.size = size;
+        if let Err(e) = record.save() {
+            eprintln!("obd: cannot update the record of /dev/ublkb{id}: {e}");
+        }
+    }
+    Ok(Answer::Resized { old, new: size })
+}
+
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| format!("Linux {}", r.trim()))
+        .unwrap_or_else(|_| "this kernel".into())
 }
 
 /// Take the snapshot (see the module doc).
@@ -270,12 +368,13 @@ fn numbered(path: &Path, n: u32) -> Result<PathBuf> {
     Ok(path.with_file_name(name))
 }
 
-/// Ask the daemon serving device `dev_id` for a snapshot.
-pub fn request(dev_id: u32, request: &Request) -> Result<Answer> {
-    let path = socket_path(dev_id);
-    let mut stream = UnixStream::connect(&path).map_err(|e| {
+/// Ask the daemon listening on the snapshot socket `path` for a snapshot;
+/// `device` names its device in errors, `served_by` the command that
+/// serves such a device.
+pub fn request(path: &Path, device: &str, served_by: &str, request: &Ask) -> Result<Answer> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
         anyhow!(
-            "cannot reach the daemon of /dev/ublkb{dev_id} at {}: {e} (is the device served by obd add, and is its daemon running?)",
+            "cannot reach the daemon of {device} at {}: {e} (is the device served by {served_by}, and is its daemon running?)",
             path.display()
         )
     })?;
@@ -283,7 +382,7 @@ pub fn request(dev_id: u32, request: &Request) -> Result<Answer> {
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     if line.is_empty() {
-        bail!("the daemon of /dev/ublkb{dev_id} closed the socket without an answer");
+        bail!("the daemon of {device} closed the socket without an answer");
     }
     Ok(serde_json::from_str(&line)?)
 }
@@ -306,6 +405,21 @@ mod tests {
             numbered(Path::new("/x/my-disk"), 3).unwrap(),
             PathBuf::from("/x/my-disk-3")
         );
+    }
+
+    #[test]
+    fn a_vhost_socket_named_two_ways_has_one_snapshot_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let plain = dir.path().join("vm.sock");
+        let roundabout = dir.path().join("sub/../vm.sock");
+        assert_eq!(vhost_socket_path(&plain), vhost_socket_path(&roundabout));
+        assert_ne!(
+            vhost_socket_path(&plain),
+            vhost_socket_path(&dir.path().join("vm2.sock"))
+        );
+        let name = vhost_socket_path(&plain);
+        assert_eq!(name.parent().unwrap().file_name().unwrap(), "vhost");
     }
 
     #[test]

@@ -109,3 +109,33 @@ fn snapshot_of_a_device_obd_does_not_serve_says_so() {
         "{stderr}"
     );
 }
+
+#[test]
+fn resize_argument_errors_are_plain() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = obd(&["resize", "-n", "7", "2G"], &run);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("/dev/ublkb7 is not a device obd serves"),
+        "{stderr}"
+    );
+    for (size, says) in [
+        ("100", "not a positive multiple of 512"),
+        ("2X", "unknown unit"),
+        ("big", "is not a size"),
+        ("0", "not a positive multiple of 512"),
+    ] {
+        let out = obd(&["resize", "-n", "0", size], &run);
+        assert!(!out.status.success(), "{size}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(says), "{size}: {stderr}");
+    }
+    let out = obd(&["resize", "-n", "0"], &run);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("<SIZE>"), "{stderr}");
+    let out = obd(&["resize", "-n", "-3", "1G"], &run);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("not a ublk device number"), "{stderr}");
+}

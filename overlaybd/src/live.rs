@@ -100,6 +100,14 @@ impl LiveStack {
         result
     }
 
+    /// Grow the image online to `new_size` bytes ([`Stack::grow`]), never
+    /// while a replacement is under way (whose new upper would keep the
+    /// old size).
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let _one = self.replacing.lock().unwrap_or_else(|e| e.into_inner());
+        self.current().grow(new_size)
+    }
+
     fn wait_quiet(&self, within: Duration) -> Result<()> {
         let started = Instant::now();
         while self.in_flight.load(Ordering::SeqCst) != 0 {
@@ -136,7 +144,7 @@ pub fn snapshot_stack(stack: &Stack, upper: &NewUpper<'_>) -> Result<Stack> {
         upper.data,
         upper.index,
         &CreateOptions {
-            virtual_size: top.header.virtual_size,
+            virtual_size: top.virtual_size(),
             parent_uuid: Some(top.header.uuid.clone()),
             sparse: upper.index.is_none(),
         },

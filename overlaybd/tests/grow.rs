@@ -149,3 +149,31 @@ fn a_writable_layer_of_size_zero_takes_the_lowers_size() {
         );
     }
 }
+
+#[test]
+fn a_live_stack_grows_what_it_serves_and_a_snapshot_keeps_the_size() {
+    // `obd resize`: the daemon grows its LiveStack; a snapshot taken after
+    // makes its new upper at the grown size.
+    use overlaybd::live::{snapshot_stack, LiveStack, NewUpper};
+    let dir = tempfile::tempdir().unwrap();
+    let upper = create(dir.path(), false);
+    let live = LiveStack::new(Arc::new(
+        Stack::new(Vec::new(), Some(Arc::new(upper))).unwrap(),
+    ));
+    live.grow(2 * MIB).unwrap();
+    assert_eq!(live.current().virtual_size(), 2 * MIB);
+    assert!(live.grow(MIB).is_err(), "shrinking");
+    let data = dir.path().join("next.data");
+    live.replace(std::time::Duration::from_secs(1), |stack| {
+        let next = NewUpper {
+            data: &data,
+            index: None,
+        };
+        Ok((snapshot_stack(stack, &next)?, ()))
+    })
+    .unwrap();
+    let stack = live.current();
+    assert_eq!(stack.virtual_size(), 2 * MIB);
+    assert_eq!(stack.top().unwrap().virtual_size(), 2 * MIB);
+    stack.write(&[0x33; 512], 2 * MIB - 512).unwrap();
+}

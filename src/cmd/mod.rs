@@ -12,6 +12,7 @@ pub mod info;
 pub mod list;
 pub mod push;
 pub mod recover;
+pub mod resize;
 pub mod serve;
 pub mod snapshot;
 pub mod tcmu;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, Result};
+use overlaybd::live::LiveStack;
 use overlaybd::lsmt::NIL_UUID;
-use overlaybd::stack::Stack;
 use trace_tools::Session;
 use vhost_target::{Options, Served};
 
@@ -35,6 +35,10 @@ use super::ublk::{finish_trace, open_image, start_trace, Global, LoadedConfig};
 /// so a VM can be rebooted or restarted against the same image. SIGTERM or
 /// Ctrl-C flushes the upper and exits 0; `obd commit` can then seal it.
 ///
+/// While the VM runs, `obd snapshot --vhost-user-blk SOCKET` freezes the
+/// upper into a read-only layer and goes on with a fresh one (the config is
+/// rewritten to match), as for a ublk device.
+///
 /// The VMM must share the guest's memory with this process: give the VM a
 /// memory backend with share=on (memfd or a file), as below.
 #[derive(clap::Args)]
@@ -52,10 +56,13 @@ use super::ublk::{finish_trace, open_image, start_trace, Global, LoadedConfig};
   # cloud-hypervisor:
   cloud-hypervisor --memory size=1G,shared=on --disk vhost_user=true,socket=/run/obd/vm1.sock,num_queues=2 ...
 
+  # While the VM runs: freeze its writes so far, go on with a new upper:
+  obd snapshot --vhost-user-blk /run/obd/vm1.sock
+
   # After the VM is done and obd has stopped, seal its writes into a new layer:
   obd commit upper.data upper.index layer1.lsmt
 
-See also: obd add (a host block device through ublk), obd commit, obd create")]
+See also: obd add (a host block device through ublk), obd snapshot, obd commit, obd create")]
 pub struct Args {
     /// The Unix socket to listen on for the VMM (vhost-user-blk).
     #[arg(long = "vhost-user-blk", value_name = "SOCKET")]
@@ -86,19 +93,20 @@ fn block_size(text: &str) -> std::result::Result<u32, String> {
 }
 
 /// What the signal thread needs to stop cleanly: the stack to flush, the
-/// trace session to finish, the socket to remove.
+/// trace session to finish, the sockets to remove.
 #[derive(Default)]
 struct Stopping {
-    stack: OnceLock<Arc<Stack>>,
+    live: OnceLock<Arc<LiveStack>>,
     trace: Mutex<Option<Session>>,
     socket: OnceLock<PathBuf>,
+    snapshot_socket: OnceLock<PathBuf>,
 }
 
 impl Stopping {
     /// Flush, finish the trace, remove the socket. Returns whether the
     /// flush worked.
     fn finish(&self) -> bool {
-        let flushed = match self.stack.get().map(|s| s.flush()) {
+        let flushed = match self.live.get().map(|live| live.current().flush()) {
             Some(Err(e)) => {
                 eprintln!("obd serve: cannot flush the writable layer: {e}");
                 false
@@ -110,6 +118,9 @@ impl Stopping {
         }
         if let Some(socket) = self.socket.get() {
             let _ = std::fs::remove_file(socket);
+        }
+        if let Some(socket) = self.snapshot_socket.get() {
+            crate::snapshot_socket::remove(socket);
         }
         flushed
     }
@@ -146,11 +157,26 @@ pub fn run(args: Args) -> Result<()> {
         block_size: args.block_size,
         id: vhost_target::device_id(&id_key),
     };
-    let _ = stopping.stack.set(stack.clone());
+    let live = Arc::new(LiveStack::new(stack.clone()));
+    let _ = stopping.live.set(live.clone());
 
     let socket = std::path::absolute(&args.socket).unwrap_or_else(|_| args.socket.clone());
     let listener = listen(&socket).map_err(|e| loaded.fail(e))?;
     let _ = stopping.socket.set(socket.clone());
+    // Even a read-only disk answers, so `obd snapshot` can say why not.
+    let snapshots = crate::snapshot_socket::vhost_socket_path(&socket);
+    let front = crate::snapshot_socket::Front::VhostUserBlk;
+    match crate::snapshot_socket::listen(
+        snapshots.clone(),
+        live.clone(),
+        loaded.path.clone(),
+        front,
+    ) {
+        Ok(()) => {
+            let _ = stopping.snapshot_socket.set(snapshots);
+        }
+        Err(e) => eprintln!("obd serve: the disk cannot take snapshots: {e:#}"),
+    }
     if let Ok(mut trace) = stopping.trace.lock() {
         *trace = Some(start_trace(&loaded, &global, &stack));
     }
@@ -171,8 +197,9 @@ pub fn run(args: Args) -> Result<()> {
     println!("{}", socket.display());
     let _ = std::io::stdout().flush();
 
+    drop(stack);
     let served = vhost_target::serve(
-        stack,
+        live,
         options,
         listener,
         |ended, report| {

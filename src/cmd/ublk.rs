@@ -495,7 +495,7 @@ fn finish_serving(start: Start, served: bool) {
     let me = std::process::id() as i32;
     for record in DeviceRecord::all() {
         if record.pid == me {
-            crate::snapshot_socket::remove(record.dev_id);
+            crate::snapshot_socket::remove(&crate::snapshot_socket::socket_path(record.dev_id));
             let _ = DeviceRecord::remove(record.dev_id);
         }
     }
@@ -507,7 +507,9 @@ fn answer_snapshots(dev_id: u32, live: Arc<LiveStack>, record: &DeviceRecord) {
     if !record.writable {
         return;
     }
-    if let Err(e) = crate::snapshot_socket::listen(dev_id, live, record.config.clone()) {
+    let socket = crate::snapshot_socket::socket_path(dev_id);
+    let front = crate::snapshot_socket::Front::Ublk(dev_id);
+    if let Err(e) = crate::snapshot_socket::listen(socket, live, record.config.clone(), front) {
         eprintln!("obd: /dev/ublkb{dev_id} cannot take snapshots: {e:#}");
     }
 }

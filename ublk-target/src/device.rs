@@ -277,6 +277,28 @@ pub fn kernel_devices() -> Vec<u32> {
     ids
 }
 
+/// Whether this kernel's ublk driver can change the size of a live device
+/// (`UBLK_F_UPDATE_SIZE` among its features: Linux 6.16 and later).
+pub fn can_update_size(id: u32) -> Result<bool, String> {
+    let nid = i32::try_from(id).map_err(|_| format!("device id {id} is out of range"))?;
+    let ctrl =
+        UblkCtrl::new_simple(nid).map_err(|e| ublk_error(&format!("no ublk device {id}"), e))?;
+    Ok(ctrl
+        .get_driver_features()
+        .is_some_and(|f| f & u64::from(sys::UBLK_F_UPDATE_SIZE) != 0))
+}
+
+/// Tell the kernel that device `id` now has `bytes` (UBLK_U_CMD_UPDATE_SIZE;
+/// check [`can_update_size`] first).
+pub fn update_size(id: u32, bytes: u64) -> Result<(), String> {
+    let nid = i32::try_from(id).map_err(|_| format!("device id {id} is out of range"))?;
+    let ctrl =
+        UblkCtrl::new_simple(nid).map_err(|e| ublk_error(&format!("no ublk device {id}"), e))?;
+    ctrl.update_size(bytes)
+        .map_err(|e| ublk_error(&format!("the kernel did not resize /dev/ublkb{id}"), e))?;
+    Ok(())
+}
+
 /// Delete device `id` (stopping it first if it is live).
 pub fn delete(id: u32) -> Result<(), String> {
     let nid = i32::try_from(id).map_err(|_| format!("device id {id} is out of range"))?;

@@ -6,13 +6,19 @@
 //! and its own [`Scratch`] buffers; a kick runs every available request of
 //! that queue to completion, in order, signalling the guest as requests
 //! complete (or as EVENT_IDX asks).
+//!
+//! The stack is a [`LiveStack`], so a live snapshot (`obd snapshot`) can
+//! replace it between two requests: each request enters it ([`enter`])
+//! and holds that stack until it completes.
 
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use overlaybd::stack::Stack;
+use std::time::Duration;
+
+use overlaybd::live::{Entry, LiveStack};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -46,7 +52,7 @@ pub struct Options {
 
 /// The virtio-blk device of one VMM connection.
 pub struct BlockBackend {
-    stack: Arc<Stack>,
+    live: Arc<LiveStack>,
     geometry: Geometry,
     id: [u8; ID_BYTES],
     mem: Atomic,
@@ -59,12 +65,12 @@ pub struct BlockBackend {
 }
 
 impl BlockBackend {
-    pub fn new(stack: Arc<Stack>, geometry: Geometry, id: [u8; ID_BYTES], mem: Atomic) -> Self {
+    pub fn new(live: Arc<LiveStack>, geometry: Geometry, id: [u8; ID_BYTES], mem: Atomic) -> Self {
         let scratch = (0..geometry.queues)
             .map(|_| Mutex::new(Scratch::default()))
             .collect();
         BlockBackend {
-            stack,
+            live,
             geometry,
             id,
             mem,
@@ -89,12 +95,6 @@ impl BlockBackend {
 
     /// Run every available request of `vring` (queue `queue`).
     fn process_queue(&self, queue: usize, vring: &Vring) -> io::Result<()> {
-        let device = Device {
-            stack: &self.stack,
-            geometry: self.geometry,
-            id: self.id,
-            stats: &self.stats,
-        };
         let mut scratch = self
             .scratch
             .get(queue)
@@ -111,7 +111,15 @@ impl BlockBackend {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
+                let entry = enter(&self.live);
+                let device = Device {
+                    stack: entry.stack(),
+                    geometry: self.geometry,
+                    id: self.id,
+                    stats: &self.stats,
+                };
                 let outcome = execute(&device, chain, &mut scratch);
+                drop(entry);
                 if let Some(n) = self.per_queue.get(queue) {
                     n.fetch_add(1, Ordering::Relaxed);
                 }
@@ -190,6 +198,18 @@ impl VhostUserBackend for BlockBackend {
     }
 }
 
+/// Enter `live` for one request, waiting while a snapshot replaces the
+/// stack. A queue thread runs its requests one at a time, so it holds none
+/// in flight while it waits here: the replacement is never waiting for it.
+pub fn enter(live: &LiveStack) -> Entry<'_> {
+    loop {
+        if let Some(entry) = live.try_enter() {
+            return entry;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 /// What one VMM connection did: requests per queue, and by kind.
 #[derive(Debug)]
 pub struct Report {
@@ -216,29 +236,31 @@ pub enum Served {
     Failed(String),
 }
 
-/// Serve `stack` on `listener`: one VMM connection at a time, one after
+/// Serve `live` on `listener`: one VMM connection at a time, one after
 /// another, until `keep_going` says stop or accepting fails. `after` is
 /// called after each connection, with how it ended and what it did (the
 /// stack is flushed first, whatever the guest did).
 pub fn serve(
-    stack: Arc<Stack>,
+    live: Arc<LiveStack>,
     options: Options,
     listener: UnixListener,
     mut after: impl FnMut(&Served, &Report),
     keep_going: impl Fn() -> bool,
 ) -> Result<(), String> {
+    let stack = live.current();
     let geometry = Geometry {
         size: stack.virtual_size(),
         block_size: options.block_size,
         queues: options.queues,
         read_only: stack.top().is_none(),
     };
+    drop(stack);
     geometry.check()?;
     let mut listener = Listener::from(listener);
     while keep_going() {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(BlockBackend::new(
-            stack.clone(),
+            live.clone(),
             geometry,
             options.id,
             mem.clone(),
@@ -258,7 +280,7 @@ pub fn serve(
         };
         // Stops the queue threads (their exit events) and waits for them.
         drop(daemon);
-        if let Err(e) = stack.flush() {
+        if let Err(e) = live.current().flush() {
             return Err(format!("cannot flush the writable layer: {e}"));
         }
         after(&ended, &backend.report());

@@ -24,5 +24,5 @@ pub mod backend;
 pub mod config;
 pub mod request;
 
-pub use backend::{serve, Options, Report, Served};
+pub use backend::{enter, serve, Options, Report, Served};
 pub use config::device_id;

@@ -8,7 +8,11 @@
 #  - `obd snapshot` of a mounted device while fio writes and verifies on
 #    it, twice, for append and sparse uppers: fio's verify passes, the
 #    config names the frozen uppers, and the image served again from that
-#    config has every file, e2fsck -fn clean.
+#    config has every file, e2fsck -fn clean;
+#  - `obd resize`: on a kernel without UBLK_F_UPDATE_SIZE (before 6.16, as
+#    this VM's 6.12) it fails saying so and nothing changes (device size,
+#    upper files); on a newer one the device and the image grow. Shrinking
+#    and a read-only device are clear errors.
 #   tests/vm/run.sh -- bash tests/vm/ublk/writable.sh
 SUITE=ublk-writable
 source "$(dirname "$0")/lib.sh"
@@ -157,7 +161,61 @@ live_snapshot() {
     no_devices
 }
 
+resize() {
+    need_ublk || return 1
+    [[ -f $WORK/base.lsmt ]] || base_layer || { fail "making the base layer"; return 1; }
+    local dir=$WORK/resize cfg dev id out before after sums
+    mkdir -p "$dir"
+    cfg=$dir/config.json
+    "$OBD" create "$dir/upper.data" "$dir/upper.index" 1 || return 1
+    write_config "$cfg" "$dir/upper.data" "$dir/upper.index" "$WORK/base.lsmt"
+    dev=$(add_device "$cfg") || return 1
+    id=${dev#/dev/ublkb}
+    before=$(blockdev --getsize64 "$dev")
+    dd if=/dev/urandom of="$dev" bs=1M count=1 seek=3 oflag=direct conv=fsync 2>/dev/null || return 1
+    sums=$(sha256sum "$dir/upper.data" "$dir/upper.index")
+    if out=$("$OBD" resize -n "$id" 512M 2>&1); then
+        fail "obd resize to a smaller size succeeded"; return 1
+    fi
+    [[ $out == *"cannot shrink"* ]] || { fail "unclear error for shrinking: $out"; return 1; }
+    log "shrink: $out"
+    local kernel major minor
+    kernel=$(uname -r)
+    IFS=. read -r major minor _ <<<"$kernel"
+    if ((major < 6 || (major == 6 && minor < 16))); then
+        if out=$("$OBD" resize -n "$id" 2G 2>&1); then
+            fail "obd resize succeeded on $kernel, which has no UBLK_F_UPDATE_SIZE"; return 1
+        fi
+        log "grow on $kernel: $out"
+        [[ $out == *"cannot resize a live device"* && $out == *"nothing was changed"* ]] ||
+            { fail "unclear error on $kernel: $out"; return 1; }
+        after=$(blockdev --getsize64 "$dev")
+        ((after == before)) || { fail "the device went from $before to $after bytes"; return 1; }
+        [[ $(sha256sum "$dir/upper.data" "$dir/upper.index") == "$sums" ]] ||
+            { fail "the upper's files changed"; return 1; }
+    else
+        "$OBD" resize -n "$id" 2G || { fail "obd resize on $kernel"; return 1; }
+        after=$(blockdev --getsize64 "$dev")
+        ((after == 2 << 30)) || { fail "the device has $after bytes after growing to 2G"; return 1; }
+        dd if=/dev/urandom of="$dev" bs=1M count=1 seek=2000 oflag=direct 2>/dev/null ||
+            { fail "writing past the old end"; return 1; }
+    fi
+    "$OBD" del -n "$id" || return 1
+    # A read-only device cannot grow.
+    local ro=$dir/ro.json
+    write_config "$ro" "" "" "$WORK/base.lsmt"
+    dev=$(add_device "$ro") || return 1
+    if out=$("$OBD" resize -n "${dev#/dev/ublkb}" 2G 2>&1); then
+        fail "obd resize of a read-only device succeeded"; return 1
+    fi
+    [[ $out == *read-only* ]] || { fail "unclear error: $out"; return 1; }
+    log "read-only device: $out"
+    "$OBD" del -n "${dev#/dev/ublkb}" || return 1
+    no_devices
+}
+
 check "ext4 rw, obd commit, two-layer stack has the changes, e2fsck -fn clean" commit_roundtrip
 check "fio randwrite verify=crc32c, discard, write-zeroes" fio_verify
 check "obd snapshot twice under fio (append and sparse uppers), served again from the new config" live_snapshot
+check "obd resize: a clear error and no change where the kernel cannot resize; no shrinking" resize
 finish

@@ -22,6 +22,13 @@
 #    committed into a new lower, and a fresh upper stacked on the two lowers.
 # 4. The VM boots again from the new stack and must find /hello.txt and the
 #    random file intact.
+# 5. Live snapshot: a third boot writes and syncs /before.txt, then a file
+#    after another while the host runs `obd snapshot --vhost-user-blk
+#    vm.sock` and tells the guest on its second serial port (ttyS1); the
+#    guest writes /after.txt and powers off. The config must now have 3
+#    lowers (the frozen upper last) and the new upper-1 files. A fourth boot
+#    from that config must find /before.txt, /after.txt and every file the
+#    writer wrote.
 #
 # Fails (never skips) when qemu, the kernel, busybox-static or mkfs.ext4 is
 # missing. Prints `N passed, N failed` and timings; exits non-zero on any
@@ -81,6 +88,8 @@ cd "$WORK"
 
 obd_pid=""
 qemu_pid=""
+# The guest's second serial port (ttyS1): the host's line to it.
+mkfifo ctl.in ctl.out
 cleanup() {
     if [[ -n $qemu_pid ]]; then kill "$qemu_pid" 2>/dev/null || true; fi
     if [[ -n $obd_pid ]]; then kill "$obd_pid" 2>/dev/null || true; fi
@@ -156,12 +165,18 @@ stop_obd() { # stop_obd: SIGTERM, which must flush and exit 0
 }
 
 boot() { # boot PHASE: one VM run; console in console-PHASE.log
-    local phase=$1 t
-    t=$(date +%s.%N)
+    boot_start "$1"
+    boot_wait "$1"
+}
+
+boot_start() { # boot_start PHASE: start the VM in the background
+    local phase=$1
+    boot_t=$(date +%s.%N)
     # shellcheck disable=SC2054 # commas are qemu's
     local qemu=(
         qemu-system-x86_64 -accel tcg,thread=multi -cpu max -machine pc
-        -m 512 -smp 2 -nographic -no-reboot -nic none
+        -m 512 -smp 2 -display none -no-reboot -nic none
+        -serial stdio -serial pipe:ctl -monitor none
         -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem
         -chardev socket,id=disk,path=vm.sock
         -device vhost-user-blk-pci,chardev=disk,num-queues=2
@@ -170,6 +185,10 @@ boot() { # boot PHASE: one VM run; console in console-PHASE.log
     )
     "${qemu[@]}" </dev/null >"console-$phase.log" 2>&1 &
     qemu_pid=$!
+}
+
+boot_wait() { # boot_wait PHASE: wait for the VM to power off, check it finished
+    local phase=$1
     local deadline=$((SECONDS + TIMEOUT))
     while kill -0 "$qemu_pid" 2>/dev/null; do
         if ((SECONDS >= deadline)); then
@@ -183,7 +202,7 @@ boot() { # boot PHASE: one VM run; console in console-PHASE.log
     wait "$qemu_pid" || rc=$?
     qemu_pid=""
     tr -d '\r' <"console-$phase.log" | grep 'OBD-VHOST' >&2 || true
-    say "boot $phase: qemu exited with $rc after $(elapsed "$t")s"
+    say "boot $phase: qemu exited with $rc after $(elapsed "$boot_t")s"
     if ! grep -q "OBD-VHOST: phase $phase done" "console-$phase.log"; then
         tail -n 40 "console-$phase.log" | tr -d '\r' >&2
         die "boot $phase: the guest did not finish (console-$phase.log)"
@@ -244,6 +263,60 @@ check "second boot found /hello.txt with its content" marker 'found hello' check
 check "second boot: the random file is intact" marker 'read ok' check
 check "second boot: the raw MiB is as left" marker 'raw ok' check
 check "second boot: trim.bin stays deleted" marker 'trim.bin gone' check
+
+# --- 5. live snapshot while the guest writes ----------------------------------
+start_obd obd-3.log
+boot_start live
+for ((i = 0; i < TIMEOUT * 2; i++)); do
+    marker 'before synced' live && break
+    kill -0 "$qemu_pid" 2>/dev/null || break
+    sleep 0.5
+done
+marker 'before synced' live || die "boot live: the guest never wrote /before.txt"
+# Let the writer get going, then snapshot with its writes in flight.
+sleep 2
+snapshot_rc=0
+"$OBD" snapshot --vhost-user-blk vm.sock >snapshot.out 2>snapshot.err || snapshot_rc=$?
+cat snapshot.out snapshot.err >&2
+answer="snapshot taken"
+((snapshot_rc == 0)) || answer="snapshot failed"
+# (a timeout: if qemu is gone, nothing reads the pipe)
+timeout 10 bash -c "echo \"$answer\" >ctl.in" || say "could not tell the guest"
+boot_wait live
+stop_obd
+check "obd snapshot --vhost-user-blk exits 0" test "$snapshot_rc" = 0
+check "obd snapshot names the new upper" grep -q 'writes go to .*upper-1.data' snapshot.out
+check "guest synced /before.txt and /after.txt" marker 'after synced' live
+before=$(tr -d '\r' <console-live.log | sed -n "s/.*with \([0-9]*\) live files written.*/\1/p")
+after=$(tr -d '\r' <console-live.log | sed -n 's/.*OBD-VHOST: live files \([0-9]*\).*/\1/p')
+say "live files: $before when the snapshot was taken, $after in all"
+check "the guest's writer wrote files before and after the snapshot" \
+    test "${before:-0}" -gt 0 -a "${after:-0}" -gt "${before:-0}"
+check "obd's log shows the snapshot" grep -q 'obd: snapshot: .*upper.data is now a read-only lower' obd-3.log
+config_shape() {
+    python3 - <<'PY'
+import json, os
+c = json.load(open("config.v1.json"))
+lowers = c["lowers"]
+assert len(lowers) == 3, lowers
+assert os.path.basename(lowers[2]["data"]) == "upper.data", lowers[2]
+assert os.path.basename(lowers[2]["index"]) == "upper.index", lowers[2]
+assert os.path.basename(c["upper"]["data"]) == "upper-1.data", c["upper"]
+assert os.path.basename(c["upper"]["index"]) == "upper-1.index", c["upper"]
+assert c["resultFile"] == "result"
+PY
+}
+check "the config has 3 lowers (the frozen upper last) and upper-1 as upper" config_shape
+
+# --- 6. fourth boot from the rewritten config ---------------------------------
+start_obd obd-4.log
+boot relive
+stop_obd
+check "after the snapshot: /before.txt is there" marker 'found before' relive
+check "after the snapshot: /after.txt is there" marker 'found after' relive
+check "after the snapshot: every file the writer wrote is there (${after:-?})" marker "live files ok ${after:-x}" relive
+check "after the snapshot: /hello.txt and the random file are intact" \
+    bash -c "grep -q 'OBD-VHOST: found hello' console-relive.log && grep -q 'OBD-VHOST: read ok' console-relive.log"
 
 say "total $(elapsed "$t_start")s"
 echo "$passed passed, $failed failed"

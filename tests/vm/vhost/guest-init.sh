@@ -38,7 +38,44 @@ raw_check() {
         "$(dd if=/data/big.bin bs=1M count=1 2>/dev/null | sha256sum)" ]
 }
 
+# The live phase's files: /live/N holds `seq N $((N + 999))`.
+live_file_ok() { [ "$(cat "/live/$1")" = "$(seq "$1" $(($1 + 999)))" ]; }
+
 case $phase in
+live)
+    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    echo "$HELLO before the snapshot" >/before.txt && sync && say "before synced"
+    # A writer that writes and syncs one file after another until told to
+    # stop, so writes are in flight while the host takes the snapshot.
+    mkdir -p /live
+    (
+        n=0
+        while [ ! -e /tmp/stop ]; do
+            n=$((n + 1))
+            seq $n $((n + 999)) >/live/$n
+            sync
+            echo $n >/tmp/count
+        done
+    ) &
+    writer=$!
+    read -r answer </dev/ttyS1
+    say "host says '$answer' with $(cat /tmp/count 2>/dev/null) live files written"
+    echo "$HELLO after the snapshot" >/after.txt && sync && say "after synced"
+    sleep 1
+    touch /tmp/stop
+    wait $writer
+    cp /tmp/count /live.count && sync && say "live files $(cat /live.count)"
+    ;;
+relive)
+    [ "$(cat /before.txt)" = "$HELLO before the snapshot" ] && say "found before"
+    [ "$(cat /after.txt)" = "$HELLO after the snapshot" ] && say "found after"
+    count=$(cat /live.count)
+    i=1
+    while [ "$i" -le "$count" ] && live_file_ok "$i"; do i=$((i + 1)); done
+    [ "$count" -gt 0 ] && [ "$i" -gt "$count" ] && say "live files ok $count"
+    [ "$(cat /hello.txt)" = "$HELLO" ] && say "found hello"
+    read_check && say "read ok"
+    ;;
 write)
     read_check && say "read ok"
     echo "$HELLO" >/hello.txt && sync && say "wrote hello"

@@ -494,3 +494,95 @@ fn a_large_read_through_the_bounce_buffer_in_chunks() {
     assert_eq!(out, ok(len as u32 + 1));
     assert_eq!(f.bytes(dest, len), data);
 }
+
+/// The queue threads' path with a live snapshot in the middle: OUT requests
+/// enter the live stack ([`crate::enter`]) one at a time, as a queue thread
+/// runs them, while another thread freezes the upper and installs a fresh
+/// one. Every acknowledged write reads back from the new stack, and those
+/// that went to the old stack from the frozen layer too: none is lost.
+#[test]
+fn writes_through_the_queue_path_survive_a_live_snapshot() {
+    use overlaybd::live::{snapshot_stack, LiveStack, NewUpper};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    let f = Fixture::new();
+    let live = LiveStack::new(f.stack.clone());
+    let new_data = f._dir.path().join("upper-1.data");
+    let new_index = f._dir.path().join("upper-1.index");
+    let blocks = SIZE / 4096;
+    // Each block's last write: its seed, and whether it went to the old
+    // stack (then the frozen layer must hold it).
+    let mut last: Vec<Option<(u8, bool)>> = vec![None; blocks as usize];
+    let snapshotted = AtomicBool::new(false);
+    let (mut to_old, mut to_new) = (0u32, 0u32);
+    std::thread::scope(|scope| {
+        let snapshot = scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            live.replace(Duration::from_secs(10), |stack| {
+                let upper = NewUpper {
+                    data: &new_data,
+                    index: Some(&new_index),
+                };
+                Ok((snapshot_stack(stack, &upper)?, ()))
+            })
+            .unwrap();
+            snapshotted.store(true, Ordering::SeqCst);
+        });
+        let mut n = 0u64;
+        while !snapshotted.load(Ordering::SeqCst) || to_new < 64 {
+            let block = (n * 97) % blocks;
+            let seed = n as u8;
+            n += 1;
+            f.mem
+                .write_slice(&pattern(4096, seed), GuestAddress(DATA))
+                .unwrap();
+            f.header(HDR, VIRTIO_BLK_T_OUT, block * 8);
+            let queue = MockSplitQueue::new(&f.mem, 16);
+            let raw: Vec<RawDescriptor> = [(HDR, 16, 0), (DATA, 4096, 0), (STATUS, 1, 1)]
+                .iter()
+                .map(|&(addr, len, write)| {
+                    let flags = if write == 1 {
+                        VRING_DESC_F_WRITE as u16
+                    } else {
+                        0
+                    };
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+                })
+                .collect();
+            let chain = queue.build_desc_chain(&raw).unwrap();
+            let entry = crate::enter(&live);
+            let old = Arc::ptr_eq(entry.stack(), &f.stack);
+            let device = Device {
+                stack: entry.stack(),
+                geometry: f.geometry(),
+                id: device_id("test"),
+                stats: &f.stats,
+            };
+            assert_eq!(execute(&device, chain, &mut Scratch::default()), ok(1));
+            drop(entry);
+            last[block as usize] = Some((seed, old));
+            if old {
+                to_old += 1;
+            } else {
+                to_new += 1;
+            }
+        }
+        snapshot.join().unwrap();
+    });
+    assert!(to_old > 0, "no write before the snapshot");
+    let stack = live.current();
+    assert_eq!(stack.lowers().len(), 1, "the old upper is now a lower");
+    let frozen = Stack::new(stack.lowers().to_vec(), None).unwrap();
+    let mut back = vec![0u8; 4096];
+    for (block, last) in last.iter().enumerate() {
+        let at = block as u64 * 4096;
+        let Some((seed, old)) = *last else { continue };
+        stack.read(&mut back, at).unwrap();
+        assert!(back == pattern(4096, seed), "block {block}");
+        if old {
+            frozen.read(&mut back, at).unwrap();
+            assert!(back == pattern(4096, seed), "frozen block {block}");
+        }
+    }
+}

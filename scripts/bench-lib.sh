@@ -91,6 +91,35 @@ json.dump({"lowers": [{"file": l} for l in lowers], "resultFile": cfg + ".result
 PY
 }
 
+# cpu_total: the guest's busy and idle CPU ticks since boot.
+cpu_total() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
+
+# rotated WORDS...: the words, reversed in even rounds ($round), so that a
+# slow drift in the host's load evens out in the medians.
+rotated() {
+    if ((round % 2)); then
+        echo "$@"
+    else
+        local i out=()
+        for ((i = $#; i >= 1; i--)); do out+=("${!i}"); done
+        echo "${out[@]}"
+    fi
+}
+
+# fio_row JSON ROUND LABEL WORKLOAD read|write BUSY0 IDLE0 BUSY1 IDLE1: one
+# row of fio's result: round label workload MB/s IOPS cpu-busy% (the ticks
+# of cpu_total before and after the run).
+fio_row() {
+    "$PY" - "$@" <<'PY'
+import json, sys
+path, rnd, label, wl, direction = sys.argv[1:6]
+b0, i0, b1, i1 = map(float, sys.argv[6:10])
+j = json.load(open(path))["jobs"][0][direction]
+busy = 100 * (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
+print(f"{rnd}\t{label}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0f}\t{busy:.0f}")
+PY
+}
+
 # run_bench: guest_main with --guest, host_main without.
 run_bench() {
     if ((guest)); then

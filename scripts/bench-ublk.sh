@@ -322,7 +322,6 @@ OUT=${OBD_VM_RESULTS:-/tmp}
 ROWS=$OUT/rows.tsv
 WROWS=$OUT/write-rows.tsv
 
-cpu_total() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
 # threads PIDS...: "comm utime stime" (ticks) of every thread of PIDS
 threads() {
     local p t
@@ -414,14 +413,7 @@ run_fio_write() {
             continue
         fi
         read -r -a c1 <<<"$(cpu_total)"
-        "$PY" - "$json" "$round" "$label" "$wl" "${c0[@]}" "${c1[@]}" >>"$WROWS" <<'PY'
-import json, sys
-path, rnd, label, wl = sys.argv[1:5]
-b0, i0, b1, i1 = map(float, sys.argv[5:9])
-j = json.load(open(path))["jobs"][0]["write"]
-busy = 100 * (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
-print(f"{rnd}\t{label}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0f}\t{busy:.0f}")
-PY
+        fio_row "$json" "$round" "$label" "$wl" write "${c0[@]}" "${c1[@]}" >>"$WROWS"
         tail -n 1 "$WROWS" | sed 's/^/  /'
     done
 }
@@ -700,17 +692,6 @@ ref_case() {
         fi
     fi
     tcmu_device "$kind" "ref-tcmu-$kind" "$REF_DAEMON"
-}
-
-# rotated WORDS...: the words, reversed in even rounds ($round).
-rotated() {
-    if ((round % 2)); then
-        echo "$@"
-    else
-        local i out=()
-        for ((i = $#; i >= 1; i--)); do out+=("${!i}"); done
-        echo "${out[@]}"
-    fi
 }
 
 run_case() {

@@ -159,7 +159,6 @@ W=/tmp/bench
 OUT=${OBD_VM_RESULTS:-/tmp}
 ROWS=$OUT/rows.tsv
 
-cpu_total() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat; }
 
 # run_fio DEV LABEL: both workloads; a row each in ROWS:
 # round label workload MB/s IOPS guest-busy%
@@ -180,14 +179,7 @@ run_fio() {
             --time_based --runtime="$runtime" --ramp_time="$ramp" \
             --output-format=json --output="$json" >/dev/null
         read -r -a c1 <<<"$(cpu_total)"
-        "$PY" - "$json" "$round" "$label" "$wl" "${c0[@]}" "${c1[@]}" >>"$ROWS" <<'PY'
-import json, sys
-path, rnd, label, wl = sys.argv[1:5]
-b0, i0, b1, i1 = map(float, sys.argv[5:9])
-j = json.load(open(path))["jobs"][0]["read"]
-busy = 100 * (b1 - b0) / max(1, (b1 - b0) + (i1 - i0))
-print(f"{rnd}\t{label}\t{wl}\t{j['bw_bytes'] / 1e6:.1f}\t{j['iops']:.0f}\t{busy:.0f}")
-PY
+        fio_row "$json" "$round" "$label" "$wl" read "${c0[@]}" "${c1[@]}" >>"$ROWS"
         tail -n 1 "$ROWS" | sed 's/^/  /'
     done
 }
@@ -223,16 +215,6 @@ run_case() {
             "$OBD" del -n "${dev#/dev/ublkb}"
             ;;
     esac
-}
-
-rotated() {
-    if ((round % 2)); then
-        echo "$@"
-    else
-        local i out=()
-        for ((i = $#; i >= 1; i--)); do out+=("${!i}"); done
-        echo "${out[@]}"
-    fi
 }
 
 guest_main() {

@@ -39,3 +39,37 @@ pub fn obd_err(args: &[&str]) -> String {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
+
+/// `e2fsck -fn RAW` must find nothing to fix.
+pub fn assert_fsck_clean(raw: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-fn", s(raw)])
+        .output()
+        .expect("run e2fsck (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {} exited {:?}:\n{}{}",
+        raw.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The ext4 image RAW holds exactly the tree of the apply-v1 vectors in
+/// `vectors` (their `checktree.py` against `expected-tree.json`).
+pub fn assert_apply_v1_tree(vectors: &Path, raw: &Path) {
+    let check = Command::new("python3")
+        .arg(vectors.join("checktree.py"))
+        .arg(vectors.join("expected-tree.json"))
+        .arg(raw)
+        .output()
+        .expect("run python3 checktree.py");
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "checktree.py:\n{report}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(report.contains("116/116 entries match"), "{report}");
+}

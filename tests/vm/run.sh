@@ -224,6 +224,17 @@ if [[ ! -f $ctl/rc ]]; then
         msg "FAILED: guest init: $(grep -m1 'OBD-VM: FATAL' "$log" | clean_console)"
     elif [[ -e $ctl/timing ]]; then
         msg "FAILED: the command started but the VM died before it returned (qemu status $qrc)"
+        # "Oops: int3" is a breakpoint trap in kernel text that no handler
+        # claims: the kernel patches its code live (static keys, with int3
+        # as the placeholder) and multi-threaded TCG can run a stale copy on
+        # another vCPU. Seen once in __alloc_pages during runc's cgroup
+        # mkdir, 55 s into the containerd flow. No user process causes it,
+        # so the command runs once more in a fresh boot; any other death
+        # of the guest fails the run.
+        if grep -q 'Oops: int3' "$log" && [[ ${OBD_VM_BOOT_ATTEMPT:-1} == 1 ]]; then
+            msg "running the command once more in a fresh boot (the guest kernel hit an unclaimed int3 in its own code, a TCG artefact)"
+            OBD_VM_BOOT_ATTEMPT=2 exec "$HERE/run.sh" "${orig_args[@]}"
+        fi
     else
         msg "FAILED: the VM did not boot to the command (qemu status $qrc)"
         # The command never ran, so nothing of it was tested: TCG on a busy

@@ -7,7 +7,7 @@ mod common;
 mod remote_support;
 
 mod obd_cli;
-use obd_cli::{obd_err, obd_ok, obd_stdout, s};
+use obd_cli::{obd_err, obd_ok, obd_stdout, s, start_serve, stop_serve};
 use std::path::{Path, PathBuf};
 
 use common::ReferenceVectors;
@@ -265,8 +265,6 @@ fn processes_share_one_small_cache_under_faults() {
 /// config `audit` merged into a fresh cache's; returns its stderr once it
 /// opened the image and stopped on SIGTERM.
 fn serve_audited(dir: &Path, config: &Path, name: &str, audit: serde_json::Value) -> String {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Command, Stdio};
     let mut global = serde_json::json!({
         "cacheConfig": {"cacheDir": dir.join(format!("cache-{name}")), "cacheSizeGB": 1},
     });
@@ -276,41 +274,8 @@ fn serve_audited(dir: &Path, config: &Path, name: &str, audit: serde_json::Value
     let global_path = dir.join(format!("{name}.json"));
     std::fs::write(&global_path, global.to_string()).unwrap();
     let socket = dir.join(format!("{name}.sock"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
-        .args([
-            "serve",
-            "--vhost-user-blk",
-            s(&socket),
-            "--config",
-            s(config),
-        ])
-        .args(["--global-config", s(&global_path)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = child.wait().unwrap();
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert_eq!(line.trim_end(), s(&socket), "{log}");
-    assert!(status.success(), "{status:?}: {log}");
-    log
+    let child = start_serve(&socket, config, &["--global-config", s(&global_path)]);
+    stop_serve(child)
 }
 
 /// The audit log (`enableAudit`, `auditPath`) of a daemon that reads a

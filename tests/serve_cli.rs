@@ -4,13 +4,12 @@
 //! (tests/vm/vhost/boot.sh boots a real VM, and snapshots it as it writes.)
 
 mod obd_cli;
-use obd_cli::{obd_err, obd_ok, obd_stdout, s};
+use obd_cli::{obd_err, obd_ok, obd_stdout, run_dir, s, start_serve, stop_serve};
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// A 4 MiB read-only image (one imported layer) and its config, whose
 /// resultFile is `result` beside it.
@@ -31,63 +30,6 @@ fn result(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("result")).unwrap_or_default()
 }
 
-/// The run dir (snapshot sockets) of the obd serve on `socket`: beside it.
-fn run_dir(socket: &Path) -> PathBuf {
-    socket.parent().unwrap().join("run")
-}
-
-/// `obd serve` in the background, with `extra` arguments; returns once it
-/// printed the socket path.
-fn start(socket: &Path, config: &Path, extra: &[&str]) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_obd"))
-        .env("OBD_RUN_DIR", run_dir(socket))
-        .args([
-            "serve",
-            "--vhost-user-blk",
-            s(socket),
-            "--config",
-            s(config),
-        ])
-        .args(["--queues", "2"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim_end(), s(socket), "obd serve's first line");
-    child
-}
-
-fn stop(mut child: Child) -> String {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "obd serve ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(status.success(), "exit {status:?} after SIGTERM:\n{log}");
-    log
-}
-
 #[test]
 fn serves_connection_after_connection_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +38,7 @@ fn serves_connection_after_connection_and_stops_cleanly() {
     // A stale socket (nobody listening) is replaced.
     drop(UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
-    let child = start(&socket, &config, &[]);
+    let child = start_serve(&socket, &config, &[]);
     assert_eq!(result(dir.path()), "success");
     // A VMM that connects and goes away; then another.
     for _ in 0..2 {
@@ -108,7 +50,7 @@ fn serves_connection_after_connection_and_stops_cleanly() {
     let conn = UnixStream::connect(&socket).unwrap();
     drop(conn);
     std::thread::sleep(Duration::from_millis(300));
-    let log = stop(child);
+    let log = stop_serve(child);
     assert!(log.contains("read-only, 2 queues"), "{log}");
     assert!(
         log.matches("the VMM disconnected").count() >= 2,
@@ -235,8 +177,8 @@ fn names_the_global_keys_it_ignores_once() {
     )
     .unwrap();
     let socket = dir.path().join("vm.sock");
-    let child = start(&socket, &config, &["--global-config", s(&global)]);
-    let log = stop(child);
+    let child = start_serve(&socket, &config, &["--global-config", s(&global)]);
+    let log = stop_serve(child);
     let ignored: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("not implemented, ignored"))
@@ -250,8 +192,8 @@ fn names_the_global_keys_it_ignores_once() {
 
     // Without such keys, nothing is named.
     std::fs::write(&global, r#"{"cacheConfig": {"cacheDir": "cache"}}"#).unwrap();
-    let child = start(&socket, &config, &["--global-config", s(&global)]);
-    let log = stop(child);
+    let child = start_serve(&socket, &config, &["--global-config", s(&global)]);
+    let log = stop_serve(child);
     assert!(!log.contains("ignored"), "{log}");
 }
 
@@ -283,7 +225,7 @@ fn snapshot_of_a_served_disk_rewrites_its_config() {
     )
     .unwrap();
     let socket = dir.path().join("vm.sock");
-    let child = start(&socket, &config, &[]);
+    let child = start_serve(&socket, &config, &[]);
     // No VMM has to be connected; named through a roundabout path.
     std::fs::create_dir(dir.path().join("sub")).unwrap();
     let out = snapshot(&dir.path().join("sub/../vm.sock"), &[]);
@@ -338,7 +280,7 @@ fn snapshot_of_a_served_disk_rewrites_its_config() {
         "-o",
         s(&dir.path().join("out")),
     ]);
-    let log = stop(child);
+    let log = stop_serve(child);
     assert!(log.contains("obd: snapshot: "), "{log}");
     assert!(
         std::fs::read_dir(run_dir(&socket).join("vhost"))
@@ -360,7 +302,7 @@ fn snapshot_errors_name_the_problem() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no such socket"), "{stderr}");
     // A read-only disk has nothing to snapshot.
-    let child = start(&socket, &config, &[]);
+    let child = start_serve(&socket, &config, &[]);
     let out = snapshot(&socket, &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -370,5 +312,5 @@ fn snapshot_errors_name_the_problem() {
     assert!(stderr.contains("cannot be used with"), "{stderr}");
     let stderr = obd_err(&["snapshot"]);
     assert!(stderr.contains("--vhost-user-blk <SOCKET>"), "{stderr}");
-    stop(child);
+    stop_serve(child);
 }

@@ -106,6 +106,16 @@ rotated() {
     fi
 }
 
+# fio_read_args seq|rand: fio's arguments for the read workloads every
+# bench shares: seq = read bs=1M iodepth=8, rand = randread bs=4k iodepth=32.
+fio_read_args() {
+    if [[ $1 == seq ]]; then
+        echo --rw=read --bs=1M --iodepth=8
+    else
+        echo --rw=randread --bs=4k --iodepth=32 --norandommap --randrepeat=1
+    fi
+}
+
 # fio_row JSON ROUND LABEL WORKLOAD read|write BUSY0 IDLE0 BUSY1 IDLE1: one
 # row of fio's result: round label workload MB/s IOPS cpu-busy% (the ticks
 # of cpu_total before and after the run).

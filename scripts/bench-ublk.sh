@@ -344,11 +344,7 @@ run_fio() {
     local pids=("$@") wl
     for wl in seq rand; do
         local args
-        if [[ $wl == seq ]]; then
-            args=(--rw=read --bs=1M --iodepth=8)
-        else
-            args=(--rw=randread --bs=4k --iodepth=32 --norandommap --randrepeat=1)
-        fi
+        read -r -a args <<<"$(fio_read_args "$wl")"
         sync
         echo 3 >/proc/sys/vm/drop_caches
         local json=$OUT/fio/r$round-$label-q$queues-$wl.json

@@ -107,11 +107,7 @@ guest_main() {
     echo 0 >/proc/sys/kernel/kptr_restrict
     echo -1 >/proc/sys/kernel/perf_event_paranoid
     local args
-    if [[ $workload == seq ]]; then
-        args=(--rw=read --bs=1M --iodepth=8)
-    else
-        args=(--rw=randread --bs=4k --iodepth=32 --norandommap --randrepeat=1)
-    fi
+    read -r -a args <<<"$(fio_read_args "$workload")"
     sync
     echo 3 >/proc/sys/vm/drop_caches
     local t0 t1 graph=()
